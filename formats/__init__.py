@@ -1,0 +1,10 @@
+"""Quantization methods, one module each, registered by name (see ``base.py``).
+
+To add a method: write ``format_<name>.py`` with a :class:`~qconv.formats.base.QuantFormat`
+subclass, call ``register`` at import, add the import below, and add its tests.
+"""
+
+from qconv.formats import format_bnb  # noqa: F401  (registers "bnb")
+from qconv.formats.base import Option, QuantFormat, all_formats, get_format, register
+
+__all__ = ["Option", "QuantFormat", "all_formats", "get_format", "register"]

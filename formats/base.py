@@ -1,0 +1,118 @@
+"""The one small interface every quantization method implements, and the table of methods.
+
+A method is one module under ``formats/`` that defines a :class:`QuantFormat` subclass and calls
+:func:`register` on an instance. The converter never asks "which method is this?" in an if-chain:
+it looks the method up here by name.
+
+Names used throughout:
+- *module name*: the dotted name of an ``nn.Linear`` (``model.layers.0.self_attn.q_proj``);
+- *suffix*: a key after the module name (``weight``, ``weight.absmax``, ``SCB``);
+- *recipe*: a plain JSON-able dict, every option of the method with defaults filled in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from qconv.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Option:
+    """A method option; the CLI turns each into a click option (``quant_type`` -> ``--quant-type``).
+
+    ``choices`` limits the values; ``flag`` makes an on/off pair (``--double-quant/--no-double-quant``).
+    The default lives in the method's ``make_recipe`` so that it can depend on other options.
+    """
+
+    name: str
+    type: type = str
+    help: str = ""
+    choices: tuple[Any, ...] | None = None
+    flag: bool = False
+
+    @property
+    def cli_name(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+@dataclass
+class QuantFormat:
+    """Base class of a quantization method. Subclasses override the methods below."""
+
+    name: str = ""
+    description: str = ""
+    #: distribution names whose versions are recorded in the manifest
+    libraries: tuple[str, ...] = ()
+    options: tuple[Option, ...] = field(default_factory=tuple)
+
+    # -- recipe -------------------------------------------------------------------------------
+    def make_recipe(self, options: dict[str, Any]) -> dict[str, Any]:
+        """Validate the options given (None = not given) and return the complete recipe."""
+        raise NotImplementedError
+
+    # -- planning -----------------------------------------------------------------------------
+    def skip_reason(self, module_name: str, shape: tuple[int, ...], recipe: dict) -> str | None:
+        """Why this weight cannot take the format (None: it can). Such layers stay unquantized."""
+        return None
+
+    def output_suffixes(self, recipe: dict) -> list[str]:
+        """Every key ``quantize`` returns, known before quantizing (sizes the shard header)."""
+        raise NotImplementedError
+
+    # -- the numbers --------------------------------------------------------------------------
+    def quantize(self, weight: torch.Tensor, recipe: dict, device: torch.device) -> dict[str, torch.Tensor]:
+        """Quantize one ``[out, in]`` weight already on ``device``; return packed tensors by suffix."""
+        raise NotImplementedError
+
+    def dequantize(self, tensors: dict[str, torch.Tensor], recipe: dict) -> torch.Tensor:
+        """Pure-torch inverse of the packed layout (float32), independent of the method's library."""
+        raise NotImplementedError
+
+    # -- the folder ---------------------------------------------------------------------------
+    def quantization_config(self, recipe: dict, skipped_modules: list[str]) -> dict[str, Any]:
+        """The ``quantization_config`` entry of ``config.json`` the real loader expects."""
+        raise NotImplementedError
+
+    def label(self, recipe: dict) -> str:
+        """A short human name of the recipe, e.g. ``bnb nf4+dq``."""
+        return self.name
+
+
+_FORMATS: dict[str, QuantFormat] = {}
+
+
+def register(fmt: QuantFormat) -> QuantFormat:
+    if fmt.name in _FORMATS:
+        raise RuntimeError(f"quantization method {fmt.name!r} registered twice")
+    _FORMATS[fmt.name] = fmt
+    return fmt
+
+
+def get_format(name: str) -> QuantFormat:
+    try:
+        return _FORMATS[name]
+    except KeyError:
+        raise UsageError(f"unknown method {name!r}; valid methods: {', '.join(sorted(_FORMATS))}") from None
+
+
+def all_formats() -> dict[str, QuantFormat]:
+    return dict(_FORMATS)
+
+
+def reject_foreign_options(fmt: QuantFormat, options: dict[str, Any], allowed: set[str]) -> None:
+    """Refuse options given on the command line that this method does not take."""
+    foreign = sorted(k for k, v in options.items() if v is not None and k not in allowed)
+    if foreign:
+        flags = ", ".join("--" + k.replace("_", "-") for k in foreign)
+        raise UsageError(f"{flags} does not apply to --method {fmt.name}")
+
+
+def check_choice(fmt: QuantFormat, option: str, value: Any, valid: tuple[Any, ...], context: str = "") -> None:
+    if value not in valid:
+        shown = ", ".join(str(v) for v in valid)
+        where = f" {context}" if context else ""
+        raise UsageError(f"--method {fmt.name}{where}: --{option.replace('_', '-')} {value} is not supported; choose from {shown}")

@@ -1,0 +1,185 @@
+"""bitsandbytes: 4-bit NF4/FP4 (optionally double-quantized) and 8-bit LLM.int8 row-wise.
+
+Quantization calls bitsandbytes' own functions on the chosen device, so the packed bytes are
+exactly what bitsandbytes produces there (CPU and GPU bytes differ slightly: FORMATS.md). The
+dequantizer below is pure torch and reads only the stored tensors, so ``qconv verify`` does not
+trust the library it checks. The on-disk keys are those transformers writes and reads
+(pinned by tests/test_format_bnb.py).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+
+from qconv.errors import MissingDependencyError, UsageError
+from qconv.formats.base import Option, QuantFormat, check_choice, register, reject_foreign_options
+
+BLOCKSIZES_4BIT = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes.functional.quantize_4bit
+NESTED_BLOCKSIZE = 256  # bitsandbytes quantizes the absmax statistics in blocks of 256
+INT8_THRESHOLD = 6.0  # LLM.int8 outlier threshold transformers writes; acts at run time only
+
+SUFFIXES_4BIT = ["weight", "weight.absmax", "weight.quant_map"]
+SUFFIXES_DOUBLE_QUANT = ["weight.nested_absmax", "weight.nested_quant_map"]
+SUFFIXES_8BIT = ["weight", "SCB", "weight_format"]
+
+
+def _bnb():
+    try:
+        import bitsandbytes.functional as bnb_functional
+    except ImportError as exc:  # pragma: no cover - bitsandbytes is a dependency
+        raise MissingDependencyError(f"--method bnb needs bitsandbytes: {exc}") from exc
+    return bnb_functional
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+class BitsAndBytesFormat(QuantFormat):
+    def __init__(self) -> None:
+        super().__init__(
+            name="bnb",
+            description="bitsandbytes 4-bit nf4/fp4 (+double quant) and 8-bit LLM.int8",
+            libraries=("bitsandbytes",),
+            options=(
+                Option("bits", int, "bits a weight: 4 or 8 (bnb), or the method's own widths"),
+                Option("quant_type", str, "bnb 4-bit code table", choices=("nf4", "fp4")),
+                Option("double_quant", bool, "bnb 4-bit: quantize the absmax statistics too (default on)", flag=True),
+                Option("blocksize", int, "bnb 4-bit: weights per absmax block (default 64)"),
+            ),
+        )
+
+    def make_recipe(self, options: dict[str, Any]) -> dict[str, Any]:
+        bits = options.get("bits") or 4
+        check_choice(self, "bits", bits, (4, 8))
+        if bits == 8:
+            reject_foreign_options(self, options, {"bits"})
+            return {"method": self.name, "bits": 8, "threshold": INT8_THRESHOLD}
+        reject_foreign_options(self, options, {"bits", "quant_type", "double_quant", "blocksize"})
+        quant_type = options.get("quant_type") or "nf4"
+        check_choice(self, "quant_type", quant_type, ("nf4", "fp4"), "--bits 4")
+        blocksize = options.get("blocksize") or 64
+        check_choice(self, "blocksize", blocksize, BLOCKSIZES_4BIT, "--bits 4")
+        double_quant = options.get("double_quant")
+        return {
+            "method": self.name,
+            "bits": 4,
+            "quant_type": quant_type,
+            "double_quant": True if double_quant is None else bool(double_quant),
+            "blocksize": blocksize,
+        }
+
+    def label(self, recipe: dict) -> str:
+        if recipe["bits"] == 8:
+            return "bnb int8"
+        return f"bnb {recipe['quant_type']}" + ("+dq" if recipe["double_quant"] else "")
+
+    def output_suffixes(self, recipe: dict) -> list[str]:
+        if recipe["bits"] == 8:
+            return list(SUFFIXES_8BIT)
+        suffixes = list(SUFFIXES_4BIT)
+        if recipe["double_quant"]:
+            suffixes += SUFFIXES_DOUBLE_QUANT
+        return suffixes + [f"weight.quant_state.bitsandbytes__{recipe['quant_type']}"]
+
+    # -- quantize -----------------------------------------------------------------------------
+    def quantize(self, weight: torch.Tensor, recipe: dict, device: torch.device) -> dict[str, torch.Tensor]:
+        if recipe["bits"] == 8:
+            return self._quantize_int8(weight)
+        return self._quantize_4bit(weight, recipe)
+
+    def _quantize_4bit(self, weight: torch.Tensor, recipe: dict) -> dict[str, torch.Tensor]:
+        functional = _bnb()
+        packed, state = functional.quantize_4bit(
+            weight.contiguous(),
+            blocksize=recipe["blocksize"],
+            compress_statistics=recipe["double_quant"],
+            quant_type=recipe["quant_type"],
+            quant_storage=torch.uint8,
+        )
+        # QuantState.as_dict(packed=True) is exactly what transformers stores after the weight:
+        # absmax, quant_map, nested_* and the JSON-in-uint8 quant_state entry.
+        out = {"weight": packed}
+        out.update({f"weight.{key}": value for key, value in state.as_dict(packed=True).items()})
+        return out
+
+    def _quantize_int8(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        functional = _bnb()
+        # transformers' Int8Params casts to fp16 before bitsandbytes' row-wise quantization.
+        half = weight.contiguous().to(torch.float16)
+        if not torch.isfinite(half).all():
+            raise UsageError("a weight overflows float16, which bnb int8 quantizes from")
+        int8, row_absmax, _ = functional.int8_vectorwise_quant(half)
+        return {
+            "weight": int8,
+            "SCB": row_absmax,
+            # 0 = "row" in bitsandbytes' LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING; older loaders read it.
+            "weight_format": torch.tensor(0, dtype=torch.uint8, device=int8.device),
+        }
+
+    # -- dequantize (pure torch) --------------------------------------------------------------
+    def dequantize(self, tensors: dict[str, torch.Tensor], recipe: dict) -> torch.Tensor:
+        if recipe["bits"] == 8:
+            return dequantize_int8(tensors["weight"], tensors["SCB"])
+        return dequantize_4bit(tensors)
+
+    def quantization_config(self, recipe: dict, skipped_modules: list[str]) -> dict[str, Any]:
+        four = recipe["bits"] == 4
+        config = {
+            "quant_method": "bitsandbytes",
+            "load_in_4bit": four,
+            "load_in_8bit": not four,
+            "llm_int8_threshold": INT8_THRESHOLD,
+            # transformers needs lm_head named explicitly once a skip list is given (FORMATS.md).
+            "llm_int8_skip_modules": list(skipped_modules),
+            "llm_int8_enable_fp32_cpu_offload": False,
+            "llm_int8_has_fp16_weight": False,
+            "bnb_4bit_quant_type": recipe.get("quant_type", "nf4"),
+            "bnb_4bit_use_double_quant": bool(recipe.get("double_quant", False)),
+            "bnb_4bit_compute_dtype": recipe.get("dtype", "bfloat16"),
+            "bnb_4bit_quant_storage": "uint8",
+        }
+        return config
+
+
+def unpack_4bit_codes(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """Codes of a ``[numel/2, 1]`` uint8 tensor: element 2k sits in the HIGH nibble of byte k."""
+    flat = packed.reshape(-1).to(torch.int64)
+    codes = torch.stack([flat >> 4, flat & 0x0F], dim=1).reshape(-1)
+    return codes[:numel]
+
+
+def dequantize_blockwise(codes: torch.Tensor, code_map: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """``code_map[code] * absmax[block]`` over a flat tensor cut in blocks (last block may be short)."""
+    values = code_map.to(torch.float32)[codes.reshape(-1).to(torch.int64)]
+    block_index = torch.arange(values.numel(), device=values.device) // blocksize
+    return values * absmax.to(torch.float32).reshape(-1)[block_index]
+
+
+def dequantize_4bit(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    state_key = next(k for k in tensors if k.startswith("weight.quant_state.bitsandbytes__"))
+    state = json.loads(bytes(tensors[state_key].cpu().numpy().tobytes()).decode("utf-8"))
+    shape = tuple(state["shape"])
+    numel = 1
+    for dim in shape:
+        numel *= dim
+    absmax = tensors["weight.absmax"]
+    if "weight.nested_absmax" in tensors:
+        # Double quant: absmax was stored as 8-bit codes of (absmax - offset), blocks of 256.
+        absmax = dequantize_blockwise(
+            absmax, tensors["weight.nested_quant_map"], tensors["weight.nested_absmax"], state["nested_blocksize"]
+        ) + float(state["nested_offset"])
+    codes = unpack_4bit_codes(tensors["weight"], numel)
+    values = dequantize_blockwise(codes, tensors["weight.quant_map"], absmax, state["blocksize"])
+    return values.reshape(shape)
+
+
+def dequantize_int8(int8: torch.Tensor, row_absmax: torch.Tensor) -> torch.Tensor:
+    """LLM.int8 row-wise: ``w = q * absmax_row / 127``."""
+    return int8.to(torch.float32) * (row_absmax.to(torch.float32).reshape(-1, 1) / 127.0)
+
+
+register(BitsAndBytesFormat())
