@@ -15,19 +15,36 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from qconv.errors import SourceError, SourceNotFoundError
 
 # safetensors dtype names -> torch dtypes (the subset model checkpoints use)
 SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
 }
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Files in a model folder that are weights in some other framework or ours to rewrite.
 NOT_SUPPORT_FILES = {"config.json", "qconv.json", "README.md", "model.safetensors.index.json"}
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf", ".npz")
+WEIGHT_SUFFIXES = (
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".ckpt",
+    ".h5",
+    ".msgpack",
+    ".onnx",
+    ".gguf",
+    ".npz",
+)
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors crate's own limit
 
 
@@ -66,7 +83,9 @@ class Source:
         try:
             return AutoConfig.for_model(model_type, **config)
         except (KeyError, ValueError) as exc:
-            raise SourceError(f"{self.ref}: architecture {model_type!r} is not known to transformers") from exc
+            raise SourceError(
+                f"{self.ref}: architecture {model_type!r} is not known to transformers"
+            ) from exc
 
     def tensors(self) -> list[TensorInfo]:
         raise NotImplementedError
@@ -107,7 +126,9 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
                 raise SourceError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
             (header_len,) = struct.unpack("<Q", prefix)
             if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
-                raise SourceError(f"{path}: corrupt safetensors header (length {header_len} for a {size}-byte file)")
+                raise SourceError(
+                    f"{path}: corrupt safetensors header (length {header_len} for a {size}-byte file)"
+                )
             raw = f.read(header_len)
     except OSError as exc:
         raise SourceError(f"{path}: cannot read: {exc.strerror or exc}") from exc
@@ -138,7 +159,9 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
         for d in shape:
             numel *= d
         if stop - start != numel * itemsize:
-            raise SourceError(f"{path}: corrupt safetensors header: tensor {name!r} size does not match its shape")
+            raise SourceError(
+                f"{path}: corrupt safetensors header: tensor {name!r} size does not match its shape"
+            )
         end = max(end, stop)
     if end != data_len:
         raise SourceError(f"{path}: corrupt safetensors file: {data_len - end} bytes after the last tensor")
@@ -166,13 +189,16 @@ class HFFolderSource(Source):
         for path in self.weight_files:
             header = read_safetensors_header(path)
             entries = sorted(
-                ((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0]
+                ((k, v) for k, v in header.items() if k != "__metadata__"),
+                key=lambda kv: kv[1]["data_offsets"][0],
             )
             for name, entry in entries:
                 if name in self._file_of:
                     raise SourceError(f"{path}: tensor {name!r} also stored in {self._file_of[name].name}")
                 self._file_of[name] = path
-                self._infos.append(TensorInfo(name, tuple(entry["shape"]), SAFETENSORS_DTYPES[entry["dtype"]]))
+                self._infos.append(
+                    TensorInfo(name, tuple(entry["shape"]), SAFETENSORS_DTYPES[entry["dtype"]])
+                )
         if not self._infos:
             raise SourceError(f"{folder}: the safetensors files hold no tensors")
         self._handles: dict[Path, Any] = {}
@@ -230,7 +256,9 @@ class HFFolderSource(Source):
         return sorted(
             p.name
             for p in self.folder.iterdir()
-            if p.is_file() and p.name not in NOT_SUPPORT_FILES and not p.name.endswith(WEIGHT_SUFFIXES)
+            if p.is_file()
+            and p.name not in NOT_SUPPORT_FILES
+            and not p.name.endswith(WEIGHT_SUFFIXES)
             and not p.name.startswith(".")
         )
 

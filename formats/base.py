@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-
 from qconv.errors import UsageError
 
 
@@ -77,6 +76,18 @@ class QuantFormat:
         """The ``quantization_config`` entry of ``config.json`` the real loader expects."""
         raise NotImplementedError
 
+    def load_pretrained(self, folder, device: torch.device, dtype: torch.dtype):
+        """Load an artifact with the loader users would use (default: stock transformers, no
+        quantization config passed: the folder's own config.json must be enough)."""
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, device_map=str(device))
+
+    def loader_tolerance(self, recipe: dict) -> float:
+        """Largest relative logits difference allowed between the real loader's model and
+        qconv's dequantized reference (the two read the same bytes, so only arithmetic differs)."""
+        return 1e-3
+
     def label(self, recipe: dict) -> str:
         """A short human name of the recipe, e.g. ``bnb nf4+dq``."""
         return self.name
@@ -111,8 +122,12 @@ def reject_foreign_options(fmt: QuantFormat, options: dict[str, Any], allowed: s
         raise UsageError(f"{flags} does not apply to --method {fmt.name}")
 
 
-def check_choice(fmt: QuantFormat, option: str, value: Any, valid: tuple[Any, ...], context: str = "") -> None:
+def check_choice(
+    fmt: QuantFormat, option: str, value: Any, valid: tuple[Any, ...], context: str = ""
+) -> None:
     if value not in valid:
         shown = ", ".join(str(v) for v in valid)
         where = f" {context}" if context else ""
-        raise UsageError(f"--method {fmt.name}{where}: --{option.replace('_', '-')} {value} is not supported; choose from {shown}")
+        raise UsageError(
+            f"--method {fmt.name}{where}: --{option.replace('_', '-')} {value} is not supported; choose from {shown}"
+        )

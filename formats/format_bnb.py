@@ -13,7 +13,6 @@ import json
 from typing import Any
 
 import torch
-
 from qconv.errors import MissingDependencyError, UsageError
 from qconv.formats.base import Option, QuantFormat, check_choice, register, reject_foreign_options
 
@@ -47,7 +46,12 @@ class BitsAndBytesFormat(QuantFormat):
             options=(
                 Option("bits", int, "bits a weight: 4 or 8 (bnb), or the method's own widths"),
                 Option("quant_type", str, "bnb 4-bit code table", choices=("nf4", "fp4")),
-                Option("double_quant", bool, "bnb 4-bit: quantize the absmax statistics too (default on)", flag=True),
+                Option(
+                    "double_quant",
+                    bool,
+                    "bnb 4-bit: quantize the absmax statistics too (default on)",
+                    flag=True,
+                ),
                 Option("blocksize", int, "bnb 4-bit: weights per absmax block (default 64)"),
             ),
         )
@@ -126,6 +130,29 @@ class BitsAndBytesFormat(QuantFormat):
             return dequantize_int8(tensors["weight"], tensors["SCB"])
         return dequantize_4bit(tensors)
 
+    def load_pretrained(self, folder, device: torch.device, dtype: torch.dtype):
+        """Stock transformers + bitsandbytes, as users load it. For the comparison with qconv's
+        reference the run-time precision is then raised to ``dtype`` (bnb keeps the stored dtype
+        otherwise): the 4-bit layers dequantize and compute in it and the unquantized tensors are
+        cast, so only the stored bytes decide whether the two agree. Nothing on disk changes."""
+        model = super().load_pretrained(folder, device, dtype)
+        for module in model.modules():
+            if type(module).__name__ == "Linear4bit":
+                module.compute_dtype = dtype
+                module.weight.quant_state.dtype = dtype
+                # bnb's AVX512-BF16 CPU path repacks the weight and computes in bf16; the plain
+                # path dequantizes exactly, which is what this comparison needs.
+                module.support_avx512bf16_for_cpu = False
+        for param in model.parameters():
+            if param.dtype in (torch.float16, torch.bfloat16, torch.float32):
+                param.data = param.data.to(dtype)
+        return model
+
+    def loader_tolerance(self, recipe: dict) -> float:
+        # LLM.int8 also quantizes activations to int8 at run time (row-wise, outliers above the
+        # threshold kept in fp16), so its logits move ~1% from the weight-only reference.
+        return 5e-2 if recipe["bits"] == 8 else 1e-3
+
     def quantization_config(self, recipe: dict, skipped_modules: list[str]) -> dict[str, Any]:
         four = recipe["bits"] == 4
         config = {
@@ -147,16 +174,24 @@ class BitsAndBytesFormat(QuantFormat):
 
 def unpack_4bit_codes(packed: torch.Tensor, numel: int) -> torch.Tensor:
     """Codes of a ``[numel/2, 1]`` uint8 tensor: element 2k sits in the HIGH nibble of byte k."""
-    flat = packed.reshape(-1).to(torch.int64)
+    flat = packed.reshape(-1)
     codes = torch.stack([flat >> 4, flat & 0x0F], dim=1).reshape(-1)
     return codes[:numel]
 
 
-def dequantize_blockwise(codes: torch.Tensor, code_map: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
+def dequantize_blockwise(
+    codes: torch.Tensor, code_map: torch.Tensor, absmax: torch.Tensor, blocksize: int
+) -> torch.Tensor:
     """``code_map[code] * absmax[block]`` over a flat tensor cut in blocks (last block may be short)."""
     values = code_map.to(torch.float32)[codes.reshape(-1).to(torch.int64)]
-    block_index = torch.arange(values.numel(), device=values.device) // blocksize
-    return values * absmax.to(torch.float32).reshape(-1)[block_index]
+    numel = values.numel()
+    scales = absmax.to(device=values.device, dtype=torch.float32).reshape(-1)
+    full = numel // blocksize * blocksize
+    out = torch.empty_like(values)
+    out[:full] = (values[:full].view(-1, blocksize) * scales[: full // blocksize, None]).view(-1)
+    if full < numel:
+        out[full:] = values[full:] * scales[-1]
+    return out
 
 
 def dequantize_4bit(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -170,7 +205,10 @@ def dequantize_4bit(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     if "weight.nested_absmax" in tensors:
         # Double quant: absmax was stored as 8-bit codes of (absmax - offset), blocks of 256.
         absmax = dequantize_blockwise(
-            absmax, tensors["weight.nested_quant_map"], tensors["weight.nested_absmax"], state["nested_blocksize"]
+            absmax,
+            tensors["weight.nested_quant_map"],
+            tensors["weight.nested_absmax"],
+            state["nested_blocksize"],
         ) + float(state["nested_offset"])
     codes = unpack_4bit_codes(tensors["weight"], numel)
     values = dequantize_blockwise(codes, tensors["weight.quant_map"], absmax, state["blocksize"])

@@ -1,0 +1,163 @@
+"""The ``qconv`` command line: parse, call one library function, render. Nothing else.
+
+Exit codes, decided here only: 0 success, 1 a verification gate failed, 2 bad usage or bad
+input (one line on stderr naming the file or tensor, no traceback). ``--json`` prints one JSON
+document on stdout; progress bars go to stderr, and only on a terminal.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from contextlib import contextmanager
+from typing import Any
+
+import click
+from qconv import __version__
+from qconv.errors import QconvError
+from qconv.progress import ProgressSink
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+# Piped output (not a terminal) gets wide tables rather than rich's 80-column default.
+_PIPE_WIDTH = None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", "200"))
+stdout = Console(highlight=False, soft_wrap=True, width=_PIPE_WIDTH)
+stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class QconvGroup(click.Group):
+    """Turns qconv's errors (and OS errors such as a full disk) into one line and an exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except QconvError as exc:
+            fail(ctx, str(exc), exc.exit_code)
+        except OSError as exc:
+            where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+            fail(ctx, f"{where}{exc.strerror or exc}", 2)
+
+
+def fail(ctx: click.Context, message: str, code: int) -> None:
+    message = message.strip().splitlines()[0] if message.strip() else "failed"
+    if ctx.meta.get("qconv.json"):
+        click.echo(json.dumps({"error": message, "exit_code": code}))
+    click.echo(f"Error: {message}", err=True)
+    ctx.exit(code)
+
+
+def json_option(f):
+    def remember(ctx: click.Context, _param, value: bool) -> bool:
+        ctx.meta["qconv.json"] = value
+        return value
+
+    return click.option(
+        "--json",
+        "as_json",
+        is_flag=True,
+        callback=remember,
+        expose_value=True,
+        is_eager=True,
+        help="Print one JSON document on stdout.",
+    )(f)
+
+
+def print_json(document: Any) -> None:
+    click.echo(json.dumps(document, indent=2, default=str))
+
+
+class RichProgress(ProgressSink):
+    """Progress bars on stderr, one per stage."""
+
+    def __init__(self, progress: Progress):
+        self.progress = progress
+        self.tasks: dict[str, int] = {}
+
+    def start(self, stage: str, total: int | None, unit: str = "tensors") -> None:
+        self.tasks[stage] = self.progress.add_task(stage, total=total)
+
+    def advance(self, stage: str, n: int = 1) -> None:
+        if stage in self.tasks:
+            self.progress.advance(self.tasks[stage], n)
+
+    def finish(self, stage: str) -> None:
+        task = self.tasks.get(stage)
+        if task is not None:
+            total = self.progress.tasks[task].total
+            self.progress.update(task, completed=total if total is not None else 1, total=total or 1)
+
+
+@contextmanager
+def progress_bars():
+    progress = Progress(
+        TextColumn("{task.description:>8}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=stderr,
+        transient=False,
+        disable=not stderr.is_terminal,
+    )
+    with progress:
+        yield RichProgress(progress)
+
+
+# -- shared rendering -------------------------------------------------------------------------
+def fmt_float(x: float | None, spec: str = ".4f") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    if isinstance(x, float) and math.isinf(x):
+        return "inf"
+    return format(x, spec)
+
+
+def fmt_size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def render_verify(report_dict: dict, worst: int = 10) -> None:
+    checks = Table(title="verify", title_justify="left")
+    checks.add_column("check")
+    checks.add_column("result")
+    checks.add_column("detail", overflow="fold")
+    for check in report_dict["checks"]:
+        checks.add_row(
+            check["name"], "[green]pass[/]" if check["passed"] else "[red]FAIL[/]", check["detail"]
+        )
+    stdout.print(checks)
+    layers = list(report_dict.get("layers", {}).items())
+    if layers:
+        table = Table(
+            title=f"worst layers ({min(worst, len(layers))} of {len(layers)})", title_justify="left"
+        )
+        for col in ("layer", "shape", "rel error", "max abs", "SNR dB"):
+            table.add_column(col, justify="left" if col in ("layer", "shape") else "right")
+        for name, e in layers[:worst]:
+            table.add_row(
+                name,
+                "x".join(str(d) for d in e.get("shape") or []),
+                fmt_float(e["rel_error"]),
+                fmt_float(e["max_abs"], ".4g"),
+                fmt_float(e["snr_db"], ".1f"),
+            )
+        stdout.print(table)
+    stdout.print("[green]verified[/]" if report_dict["passed"] else "[red]verification FAILED[/]")
+
+
+@click.group(cls=QconvGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="qconv")
+def main() -> None:
+    """qconv: convert -> verify -> record -> release quantized language models."""
+
+
+# The commands live by area; importing registers them on `main`.
+from qconv import cli_convert, cli_registry  # noqa: E402,F401

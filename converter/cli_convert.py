@@ -1,0 +1,173 @@
+"""``qconv convert`` and ``qconv verify``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from qconv.cli import fmt_size, json_option, main, print_json, progress_bars, render_verify, stdout
+from qconv.formats import all_formats
+
+
+def method_options(f):
+    """One click option per method option, from every registered method (deduplicated by name)."""
+    seen: dict[str, object] = {}
+    for fmt in all_formats().values():
+        for option in fmt.options:
+            seen.setdefault(option.name, option)
+    for option in reversed(list(seen.values())):
+        if option.flag:
+            flag = option.cli_name
+            f = click.option(f"{flag}/--no-{flag[2:]}", option.name, default=None, help=option.help)(f)
+        else:
+            kind = click.Choice(option.choices) if option.choices else option.type
+            f = click.option(option.cli_name, option.name, type=kind, default=None, help=option.help)(f)
+    return f
+
+
+def _method_option_names() -> set[str]:
+    return {o.name for fmt in all_formats().values() for o in fmt.options}
+
+
+@main.command()
+@click.argument("source")
+@click.option(
+    "-o", "--output", required=True, type=click.Path(path_type=Path), help="Artifact folder to create."
+)
+@click.option("--method", required=True, help=f"Quantization method: {', '.join(sorted(all_formats()))}.")
+@method_options
+@click.option(
+    "--skip",
+    multiple=True,
+    metavar="PATTERN",
+    help="Leave matching Linear modules unquantized (glob on module names, or re:REGEX). Repeatable.",
+)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option(
+    "--dtype",
+    default="auto",
+    show_default=True,
+    help="dtype of unquantized tensors and of the weights fed to the quantizer (auto: the source's).",
+)
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard.")
+@click.option("--force", is_flag=True, help="Replace an existing artifact folder.")
+@click.option("--verify/--no-verify", default=True, show_default=True, help="Verify the artifact at the end.")
+@click.option(
+    "--logits/--no-logits",
+    default=None,
+    help="Real-loader logits check at the end (default: for models up to 2B parameters).",
+)
+@click.option(
+    "--max-rel-error",
+    type=float,
+    default=None,
+    help="Fail (exit 1) if a layer's relative error exceeds this.",
+)
+@click.option(
+    "--record/--no-record", default=True, show_default=True, help="Record the artifact in the registry."
+)
+@json_option
+def convert(
+    source,
+    output,
+    method,
+    skip,
+    device,
+    dtype,
+    max_shard_size,
+    force,
+    verify,
+    logits,
+    max_rel_error,
+    record,
+    as_json,
+    **method_kwargs,
+):
+    """Quantize SOURCE (a model folder or a .gguf file) into an artifact folder."""
+    from qconv.pipeline import convert as run_convert
+    from qconv.registry import open_registry
+
+    options = {k: v for k, v in method_kwargs.items() if k in _method_option_names()}
+    registry = open_registry() if record else None
+    try:
+        with progress_bars() as progress:
+            result = run_convert(
+                source,
+                output,
+                method,
+                options,
+                skip=skip,
+                device=device,
+                dtype=dtype,
+                max_shard_size=max_shard_size,
+                force=force,
+                verify=verify,
+                logits=logits,
+                max_rel_error=max_rel_error,
+                registry=registry,
+                progress=progress,
+            )
+    finally:
+        if registry is not None:
+            registry.close()
+    report = result.report.to_dict() if result.report else None
+    if report:
+        report["path"] = str(result.path)
+    summary = result.manifest["summary"]
+    if as_json:
+        print_json(
+            {
+                "id": result.artifact_id,
+                "path": str(result.path),
+                "recipe": result.manifest["recipe"],
+                "summary": summary,
+                "size_bytes": sum(f["size"] for f in result.manifest["files"].values()),
+                "verify": report,
+                "stats": result.stats,
+            }
+        )
+    else:
+        size = sum(f["size"] for f in result.manifest["files"].values())
+        stdout.print(
+            f"wrote {result.path} ({result.manifest['recipe']['label']}, {summary['quantized_layers']} layers, "
+            f"{fmt_size(size)}, {summary['bits_per_weight']:.2f} bits/weight) in {result.stats['total_s']:.1f} s"
+        )
+        if report:
+            render_verify(report)
+        if result.artifact_id:
+            stdout.print(f"recorded as {result.artifact_id}")
+    if report and not report["passed"]:
+        raise SystemExit(1)
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option(
+    "--source", default=None, help="Source to compare with (default: the one in the manifest, if present)."
+)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option(
+    "--max-rel-error",
+    type=float,
+    default=None,
+    help="Fail (exit 1) if a layer's relative error exceeds this.",
+)
+@click.option(
+    "--logits/--no-logits", default=True, show_default=True, help="Run the real-loader logits check."
+)
+@json_option
+def verify(path, source, device, max_rel_error, logits, as_json):
+    """Check an artifact: file hashes, every layer's error, and the real loader's logits."""
+    from qconv.verify import run_verify
+
+    with progress_bars() as progress:
+        report = run_verify(
+            path, source, device=device, max_rel_error=max_rel_error, logits=logits, progress=progress
+        )
+    document = report.to_dict()
+    if as_json:
+        print_json(document)
+    else:
+        render_verify(document)
+    if not report.passed:
+        raise SystemExit(1)

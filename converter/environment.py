@@ -1,0 +1,54 @@
+"""Library versions and the device, recorded in every manifest."""
+
+from __future__ import annotations
+
+import platform
+from importlib import metadata
+
+import torch
+from qconv import __version__
+from qconv.errors import UsageError
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` = the first GPU when there is one, else the CPU; ``cpu``; ``cuda`` / ``cuda:N``."""
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: no CUDA GPU is available here")
+        index = device.index or 0
+        if index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) here")
+        return torch.device("cuda", index)
+    if device.type != "cpu":
+        raise UsageError(f"--device {name}: only cpu and cuda devices are supported")
+    return device
+
+
+def version_of(distribution: str) -> str | None:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def environment(device: torch.device, libraries: tuple[str, ...] = ()) -> dict[str, str | None]:
+    env = {
+        "qconv": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "transformers": version_of("transformers"),
+        "safetensors": version_of("safetensors"),
+    }
+    for lib in libraries:
+        env[lib] = version_of(lib)
+    env["device"] = str(device)
+    env["gpu"] = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return env

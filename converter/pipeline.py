@@ -1,0 +1,336 @@
+"""The conversion, as a straight line: read -> plan -> quantize -> write -> verify -> record.
+
+Reading runs one tensor ahead in a thread, the writer writes in another, and the source files
+are hashed in a third, so disk reads, GPU work and disk writes overlap. Layer errors are
+computed while the source weight is still on the device (never by re-reading). Everything is
+written into a temporary folder beside the destination and renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import resource
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from qconv import __version__
+from qconv.artifact import MANIFEST_NAME, Artifact
+from qconv.environment import environment, resolve_device
+from qconv.errors import DestinationExistsError, UsageError
+from qconv.formats import get_format
+from qconv.formats.base import QuantFormat
+from qconv.model_card import model_card
+from qconv.plan import Plan, make_plan
+from qconv.progress import NO_PROGRESS, ProgressSink
+from qconv.sources import FLOAT_DTYPES, Source, open_source
+from qconv.verify import VerifyReport, check_layers, check_loader, layer_error
+from qconv.writer import SafetensorsShardWriter, parse_size, sha256_file
+
+# Above this many parameters the end-of-conversion logits check (which loads the source in
+# float32 and the artifact) is skipped unless asked for; `qconv verify` can run it later.
+LOGITS_CHECK_AUTO_MAX_PARAMS = 2_000_000_000
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+READ_AHEAD = 2
+
+
+@dataclass
+class ConvertResult:
+    path: Path
+    manifest: dict[str, Any]
+    report: VerifyReport | None
+    artifact_id: str | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def check_destination(dest: Path, source_ref: str, force: bool) -> None:
+    if dest.exists() or dest.is_symlink():
+        if not force:
+            raise DestinationExistsError(f"{dest}: already exists (use --force to replace it)")
+        if not dest.is_dir():
+            raise DestinationExistsError(f"{dest}: exists and is not a folder; not replacing it")
+        source_path = Path(source_ref).expanduser()
+        if source_path.exists():
+            src, dst = source_path.resolve(), dest.resolve()
+            if src == dst or dst in src.parents:
+                raise UsageError(f"{dest}: --force would delete the source itself")
+        if dest.is_dir() and not (dest / MANIFEST_NAME).is_file() and any(dest.iterdir()):
+            raise DestinationExistsError(f"{dest}: exists and is not a qconv artifact; not replacing it")
+
+
+def _read_ahead(
+    source: Source, plan: Plan, device: torch.device, out: queue.Queue, stop: threading.Event
+) -> None:
+    """Read tensors in disk order; quantized weights go to the device here, off the main thread."""
+    try:
+        for item in plan.tensors:
+            if stop.is_set():
+                return
+            tensor = source.read(item.name)
+            if item.action == "quantize" and device.type != "cpu":
+                tensor = tensor.to(device, non_blocking=False)
+            out.put((item, tensor))
+        out.put(None)
+    except BaseException as exc:  # handed to the main thread
+        out.put(exc)
+
+
+def _hash_files(paths: list[Path]) -> dict[str, dict]:
+    return {p.name: {"sha256": sha256_file(p), "size": p.stat().st_size} for p in paths}
+
+
+def _planned_keys(plan: Plan, fmt: QuantFormat, recipe: dict) -> list[str]:
+    keys = []
+    suffixes = fmt.output_suffixes(recipe)
+    for item in plan.tensors:
+        if item.action == "quantize":
+            keys += [f"{item.module}.{s}" for s in suffixes]
+        else:
+            keys.append(item.name)
+    return keys
+
+
+def convert(
+    source_ref: str,
+    output: str | Path,
+    method: str,
+    options: dict[str, Any] | None = None,
+    *,
+    skip: tuple[str, ...] | list[str] = (),
+    device: str = "auto",
+    dtype: str = "auto",
+    max_shard_size: str | int = "5GB",
+    force: bool = False,
+    verify: bool = True,
+    logits: bool | None = None,
+    max_rel_error: float | None = None,
+    registry=None,
+    progress: ProgressSink = NO_PROGRESS,
+) -> ConvertResult:
+    """Convert ``source_ref`` into a quantized artifact folder at ``output``.
+
+    ``logits``: run the real-loader logits check (None = only for models up to
+    LOGITS_CHECK_AUTO_MAX_PARAMS). ``registry``: an open registry to record the artifact in.
+    """
+    started = time.perf_counter()
+    fmt = get_format(method)
+    recipe = fmt.make_recipe(dict(options or {}))
+    dest = Path(output).expanduser()
+    check_destination(dest, str(source_ref), force)
+    try:
+        max_shard_bytes = parse_size(max_shard_size)
+    except ValueError as exc:
+        raise UsageError(f"--max-shard-size: {exc}") from None
+    if dtype != "auto" and dtype not in DTYPES:
+        raise UsageError(f"--dtype {dtype!r}: choose auto, {', '.join(DTYPES)}")
+    if max_rel_error is not None and not max_rel_error > 0:
+        raise UsageError("--max-rel-error must be positive")
+    torch_device = resolve_device(device)
+
+    with open_source(source_ref) as source:
+        working_dtype = source.default_dtype() if dtype == "auto" else DTYPES[dtype]
+        recipe.update({"dtype": dtype_name(working_dtype), "skip": list(skip), "label": fmt.label(recipe)})
+        plan = make_plan(source, fmt, recipe, list(skip))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.parent / f".{dest.name}.qconv-tmp-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        try:
+            result = _convert_into(
+                source,
+                plan,
+                fmt,
+                recipe,
+                tmp,
+                torch_device,
+                working_dtype,
+                max_shard_bytes,
+                verify,
+                logits,
+                max_rel_error,
+                progress,
+            )
+            _move_into_place(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    result.path = dest
+    result.stats["total_s"] = time.perf_counter() - started
+    if registry is not None:
+        result.artifact_id = registry.record_artifact(result.manifest, dest.resolve())
+    return result
+
+
+def _move_into_place(tmp: Path, dest: Path) -> None:
+    if dest.exists():
+        old = dest.parent / f".{dest.name}.qconv-old-{os.getpid()}"
+        os.replace(dest, old)
+        os.replace(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, dest)
+
+
+def _convert_into(
+    source: Source,
+    plan: Plan,
+    fmt: QuantFormat,
+    recipe: dict,
+    tmp: Path,
+    device: torch.device,
+    working_dtype: torch.dtype,
+    max_shard_bytes: int,
+    verify: bool,
+    logits: bool | None,
+    max_rel_error: float | None,
+    progress: ProgressSink,
+) -> ConvertResult:
+    t0 = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qconv-source-hash")
+    source_hashes = hasher.submit(_hash_files, source.hashed_files())
+    writer = SafetensorsShardWriter(tmp, _planned_keys(plan, fmt, recipe), max_shard_bytes)
+    tensors: queue.Queue = queue.Queue(maxsize=READ_AHEAD)
+    stop = threading.Event()
+    reader = threading.Thread(target=_read_ahead, args=(source, plan, device, tensors, stop), daemon=True)
+    reader.start()
+
+    layers: dict[str, dict] = {}
+    packed_bytes = 0
+    quantized_params = 0
+    total_params = 0
+    progress.start("convert", len(plan.tensors))
+    try:
+        while (item := tensors.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            entry, tensor = item
+            total_params += tensor.numel()
+            if entry.action == "copy":
+                if tensor.dtype in FLOAT_DTYPES:
+                    tensor = tensor.to(working_dtype)
+                writer.add(entry.name, tensor)
+            else:
+                weight = tensor.to(device=device, dtype=working_dtype)
+                packed = fmt.quantize(weight, recipe, device)
+                error = layer_error(weight, fmt.dequantize(packed, recipe))
+                layers[entry.module] = {**error, "shape": list(weight.shape), "format": recipe["label"]}
+                quantized_params += weight.numel()
+                for suffix, value in packed.items():
+                    packed_bytes += value.numel() * value.element_size()
+                    writer.add(f"{entry.module}.{suffix}", value)
+                del weight, packed
+            progress.advance("convert")
+        files = writer.close()
+    except BaseException:
+        stop.set()
+        _drain(tensors)
+        writer.abort()
+        hasher.shutdown(wait=False, cancel_futures=True)
+        raise
+    finally:
+        progress.finish("convert")
+    reader.join()
+    convert_s = time.perf_counter() - t0
+
+    config = source.config_dict()
+    config["quantization_config"] = fmt.quantization_config(recipe, sorted(plan.skipped))
+    config["dtype"] = dtype_name(working_dtype)
+    if "torch_dtype" in config:
+        config["torch_dtype"] = dtype_name(working_dtype)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    support = source.write_support_files(tmp)
+    env = environment(device, fmt.libraries)
+    worst = max(layers.items(), key=lambda kv: kv[1]["rel_error"])
+    manifest: dict[str, Any] = {
+        "qconv": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source": {
+            "kind": source.kind,
+            "ref": source.ref,
+            "revision": source.revision,
+            "architecture": plan.architecture,
+            "files": source_hashes.result(),
+        },
+        "recipe": recipe,
+        "calibration": None,
+        "environment": env,
+        "layers": layers,
+        "skipped": plan.skipped,
+        "summary": {
+            "quantized_params": quantized_params,
+            "total_params": total_params,
+            "quantized_layers": len(layers),
+            "bits_per_weight": 8 * packed_bytes / quantized_params,
+            "worst_layer": worst[0],
+            "worst_rel_error": worst[1]["rel_error"],
+        },
+        "files": {},
+        "verify": None,
+    }
+    hasher.shutdown()
+    (tmp / "README.md").write_text(model_card(manifest))
+    for name in ["config.json", "README.md", *support]:
+        files[name] = {"sha256": sha256_file(tmp / name), "size": (tmp / name).stat().st_size}
+    manifest["files"] = dict(sorted(files.items()))
+    _write_manifest(tmp, manifest)
+
+    report = None
+    t1 = time.perf_counter()
+    if verify:
+        report = VerifyReport(path=str(tmp))
+        check_layers(layers, max_rel_error, report)
+        run_logits = logits if logits is not None else total_params <= LOGITS_CHECK_AUTO_MAX_PARAMS
+        if run_logits:
+            progress.start("verify", None, "models")
+            artifact = Artifact(tmp)
+            check_loader(artifact, source, device, report)
+            artifact.close()
+            progress.finish("verify")
+        manifest["verify"] = report.manifest_entry()
+        _write_manifest(tmp, manifest)
+    stats = {
+        "convert_s": convert_s,
+        "verify_s": time.perf_counter() - t1,
+        "bytes_written": writer.bytes_written,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_gpu_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+    }
+    return ConvertResult(path=tmp, manifest=_finite(manifest), report=report, stats=stats)
+
+
+def _write_manifest(folder: Path, manifest: dict) -> None:
+    (folder / MANIFEST_NAME).write_text(json.dumps(_finite(manifest), indent=2) + "\n")
+
+
+def _finite(value):
+    """JSON has no inf/nan: write them as null (an error of exactly zero gives an infinite SNR)."""
+    if isinstance(value, float):
+        return value if value == value and abs(value) != float("inf") else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _drain(q: queue.Queue) -> None:
+    try:
+        while True:
+            q.get_nowait()
+    except queue.Empty:
+        pass

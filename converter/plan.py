@@ -1,0 +1,134 @@
+"""Decide, tensor by tensor, what happens to a source model: quantize with the method, or copy.
+
+The architecture is instantiated on the meta device (no memory) to learn which tensors are
+``nn.Linear`` weights. Those are quantized unless they are the output embeddings (lm_head,
+kept by default as every serving stack expects), match a ``--skip`` pattern, or have a shape
+the method cannot take. Everything else (embeddings, norms, biases) is copied.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field
+
+import torch
+from qconv.errors import SourceError, UsageError
+from qconv.formats.base import QuantFormat
+from qconv.sources import FLOAT_DTYPES, Source, TensorInfo
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    info: TensorInfo
+    action: str  # "quantize" or "copy"
+    module: str | None = None  # the nn.Linear's name, for quantized weights and skipped ones
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+
+@dataclass
+class Plan:
+    tensors: list[TensorPlan]
+    #: Linear modules left unquantized, with the reason (goes to the manifest and the skip list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    architecture: str = ""
+
+    @property
+    def quantized(self) -> list[TensorPlan]:
+        return [t for t in self.tensors if t.action == "quantize"]
+
+
+def compile_skip_patterns(patterns: tuple[str, ...] | list[str]) -> list[re.Pattern]:
+    """``--skip`` takes shell-style globs on module names (``*.mlp.down_proj``) or ``re:REGEX``."""
+    compiled = []
+    for pattern in patterns:
+        try:
+            if pattern.startswith("re:"):
+                compiled.append(re.compile(pattern[3:]))
+            else:
+                compiled.append(re.compile(fnmatch.translate(pattern)))
+        except re.error as exc:
+            raise UsageError(f"--skip {pattern!r} is not a valid pattern: {exc}") from None
+    return compiled
+
+
+def _matches(module: str, patterns: list[re.Pattern]) -> bool:
+    # a glob without dots matches any module whose last part it names: --skip down_proj
+    return any(p.fullmatch(module) or p.fullmatch(module.rsplit(".", 1)[-1]) for p in patterns)
+
+
+def linear_modules(source: Source) -> tuple[dict[str, tuple[int, int]], set[str], str]:
+    """Names of the ``nn.Linear`` modules (with their ``[out, in]``), the output-embedding
+    modules, and the architecture class name, from a meta-device instance."""
+    import transformers
+
+    config = source.hf_config()
+    architectures = getattr(config, "architectures", None) or []
+    model = None
+    with torch.device("meta"):
+        for arch in architectures:
+            cls = getattr(transformers, arch, None)
+            if cls is not None:
+                try:
+                    model = cls(config)
+                    break
+                except Exception:  # noqa: BLE001 - fall back to the Auto classes below
+                    model = None
+        if model is None:
+            for auto in (transformers.AutoModelForCausalLM, transformers.AutoModel):
+                try:
+                    model = auto.from_config(config)
+                    break
+                except (ValueError, KeyError):
+                    continue
+    if model is None:
+        raise SourceError(f"{source.ref}: transformers cannot build architecture {config.model_type!r}")
+    linears = {
+        name: (module.out_features, module.in_features)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+    }
+    outputs = set()
+    output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for name, module in model.named_modules():
+        if output_embeddings is not None and module is output_embeddings:
+            outputs.add(name)
+    return linears, outputs, type(model).__name__
+
+
+def make_plan(source: Source, fmt: QuantFormat, recipe: dict, skip: list[str]) -> Plan:
+    linears, outputs, architecture = linear_modules(source)
+    patterns = compile_skip_patterns(skip)
+    plan = Plan(tensors=[], architecture=architecture)
+    for info in source.tensors():
+        module = info.name[: -len(".weight")] if info.name.endswith(".weight") else None
+        if module not in linears:
+            plan.tensors.append(TensorPlan(info, "copy"))
+            continue
+        reason = None
+        if module in outputs:
+            reason = "output embeddings stay unquantized"
+        elif _matches(module, patterns):
+            reason = "matches --skip"
+        elif info.dtype not in FLOAT_DTYPES:
+            reason = f"dtype {info.dtype} is not a float"
+        elif len(info.shape) != 2 or tuple(info.shape) != linears[module]:
+            reason = f"shape {list(info.shape)} is not the Linear's [out, in] {list(linears[module])}"
+        else:
+            reason = fmt.skip_reason(module, tuple(info.shape), recipe)
+        if reason:
+            plan.skipped[module] = reason
+            plan.tensors.append(TensorPlan(info, "copy", module))
+        else:
+            plan.tensors.append(TensorPlan(info, "quantize", module))
+    # Output embeddings absent from the source (tied to the input embeddings) must still be named
+    # in the skip list, or a loader would build a quantized lm_head and tie nothing to it.
+    for module in sorted(outputs - set(plan.skipped)):
+        if not any(t.module == module for t in plan.tensors):
+            plan.skipped[module] = "output embeddings (tied to the input embeddings)"
+    if not plan.quantized:
+        raise UsageError(f"{source.ref}: no layer to quantize (every Linear is skipped or absent)")
+    return plan

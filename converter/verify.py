@@ -1,0 +1,339 @@
+"""How far each layer moved, whether the files are intact, and whether the real loader agrees.
+
+Three checks, each a dict ``{"name", "passed", "detail"}`` in the report:
+- ``files``: every file's sha256 equals the manifest's (a flipped byte names its file);
+- ``layers``: every quantized layer's error against the source is finite and within
+  ``--max-rel-error`` when given;
+- ``loader``: the artifact loaded by the real loader (stock transformers for bnb) gives the same
+  logits as qconv's own dequantized reference on fixed prompts; its top-1 agreement and KL
+  against the source model are reported alongside.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from qconv.artifact import MANIFEST_NAME, Artifact
+from qconv.sources import Source
+from qconv.writer import sha256_file
+
+PROMPTS = (
+    "The capital of France is",
+    "def fibonacci(n):\n    if n < 2:",
+    "Quantization reduces the memory a language model needs by",
+)
+RANDOM_PROMPT_LENGTH = 16
+
+
+def layer_error(reference: torch.Tensor, dequantized: torch.Tensor) -> dict[str, float]:
+    """Relative Frobenius error, max abs error and SNR (dB) of a layer, in float32."""
+    ref = reference.to(torch.float32)
+    diff = dequantized.to(device=ref.device, dtype=torch.float32) - ref
+    ref_norm = torch.linalg.vector_norm(ref).item()
+    diff_norm = torch.linalg.vector_norm(diff).item()
+    rel = diff_norm / ref_norm if ref_norm > 0 else (0.0 if diff_norm == 0 else math.inf)
+    snr = 20 * math.log10(ref_norm / diff_norm) if diff_norm > 0 and ref_norm > 0 else math.inf
+    max_abs = diff.abs().max().item() if diff.numel() else 0.0
+    return {"rel_error": rel, "max_abs": max_abs, "snr_db": snr}
+
+
+@dataclass
+class VerifyReport:
+    path: str
+    checks: list[dict[str, Any]] = field(default_factory=list)
+    layers: dict[str, dict] = field(default_factory=dict)
+    logits: dict[str, Any] | None = None
+    max_rel_error: float | None = None
+
+    @property
+    def passed(self) -> bool:
+        return all(c["passed"] for c in self.checks)
+
+    def add(self, name: str, passed: bool, detail: str) -> None:
+        self.checks.append({"name": name, "passed": bool(passed), "detail": detail})
+
+    def worst_layers(self, n: int | None = None) -> list[tuple[str, dict]]:
+        ranked = sorted(self.layers.items(), key=lambda kv: -_sortable(kv[1]["rel_error"]))
+        return ranked[:n] if n else ranked
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "passed": self.passed,
+            "checks": self.checks,
+            "max_rel_error": self.max_rel_error,
+            "logits": self.logits,
+            "layers": {k: _json_safe(v) for k, v in self.worst_layers()},
+        }
+
+    def manifest_entry(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "checks": self.checks,
+            "max_rel_error": self.max_rel_error,
+            "logits": self.logits,
+        }
+
+
+def _sortable(x: float) -> float:
+    return math.inf if math.isnan(x) else x
+
+
+def _json_safe(values: dict) -> dict:
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}
+
+
+# -- files ------------------------------------------------------------------------------------
+def check_files(folder: Path, files: dict[str, dict], report: VerifyReport) -> None:
+    bad = []
+    for name, expected in sorted(files.items()):
+        path = folder / name
+        if not path.is_file():
+            bad.append(f"{name} is missing")
+        elif path.stat().st_size != expected["size"] or sha256_file(path) != expected["sha256"]:
+            bad.append(f"{name} does not match its sha256")
+    if bad:
+        report.add("files", False, "; ".join(bad))
+    else:
+        report.add("files", True, f"{len(files)} files match their sha256")
+
+
+# -- layers -----------------------------------------------------------------------------------
+def check_layers(layers: dict[str, dict], max_rel_error: float | None, report: VerifyReport) -> None:
+    report.layers = layers
+    report.max_rel_error = max_rel_error
+    if not layers:
+        report.add("layers", False, "no quantized layer recorded")
+        return
+    bad = [name for name, e in layers.items() if not math.isfinite(e["rel_error"])]
+    if bad:
+        report.add("layers", False, f"{len(bad)} layers have non-finite error, first {bad[0]}")
+        return
+    worst_name, worst = report.worst_layers(1)[0]
+    if max_rel_error is not None and worst["rel_error"] > max_rel_error:
+        over = sum(1 for e in layers.values() if e["rel_error"] > max_rel_error)
+        report.add(
+            "layers",
+            False,
+            f"{over} layers exceed --max-rel-error {max_rel_error:g}; worst {worst_name} {worst['rel_error']:.4g}",
+        )
+    else:
+        report.add(
+            "layers", True, f"{len(layers)} layers, worst {worst_name} rel error {worst['rel_error']:.4g}"
+        )
+
+
+def recompute_layer_errors(
+    artifact: Artifact, source: Source, device: torch.device, progress=None
+) -> dict[str, dict]:
+    """Dequantize every layer from the artifact's files and compare with the source, anew."""
+    dtype = getattr(torch, artifact.recipe.get("dtype", "bfloat16"))
+    infos = {t.name: t for t in source.tensors()}
+    errors = {}
+    for module, recorded in artifact.layers.items():
+        key = f"{module}.weight"
+        if key not in infos:
+            raise_missing = f"{source.ref}: the source has no tensor {key!r}"
+            from qconv.errors import SourceError
+
+            raise SourceError(raise_missing)
+        reference = source.read(key).to(device=device, dtype=dtype)
+        dequantized = artifact.format.dequantize(
+            {k: v.to(device) for k, v in artifact.layer_tensors(module).items()}, artifact.recipe
+        )
+        errors[module] = {
+            **layer_error(reference, dequantized),
+            "shape": list(reference.shape),
+            "format": recorded.get("format"),
+        }
+        if progress:
+            progress.advance("verify")
+    return errors
+
+
+# -- the real loader --------------------------------------------------------------------------
+def prompt_ids(folder: Path, vocab_size: int) -> list[torch.Tensor]:
+    """Fixed prompts: the artifact's tokenizer when it has one, else fixed random ids."""
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        ids = [tokenizer(p, return_tensors="pt").input_ids for p in PROMPTS]
+        if all(i.numel() > 1 and int(i.max()) < vocab_size for i in ids):
+            return ids
+    except Exception:  # noqa: BLE001 - no usable tokenizer: fall back to fixed ids
+        pass
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randint(0, vocab_size, (1, RANDOM_PROMPT_LENGTH), generator=generator) for _ in PROMPTS]
+
+
+def source_model(source: Source, device: torch.device, working_dtype: torch.dtype):
+    """The source model computing in float32, built from the same reader the converter read,
+    its weights rounded to the working dtype first (what the artifact's unquantized tensors
+    hold, and what the quantizer was fed)."""
+    from transformers import AutoModelForCausalLM
+
+    config = source.hf_config()
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state = {}
+    for info in source.tensors():
+        tensor = source.read(info.name)
+        if tensor.is_floating_point():
+            tensor = tensor.to(working_dtype)
+        state[info.name] = tensor.to(torch.float32)
+    result = model.load_state_dict(state, strict=False)
+    del state
+    model.tie_weights()
+    missing = [k for k in result.missing_keys if not _is_tied(model, k)]
+    if missing:
+        from qconv.errors import SourceError
+
+        raise SourceError(f"{source.ref}: the source lacks tensor {missing[0]!r} the architecture needs")
+    return model.to(device).eval()
+
+
+def _is_tied(model, key: str) -> bool:
+    output = model.get_output_embeddings()
+    return (
+        output is not None
+        and key.startswith("lm_head")
+        and output.weight is model.get_input_embeddings().weight
+    )
+
+
+@torch.no_grad()
+def _logits(model, prompts: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    return [model(input_ids=p.to(device)).logits[0].float().cpu() for p in prompts]
+
+
+def logits_comparison(artifact: Artifact, source: Source, device: torch.device) -> dict[str, Any]:
+    """Source logits, qconv's dequantized reference, and the real loader's, on the same prompts."""
+    model = source_model(source, device, getattr(torch, artifact.recipe.get("dtype", "float32")))
+    prompts = prompt_ids(artifact.folder, model.config.vocab_size)
+    source_logits = _logits(model, prompts, device)
+    modules = dict(model.named_modules())
+    for module in artifact.layers:
+        weight = modules[module].weight
+        weight.data = artifact.dequantize(module).to(device=device, dtype=torch.float32)
+    reference_logits = _logits(model, prompts, device)
+    del model, modules
+    loaded = artifact.format.load_pretrained(artifact.folder, device, torch.float32)
+    loaded_logits = _logits(loaded, prompts, device)
+    del loaded
+
+    loaded_all, reference_all, source_all = (
+        torch.cat(x) for x in (loaded_logits, reference_logits, source_logits)
+    )
+    loader_rel = (
+        torch.linalg.vector_norm(loaded_all - reference_all) / torch.linalg.vector_norm(reference_all)
+    ).item()
+    log_p_source = torch.log_softmax(source_all, dim=-1)
+    log_p_loaded = torch.log_softmax(loaded_all, dim=-1)
+    kl = (log_p_source.exp() * (log_p_source - log_p_loaded)).sum(-1).mean().item()
+    top1 = (source_all.argmax(-1) == loaded_all.argmax(-1)).float().mean().item()
+    return {
+        "prompts": len(prompts),
+        "tokens": int(sum(p.numel() for p in prompts)),
+        "loader_rel_diff": loader_rel,
+        "loader_max_abs_diff": (loaded_all - reference_all).abs().max().item(),
+        "loader_top1_vs_reference": (loaded_all.argmax(-1) == reference_all.argmax(-1)).float().mean().item(),
+        "top1_agreement": top1,
+        "kl": kl,
+        "finite": bool(torch.isfinite(loaded_all).all()),
+    }
+
+
+def check_loader(artifact: Artifact, source: Source, device: torch.device, report: VerifyReport) -> None:
+    try:
+        result = logits_comparison(artifact, source, device)
+    except Exception as exc:  # noqa: BLE001 - any failure of the real loader fails this check
+        report.add(
+            "loader", False, f"the real loader failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+        )
+        return
+    report.logits = result
+    tolerance = artifact.format.loader_tolerance(artifact.recipe)
+    ok = result["finite"] and result["loader_rel_diff"] <= tolerance
+    detail = (
+        f"real loader vs qconv reference: rel diff {result['loader_rel_diff']:.2e} (tolerance {tolerance:g}); "
+        f"vs source: top-1 {result['top1_agreement']:.3f}, KL {result['kl']:.4g}"
+    )
+    report.add("loader", ok, detail if result["finite"] else "the real loader produced non-finite logits")
+
+
+# -- the whole verification of a folder -------------------------------------------------------
+def verify_artifact(
+    path: str | Path,
+    source: Source | None,
+    device: torch.device,
+    max_rel_error: float | None = None,
+    logits: bool = True,
+    progress=None,
+) -> VerifyReport:
+    """Verify an artifact folder from disk. Without a source only the files can be checked and
+    the layer errors recorded at conversion are reported."""
+    artifact = Artifact(path)
+    report = VerifyReport(path=str(path))
+    try:
+        check_files(
+            artifact.folder,
+            {k: v for k, v in artifact.manifest.get("files", {}).items() if k != MANIFEST_NAME},
+            report,
+        )
+        if source is None:
+            check_layers(artifact.layers, max_rel_error, report)
+            report.checks[-1]["detail"] += " (as recorded at conversion: no source to recompute from)"
+            return report
+        if progress:
+            progress.start("verify", len(artifact.layers))
+        try:
+            layers = recompute_layer_errors(artifact, source, device, progress)
+        except Exception as exc:  # noqa: BLE001 - unreadable tensors fail the check, naming them
+            report.add("layers", False, str(exc).splitlines()[0])
+            return report
+        check_layers(layers, max_rel_error, report)
+        if logits:
+            check_loader(artifact, source, device, report)
+        return report
+    finally:
+        artifact.close()
+
+
+def run_verify(
+    path: str | Path,
+    source_ref: str | None = None,
+    *,
+    device: str = "auto",
+    max_rel_error: float | None = None,
+    logits: bool = True,
+    progress=None,
+    registry=None,
+) -> VerifyReport:
+    """``qconv verify``: verify a folder against ``source_ref`` (default: the manifest's source
+    when it still exists) and store the result in the registry when the artifact is recorded."""
+    from qconv.environment import resolve_device
+    from qconv.sources import open_source
+
+    torch_device = resolve_device(device)
+    artifact = Artifact(path)  # fails early, naming the folder, if it is not an artifact
+    recorded_ref = artifact.manifest.get("source", {}).get("ref")
+    artifact.close()
+    ref = source_ref
+    if ref is None and recorded_ref and Path(recorded_ref).exists():
+        ref = recorded_ref
+    if max_rel_error is not None and not max_rel_error > 0:
+        from qconv.errors import UsageError
+
+        raise UsageError("--max-rel-error must be positive")
+    if ref is None:
+        report = verify_artifact(path, None, torch_device, max_rel_error, logits, progress)
+    else:
+        with open_source(ref) as source:
+            report = verify_artifact(path, source, torch_device, max_rel_error, logits, progress)
+    if registry is not None:
+        registry.record_verify_for_path(Path(path).resolve(), report.manifest_entry())
+    return report

