@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from qconv.errors import ArtifactError
 from qconv.formats import get_format
 from qconv.formats.base import QuantFormat

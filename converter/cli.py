@@ -15,12 +15,13 @@ from contextlib import contextmanager
 from typing import Any
 
 import click
-from qconv import __version__
-from qconv.errors import QconvError
-from qconv.progress import ProgressSink
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from qconv import __version__
+from qconv.errors import QconvError
+from qconv.progress import ProgressSink
 
 # Piped output (not a terminal) gets wide tables rather than rich's 80-column default.
 _PIPE_WIDTH = None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", "200"))

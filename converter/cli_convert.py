@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+
 from qconv.cli import fmt_size, json_option, main, print_json, progress_bars, render_verify, stdout
 from qconv.formats import all_formats
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import click
-from qconv.cli import fmt_float, fmt_size, json_option, main, print_json, stdout
 from rich.table import Table
+
+from qconv.cli import fmt_float, fmt_size, json_option, main, print_json, stdout
 
 
 @main.command(name="ls")

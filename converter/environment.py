@@ -6,6 +6,7 @@ import platform
 from importlib import metadata
 
 import torch
+
 from qconv import __version__
 from qconv.errors import UsageError
 

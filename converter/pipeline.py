@@ -15,13 +15,14 @@ import resource
 import shutil
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
+
 from qconv import __version__
 from qconv.artifact import MANIFEST_NAME, Artifact
 from qconv.environment import environment, resolve_device
@@ -39,7 +40,8 @@ from qconv.writer import SafetensorsShardWriter, parse_size, sha256_file
 # float32 and the artifact) is skipped unless asked for; `qconv verify` can run it later.
 LOGITS_CHECK_AUTO_MAX_PARAMS = 2_000_000_000
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-READ_AHEAD = 2
+READ_AHEAD = 2  # tensors read ahead of the one being quantized
+WRITE_QUEUE = 4  # tensors waiting for the writer thread
 
 
 @dataclass
@@ -73,22 +75,26 @@ def check_destination(dest: Path, source_ref: str, force: bool) -> None:
 def _read_ahead(
     source: Source, plan: Plan, device: torch.device, out: queue.Queue, stop: threading.Event
 ) -> None:
-    """Read tensors in disk order; quantized weights go to the device here, off the main thread."""
+    """Read tensors in disk order. Weights to quantize on a GPU are read into page-locked memory
+    and copied on a stream of their own, so reading, copying and quantizing overlap; the main
+    thread waits for each copy's event before it uses the tensor."""
+    copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
     try:
         for item in plan.tensors:
             if stop.is_set():
                 return
-            tensor = source.read(item.name)
-            if item.action == "quantize" and device.type != "cpu":
-                tensor = tensor.to(device, non_blocking=False)
-            out.put((item, tensor))
+            to_gpu = copy_stream is not None and item.action == "quantize"
+            tensor = source.read(item.name, pin_memory=to_gpu)
+            copied = None
+            if to_gpu:
+                with torch.cuda.stream(copy_stream):
+                    tensor = tensor.to(device, non_blocking=True)
+                    copied = torch.cuda.Event()
+                    copied.record(copy_stream)
+            out.put((item, tensor, copied))
         out.put(None)
     except BaseException as exc:  # handed to the main thread
         out.put(exc)
-
-
-def _hash_files(paths: list[Path]) -> dict[str, dict]:
-    return {p.name: {"sha256": sha256_file(p), "size": p.stat().st_size} for p in paths}
 
 
 def _planned_keys(plan: Plan, fmt: QuantFormat, recipe: dict) -> list[str]:
@@ -143,6 +149,7 @@ def convert(
         working_dtype = source.default_dtype() if dtype == "auto" else DTYPES[dtype]
         recipe.update({"dtype": dtype_name(working_dtype), "skip": list(skip), "label": fmt.label(recipe)})
         plan = make_plan(source, fmt, recipe, list(skip))
+        prepare_s = time.perf_counter() - started
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.parent / f".{dest.name}.qconv-tmp-{os.getpid()}"
         if tmp.exists():
@@ -168,6 +175,7 @@ def convert(
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     result.path = dest
+    result.stats["prepare_s"] = prepare_s
     result.stats["total_s"] = time.perf_counter() - started
     if registry is not None:
         result.artifact_id = registry.record_artifact(result.manifest, dest.resolve())
@@ -200,52 +208,70 @@ def _convert_into(
 ) -> ConvertResult:
     t0 = time.perf_counter()
     if device.type == "cuda":
+        torch.cuda.init()  # resetting the peak statistics needs an initialised context
         torch.cuda.reset_peak_memory_stats(device)
-    hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qconv-source-hash")
-    source_hashes = hasher.submit(_hash_files, source.hashed_files())
-    writer = SafetensorsShardWriter(tmp, _planned_keys(plan, fmt, recipe), max_shard_bytes)
+    source.start_hashing()  # alongside the reading (from the same bytes, where the reader can)
+    writer = SafetensorsShardWriter(tmp, _planned_keys(plan, fmt, recipe), max_shard_bytes, WRITE_QUEUE)
     tensors: queue.Queue = queue.Queue(maxsize=READ_AHEAD)
     stop = threading.Event()
     reader = threading.Thread(target=_read_ahead, args=(source, plan, device, tensors, stop), daemon=True)
     reader.start()
 
     layers: dict[str, dict] = {}
+    timers: dict[str, float] = defaultdict(float)  # where the main thread's time went
     packed_bytes = 0
     quantized_params = 0
     total_params = 0
     progress.start("convert", len(plan.tensors))
     try:
-        while (item := tensors.get()) is not None:
+        while True:
+            clock = time.perf_counter()
+            item = tensors.get()
+            timers["wait_read_s"] += time.perf_counter() - clock
+            if item is None:
+                break
             if isinstance(item, BaseException):
                 raise item
-            entry, tensor = item
+            entry, tensor, copied = item
+            if copied is not None:
+                torch.cuda.current_stream(device).wait_event(copied)
+                tensor.record_stream(torch.cuda.current_stream(device))  # allocated on the copy stream
             total_params += tensor.numel()
             if entry.action == "copy":
                 if tensor.dtype in FLOAT_DTYPES:
                     tensor = tensor.to(working_dtype)
-                writer.add(entry.name, tensor)
+                outputs = {entry.name: tensor}
             else:
+                clock = time.perf_counter()
                 weight = tensor.to(device=device, dtype=working_dtype)
                 packed = fmt.quantize(weight, recipe, device)
                 error = layer_error(weight, fmt.dequantize(packed, recipe))
                 layers[entry.module] = {**error, "shape": list(weight.shape), "format": recipe["label"]}
                 quantized_params += weight.numel()
-                for suffix, value in packed.items():
-                    packed_bytes += value.numel() * value.element_size()
-                    writer.add(f"{entry.module}.{suffix}", value)
+                outputs = {f"{entry.module}.{suffix}": value for suffix, value in packed.items()}
+                packed_bytes += sum(v.numel() * v.element_size() for v in outputs.values())
                 del weight, packed
+                timers["quantize_s"] += time.perf_counter() - clock
+            clock = time.perf_counter()
+            for key, value in outputs.items():
+                writer.add(key, value)
+            timers["wait_write_s"] += time.perf_counter() - clock
+            del outputs, tensor
             progress.advance("convert")
+        clock = time.perf_counter()
         files = writer.close()
+        timers["finish_write_s"] += time.perf_counter() - clock
     except BaseException:
         stop.set()
         _drain(tensors)
         writer.abort()
-        hasher.shutdown(wait=False, cancel_futures=True)
         raise
     finally:
         progress.finish("convert")
     reader.join()
     convert_s = time.perf_counter() - t0
+    source_file_hashes = source.file_hashes()
+    source_hash_wait_s = time.perf_counter() - t0 - convert_s
 
     config = source.config_dict()
     config["quantization_config"] = fmt.quantization_config(recipe, sorted(plan.skipped))
@@ -264,7 +290,7 @@ def _convert_into(
             "ref": source.ref,
             "revision": source.revision,
             "architecture": plan.architecture,
-            "files": source_hashes.result(),
+            "files": source_file_hashes,
         },
         "recipe": recipe,
         "calibration": None,
@@ -282,7 +308,6 @@ def _convert_into(
         "files": {},
         "verify": None,
     }
-    hasher.shutdown()
     (tmp / "README.md").write_text(model_card(manifest))
     for name in ["config.json", "README.md", *support]:
         files[name] = {"sha256": sha256_file(tmp / name), "size": (tmp / name).stat().st_size}
@@ -305,6 +330,8 @@ def _convert_into(
         _write_manifest(tmp, manifest)
     stats = {
         "convert_s": convert_s,
+        **{k: round(v, 3) for k, v in timers.items()},
+        "source_hash_wait_s": source_hash_wait_s,
         "verify_s": time.perf_counter() - t1,
         "bytes_written": writer.bytes_written,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,

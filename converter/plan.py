@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 
 import torch
+
 from qconv.errors import SourceError, UsageError
 from qconv.formats.base import QuantFormat
 from qconv.sources import FLOAT_DTYPES, Source, TensorInfo

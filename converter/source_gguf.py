@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from qconv.errors import SourceError
 from qconv.sources import Source, TensorInfo
 
@@ -269,7 +270,7 @@ class GGUFSource(Source):
     def tensors(self) -> list[TensorInfo]:
         return list(self._infos)
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, pin_memory: bool = False) -> torch.Tensor:  # noqa: ARG002 - dequantized in numpy; pinning would cost a copy
         from gguf import dequantize
 
         if self._reader is None:

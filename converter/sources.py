@@ -7,14 +7,19 @@ order they lie on disk, so reading stays sequential and memory stays at one tens
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 import struct
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
 from qconv.errors import SourceError, SourceNotFoundError
 
 # safetensors dtype names -> torch dtypes (the subset model checkpoints use)
@@ -46,6 +51,51 @@ WEIGHT_SUFFIXES = (
     ".npz",
 )
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors crate's own limit
+
+
+def hash_file(path: Path) -> dict:
+    from qconv.writer import sha256_file
+
+    return {"sha256": sha256_file(path), "size": path.stat().st_size}
+
+
+class SequentialFileHash:
+    """sha256 of a file fed with its bytes in file order as a reader reads them, so the file is
+    read once for both. Updates run in their own thread (hashlib releases the GIL) and at most
+    ``max_pending`` buffers wait, which bounds the memory a slow hash can hold. A read out of
+    order spoils it, and the file is then hashed from disk instead."""
+
+    def __init__(self, path: Path, prefix_len: int, max_pending: int = 8):
+        self.path = path
+        self._digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            self._digest.update(f.read(prefix_len))
+        self._next = prefix_len
+        self._size = path.stat().st_size
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qconv-hash")
+        self._slots = threading.Semaphore(max_pending)
+        self.spoiled = False
+
+    def feed(self, offset: int, data) -> None:
+        if self.spoiled or offset != self._next:
+            self.spoiled = True
+            return
+        self._next = offset + len(data)
+        self._slots.acquire()
+        self._pool.submit(self._update, data)
+
+    def _update(self, data) -> None:
+        try:
+            self._digest.update(data)
+        finally:
+            self._slots.release()
+
+    def result(self) -> dict | None:
+        """The hash, or None when the bytes did not all arrive in order."""
+        self._pool.shutdown(wait=True)
+        if self.spoiled or self._next != self._size:
+            return None
+        return {"sha256": self._digest.hexdigest(), "size": self._size}
 
 
 @dataclass(frozen=True)
@@ -90,12 +140,31 @@ class Source:
     def tensors(self) -> list[TensorInfo]:
         raise NotImplementedError
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, pin_memory: bool = False) -> torch.Tensor:
+        """One tensor, on the CPU (in page-locked memory when ``pin_memory`` and the reader can)."""
         raise NotImplementedError
 
     def hashed_files(self) -> list[Path]:
         """Files whose sha256 the manifest records (weights, config, tokenizer)."""
         raise NotImplementedError
+
+    def start_hashing(self) -> None:
+        """Begin hashing ``hashed_files()`` in the background (one thread a file, so a sharded
+        source hashes in parallel). Readers that see every byte anyway override this to hash
+        what they read instead of reading it twice."""
+        if getattr(self, "_hashes", None) is None:
+            files = self.hashed_files()
+            self._hash_pool = ThreadPoolExecutor(
+                max_workers=max(1, min(8, len(files))), thread_name_prefix="qconv-hash"
+            )
+            self._hashes = {p.name: self._hash_pool.submit(hash_file, p) for p in files}
+
+    def file_hashes(self) -> dict[str, dict]:
+        """``{file name: {"sha256", "size"}}`` of ``hashed_files()``, waiting for the hashing."""
+        self.start_hashing()
+        result = {name: future.result() for name, future in self._hashes.items()}
+        self._hash_pool.shutdown()
+        return result
 
     def write_support_files(self, dest: Path) -> list[str]:
         """Write tokenizer and generation config into ``dest``; return the file names written."""
@@ -116,8 +185,9 @@ class Source:
         self.close()
 
 
-def read_safetensors_header(path: Path) -> dict[str, Any]:
-    """Parse and check a safetensors header without reading the data (names the file on error)."""
+def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """Parse and check a safetensors header without reading the data (names the file on error).
+    Returns the header and the byte where the data starts."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -165,7 +235,7 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
         end = max(end, stop)
     if end != data_len:
         raise SourceError(f"{path}: corrupt safetensors file: {data_len - end} bytes after the last tensor")
-    return header
+    return header, 8 + header_len
 
 
 class HFFolderSource(Source):
@@ -186,8 +256,11 @@ class HFFolderSource(Source):
         self.weight_files = self._find_weight_files()
         self._infos: list[TensorInfo] = []
         self._file_of: dict[str, Path] = {}
+        self._offsets: dict[str, tuple[int, int]] = {}  # absolute byte range of each tensor
+        self._data_start: dict[Path, int] = {}
+        self._stream_hashes: dict[Path, SequentialFileHash] = {}
         for path in self.weight_files:
-            header = read_safetensors_header(path)
+            header, data_start = read_safetensors_header(path)
             entries = sorted(
                 ((k, v) for k, v in header.items() if k != "__metadata__"),
                 key=lambda kv: kv[1]["data_offsets"][0],
@@ -196,12 +269,16 @@ class HFFolderSource(Source):
                 if name in self._file_of:
                     raise SourceError(f"{path}: tensor {name!r} also stored in {self._file_of[name].name}")
                 self._file_of[name] = path
+                self._data_start[path] = data_start
+                start, stop = entry["data_offsets"]
+                self._offsets[name] = (data_start + start, data_start + stop)
                 self._infos.append(
                     TensorInfo(name, tuple(entry["shape"]), SAFETENSORS_DTYPES[entry["dtype"]])
                 )
         if not self._infos:
             raise SourceError(f"{folder}: the safetensors files hold no tensors")
-        self._handles: dict[Path, Any] = {}
+        self._info_of = {info.name: info for info in self._infos}
+        self._fds: dict[Path, int] = {}
 
     def _find_weight_files(self) -> list[Path]:
         folder = self.folder
@@ -233,17 +310,57 @@ class HFFolderSource(Source):
     def tensors(self) -> list[TensorInfo]:
         return list(self._infos)
 
-    def read(self, name: str) -> torch.Tensor:
-        from safetensors import SafetensorError, safe_open
-
+    def read(self, name: str, pin_memory: bool = False) -> torch.Tensor:
+        """One tensor by a plain positioned read (not mmap): the bytes land in memory the tensor
+        owns, so the process holds only the tensors alive, not every page of the file it touched.
+        ``pin_memory`` reads straight into page-locked memory for an asynchronous copy to a GPU."""
         path = self._file_of[name]
+        start, stop = self._offsets[name]
+        info = self._info_of[name]
+        nbytes = stop - start
         try:
-            handle = self._handles.get(path)
-            if handle is None:
-                handle = self._handles[path] = safe_open(str(path), framework="pt", device="cpu")
-            return handle.get_tensor(name)
-        except (SafetensorError, OSError) as exc:
-            raise SourceError(f"{path}: cannot read tensor {name!r}: {exc}") from exc
+            fd = self._fds.get(path)
+            if fd is None:
+                fd = self._fds[path] = os.open(path, os.O_RDONLY)
+                if hasattr(os, "posix_fadvise"):
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            raw = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin_memory)
+            view = memoryview(raw.numpy()) if nbytes else memoryview(b"")
+            done = 0
+            while done < nbytes:
+                n = os.preadv(fd, [view[done:]], start + done)
+                if n == 0:
+                    raise SourceError(f"{path}: truncated while reading tensor {name!r}")
+                done += n
+        except OSError as exc:
+            raise SourceError(f"{path}: cannot read tensor {name!r}: {exc.strerror or exc}") from exc
+        stream_hash = self._stream_hashes.get(path)
+        if stream_hash is not None and nbytes:
+            stream_hash.feed(start, view)
+        return (
+            raw.view(info.dtype).reshape(info.shape) if nbytes else torch.empty(info.shape, dtype=info.dtype)
+        )
+
+    def start_hashing(self) -> None:
+        """Weight files are hashed from the bytes ``read`` reads (tensors come in file order, and
+        safetensors leaves no gaps); the small files beside them from disk."""
+        if getattr(self, "_hashes", None) is not None:
+            return
+        self._stream_hashes = {
+            path: SequentialFileHash(path, self._data_start[path]) for path in self.weight_files
+        }
+        others = [p for p in self.hashed_files() if p not in self._stream_hashes]
+        self._hash_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="qconv-hash")
+        self._hashes = {p.name: self._hash_pool.submit(hash_file, p) for p in others}
+
+    def file_hashes(self) -> dict[str, dict]:
+        self.start_hashing()
+        result = {name: future.result() for name, future in self._hashes.items()}
+        for path, stream_hash in self._stream_hashes.items():
+            # a file not read whole and in order (e.g. a tensor skipped) is hashed from disk
+            result[path.name] = stream_hash.result() or hash_file(path)
+        self._hash_pool.shutdown()
+        return dict(sorted(result.items()))
 
     def hashed_files(self) -> list[Path]:
         files = [self.folder / "config.json", *self.weight_files]
@@ -269,7 +386,9 @@ class HFFolderSource(Source):
         return names
 
     def close(self) -> None:
-        self._handles.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
 
 def open_source(ref: str | Path) -> Source:

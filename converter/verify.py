@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from qconv.artifact import MANIFEST_NAME, Artifact
 from qconv.sources import Source
 from qconv.writer import sha256_file
@@ -33,11 +34,17 @@ def layer_error(reference: torch.Tensor, dequantized: torch.Tensor) -> dict[str,
     """Relative Frobenius error, max abs error and SNR (dB) of a layer, in float32."""
     ref = reference.to(torch.float32)
     diff = dequantized.to(device=ref.device, dtype=torch.float32) - ref
-    ref_norm = torch.linalg.vector_norm(ref).item()
-    diff_norm = torch.linalg.vector_norm(diff).item()
+    zero = torch.zeros((), device=ref.device)
+    # one device-to-host transfer for the three numbers
+    ref_norm, diff_norm, max_abs = torch.stack(
+        [
+            torch.linalg.vector_norm(ref),
+            torch.linalg.vector_norm(diff),
+            diff.abs().max() if diff.numel() else zero,
+        ]
+    ).tolist()
     rel = diff_norm / ref_norm if ref_norm > 0 else (0.0 if diff_norm == 0 else math.inf)
     snr = 20 * math.log10(ref_norm / diff_norm) if diff_norm > 0 and ref_norm > 0 else math.inf
-    max_abs = diff.abs().max().item() if diff.numel() else 0.0
     return {"rel_error": rel, "max_abs": max_abs, "snr_db": snr}
 
 

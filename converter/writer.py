@@ -140,9 +140,17 @@ class SafetensorsShardWriter:
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if self._error is not None:
             raise self._error
-        if tensor.device.type != "cpu":
+        ready = None
+        if tensor.device.type == "cuda":
+            # Copy to page-locked memory without waiting; the writer thread waits for the copy.
+            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            host.copy_(tensor, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+            tensor = host
+        elif tensor.device.type != "cpu":
             tensor = tensor.to("cpu")
-        self._queue.put((name, tensor))
+        self._queue.put((name, tensor, ready))
 
     def close(self) -> dict[str, dict]:
         self._queue.put(None)
@@ -164,7 +172,9 @@ class SafetensorsShardWriter:
     def _run(self) -> None:
         try:
             while (item := self._queue.get()) is not None:
-                name, tensor = item
+                name, tensor, ready = item
+                if ready is not None:
+                    ready.synchronize()
                 self._write(name, tensor)
             if self._shards:
                 self._finish_current()

@@ -13,6 +13,7 @@ import json
 from typing import Any
 
 import torch
+
 from qconv.errors import MissingDependencyError, UsageError
 from qconv.formats.base import Option, QuantFormat, check_choice, register, reject_foreign_options
 

@@ -18,11 +18,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from sqlite_utils import Database
+
 from qconv.errors import RegistryError
 from qconv.registry.location import registry_path
 from qconv.registry.manifest_rows import absolute_path, rows_from_manifest, to_json, verified_flag
 from qconv.registry.migrations import migrations
-from sqlite_utils import Database
 
 BUSY_TIMEOUT_S = 30.0
 

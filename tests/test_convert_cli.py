@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -9,9 +10,10 @@ from pathlib import Path
 import bitsandbytes.functional as F
 import pytest
 import torch
+from safetensors.torch import load_file
+
 from qconv.formats import get_format
 from qconv.verify import layer_error
-from safetensors.torch import load_file
 
 
 def read_artifact(folder: Path) -> dict[str, torch.Tensor]:
@@ -98,6 +100,13 @@ def test_convert_loads_in_stock_transformers(cli, tiny_llama, tmp_path, flags, l
     assert manifest["summary"]["worst_rel_error"] == max(e["rel_error"] for e in manifest["layers"].values())
     expected_files = {p.name for p in out.iterdir()} - {"qconv.json"}
     assert set(manifest["files"]) == expected_files
+    for name, entry in {
+        **manifest["files"],
+        **{f"src/{k}": v for k, v in manifest["source"]["files"].items()},
+    }.items():
+        path = tiny_llama / name[4:] if name.startswith("src/") else out / name
+        assert entry == {"sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "size": path.stat().st_size}
+    assert set(manifest["source"]["files"]) == {"config.json", "generation_config.json", "model.safetensors"}
 
 
 def test_convert_sharded_tied_source_and_output(cli, tiny_llama_tied_sharded, tmp_path):
@@ -248,16 +257,18 @@ def test_conversion_streams_tensor_by_tensor(tiny_llama, tmp_path, monkeypatch):
     most = []
     original = HFFolderSource.read
 
-    def tracking_read(self, name):
+    def tracking_read(self, name, pin_memory=False):
         gc.collect()
         most.append(len(alive))
-        tensor = original(self, name)
+        tensor = original(self, name, pin_memory)
         alive.add(tensor)
         return tensor
 
     monkeypatch.setattr(HFFolderSource, "read", tracking_read)
     pipeline.convert(str(tiny_llama), tmp_path / "out", "bnb", {}, device="cpu", verify=False)
-    assert len(most) == 21 and max(most) <= pipeline.READ_AHEAD + 2
+    # read ahead + the one being quantized + the writer's queue + the one being written
+    bound = pipeline.READ_AHEAD + 1 + pipeline.WRITE_QUEUE + 1
+    assert len(most) == 21 and max(most) <= bound < 21, most
 
 
 def test_layer_error_definition():

@@ -7,8 +7,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-import qconv.formats.format_bnb as format_bnb
 import torch
+
+import qconv.formats.format_bnb as format_bnb
 from qconv import pipeline
 
 

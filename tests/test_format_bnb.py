@@ -7,6 +7,7 @@ import json
 import bitsandbytes.functional as F
 import pytest
 import torch
+
 from qconv.errors import UsageError
 from qconv.formats import get_format
 from qconv.formats.format_bnb import dequantize_4bit, unpack_4bit_codes

@@ -11,12 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from sqlite_utils import Migrations
+
 from qconv.errors import RegistryError
 from qconv.registry import artifact_id, open_registry, registry_path
 from qconv.registry import db as registry_db
 from qconv.registry.manifest_rows import base_model_name
 from qconv.registry.migrations import MIGRATION_SET, m001_initial
-from sqlite_utils import Migrations
 
 TABLES = ["artifacts", "source_files", "files", "layers", "metrics", "pushes"]
 

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
+
 from qconv.errors import SourceError
 from qconv.source_gguf import GGUFSource, _memoized_tensor_name_map
 from qconv.sources import open_source

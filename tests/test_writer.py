@@ -8,8 +8,9 @@ import struct
 
 import pytest
 import torch
-from qconv.writer import SafetensorsShardWriter, parse_size
 from safetensors import safe_open
+
+from qconv.writer import SafetensorsShardWriter, parse_size
 
 
 def tensors():
@@ -74,3 +75,26 @@ def test_parse_size(text, value):
 def test_parse_size_rejects(text):
     with pytest.raises(ValueError):
         parse_size(text)
+
+
+def test_source_hashes_stream_in_order_or_fall_back(tiny_llama_tied_sharded):
+    """Weight files are hashed from the bytes read; a file not read whole is hashed from disk."""
+    import hashlib
+
+    from qconv.sources import open_source
+
+    expected = {
+        p.name: {"sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "size": p.stat().st_size}
+        for p in tiny_llama_tied_sharded.iterdir()
+    }
+    with open_source(str(tiny_llama_tied_sharded)) as source:
+        source.start_hashing()
+        infos = source.tensors()
+        for info in infos[:-1]:  # the last tensor is never read: its file's stream is incomplete
+            source.read(info.name)
+        assert source.file_hashes() == expected
+    with open_source(str(tiny_llama_tied_sharded)) as source:
+        source.start_hashing()
+        for info in reversed(source.tensors()):  # out of order: every stream spoiled
+            source.read(info.name)
+        assert source.file_hashes() == expected
