@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import re
-import resource
 import shutil
 import subprocess
 import sys
@@ -258,7 +257,9 @@ def main() -> None:
 
         torch.zeros(1, device="cuda")
         result = CASES[ns.case](*[Path(a) if not a.isdigit() else int(a) for a in ns.args])
-        result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        from qconv.environment import peak_rss_bytes
+
+        result["peak_rss_bytes"] = peak_rss_bytes()
         if torch.cuda.is_available():
             result.setdefault("peak_gpu_bytes", torch.cuda.max_memory_allocated())
         print(json.dumps(result, default=str))

@@ -53,3 +53,18 @@ def environment(device: torch.device, libraries: tuple[str, ...] = ()) -> dict[s
     env["device"] = str(device)
     env["gpu"] = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     return env
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory. Linux's VmHWM starts afresh at exec, unlike
+    ru_maxrss, which a child inherits from the process that forked it."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import queue
-import resource
 import shutil
 import threading
 import time
@@ -25,7 +24,7 @@ import torch
 
 from qconv import __version__
 from qconv.artifact import MANIFEST_NAME, Artifact
-from qconv.environment import environment, resolve_device
+from qconv.environment import environment, peak_rss_bytes, resolve_device
 from qconv.errors import DestinationExistsError, UsageError
 from qconv.formats import get_format
 from qconv.formats.base import QuantFormat
@@ -34,7 +33,7 @@ from qconv.plan import Plan, make_plan
 from qconv.progress import NO_PROGRESS, ProgressSink
 from qconv.sources import FLOAT_DTYPES, Source, open_source
 from qconv.verify import VerifyReport, check_layers, check_loader, layer_error
-from qconv.writer import SafetensorsShardWriter, parse_size, sha256_file
+from qconv.writer import SafetensorsShardWriter, fsync_path, parse_size, sha256_file
 
 # Above this many parameters the end-of-conversion logits check (which loads the source in
 # float32 and the artifact) is skipped unless asked for; `qconv verify` can run it later.
@@ -183,6 +182,10 @@ def convert(
 
 
 def _move_into_place(tmp: Path, dest: Path) -> None:
+    for path in tmp.iterdir():  # the shards are flushed already; the small files are flushed here
+        if not path.name.endswith(".safetensors"):
+            fsync_path(path)
+    fsync_path(tmp)
     if dest.exists():
         old = dest.parent / f".{dest.name}.qconv-old-{os.getpid()}"
         os.replace(dest, old)
@@ -190,6 +193,7 @@ def _move_into_place(tmp: Path, dest: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, dest)
+    fsync_path(dest.parent)
 
 
 def _convert_into(
@@ -334,7 +338,7 @@ def _convert_into(
         "source_hash_wait_s": source_hash_wait_s,
         "verify_s": time.perf_counter() - t1,
         "bytes_written": writer.bytes_written,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": peak_rss_bytes(),
         "peak_gpu_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
     }
     return ConvertResult(path=tmp, manifest=_finite(manifest), report=report, stats=stats)

@@ -73,6 +73,15 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
 
 
+def fsync_path(path: Path) -> None:
+    """Flush a file's (or a folder's) written data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -130,7 +139,8 @@ class SafetensorsShardWriter:
         self._shards: list[_Shard] = []
         self._weight_map: dict[str, int] = {}
         self._hashes: list[Future] = []
-        self._hasher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="qconv-hash")
+        self._hasher = ThreadPoolExecutor(max_workers=4, thread_name_prefix="qconv-hash")
+        self._syncs: list[Future] = []
         self._error: BaseException | None = None
         self.bytes_written = 0
         self._thread = threading.Thread(target=self._run, name="qconv-writer", daemon=True)
@@ -207,8 +217,10 @@ class SafetensorsShardWriter:
     def _finish_current(self) -> None:
         shard = self._shards[-1]
         shard.finish({"format": "pt"})
-        # hash from the page cache while the next shard is written
+        # Hash from the page cache, and flush to disk, while the next shard is written: a
+        # finished artifact is on disk before it is renamed into place.
         self._hashes.append(self._hasher.submit(sha256_file, shard.path))
+        self._syncs.append(self._hasher.submit(fsync_path, shard.path))
 
     # -- at close -----------------------------------------------------------------------------
     def _rename_and_index(self) -> dict[str, dict]:
@@ -219,8 +231,9 @@ class SafetensorsShardWriter:
             else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
         )
         files: dict[str, dict] = {}
-        for shard, name, digest in zip(self._shards, names, self._hashes, strict=True):
+        for shard, name, digest, synced in zip(self._shards, names, self._hashes, self._syncs, strict=True):
             sha256 = digest.result()  # before the rename: the hasher reads the temporary name
+            synced.result()
             final = self.folder / name
             os.replace(shard.path, final)
             files[name] = {"sha256": sha256, "size": final.stat().st_size}
