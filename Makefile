@@ -44,9 +44,11 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check converter formats registry tests bench
 	$(VENV)/bin/ruff format --check converter formats registry tests bench
 
-# Run on the GPU machine (see bench/README.md); writes JSON under bench/results/.
+# Run on the GPU machine (see bench/README.md); writes JSON under bench/results/, then renders
+# docs/bench.md and the README table from it.
 bench:
 	python3 bench/run_bench.py --out bench/results
+	python3 bench/report.py
 
 clean:
 	rm -rf demo-out build dist *.egg-info .pytest_cache
