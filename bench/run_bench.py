@@ -195,7 +195,9 @@ def case_smollm2_gpu(gguf: Path, out: Path) -> dict:
     from qconv.sources import open_source
 
     result = convert(str(gguf), out, "bnb", {"bits": 4}, device="cuda", force=True, logits=True)
-    stored = load_file(str(out / "model.safetensors"))
+    stored = {}
+    for path in out.glob("*.safetensors"):
+        stored.update(load_file(str(path)))
     mismatched = []
     with open_source(str(gguf)) as source:
         for module in result.manifest["layers"]:

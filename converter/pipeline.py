@@ -33,7 +33,7 @@ from qconv.plan import Plan, make_plan
 from qconv.progress import NO_PROGRESS, ProgressSink
 from qconv.sources import FLOAT_DTYPES, Source, open_source
 from qconv.verify import VerifyReport, check_layers, check_loader, layer_error
-from qconv.writer import SafetensorsShardWriter, fsync_path, parse_size, sha256_file
+from qconv.writer import PlannedTensor, SafetensorsShardWriter, fsync_path, parse_size, sha256_file
 
 # Above this many parameters the end-of-conversion logits check (which loads the source in
 # float32 and the artifact) is skipped unless asked for; `qconv verify` can run it later.
@@ -96,15 +96,20 @@ def _read_ahead(
         out.put(exc)
 
 
-def _planned_keys(plan: Plan, fmt: QuantFormat, recipe: dict) -> list[str]:
-    keys = []
-    suffixes = fmt.output_suffixes(recipe)
+def _planned_outputs(
+    plan: Plan, fmt: QuantFormat, recipe: dict, working_dtype: torch.dtype
+) -> list[PlannedTensor]:
+    """Every tensor the writer will receive, in order, with dtype and shape where known."""
+    planned = []
     for item in plan.tensors:
         if item.action == "quantize":
-            keys += [f"{item.module}.{s}" for s in suffixes]
+            for suffix, spec in fmt.output_specs(item.info.shape, recipe).items():
+                dtype, shape = spec if spec is not None else (None, None)
+                planned.append(PlannedTensor(f"{item.module}.{suffix}", dtype, shape))
         else:
-            keys.append(item.name)
-    return keys
+            dtype = working_dtype if item.info.dtype in FLOAT_DTYPES else item.info.dtype
+            planned.append(PlannedTensor(item.name, dtype, tuple(item.info.shape)))
+    return planned
 
 
 def convert(
@@ -215,7 +220,9 @@ def _convert_into(
         torch.cuda.init()  # resetting the peak statistics needs an initialised context
         torch.cuda.reset_peak_memory_stats(device)
     source.start_hashing()  # alongside the reading (from the same bytes, where the reader can)
-    writer = SafetensorsShardWriter(tmp, _planned_keys(plan, fmt, recipe), max_shard_bytes, WRITE_QUEUE)
+    writer = SafetensorsShardWriter(
+        tmp, _planned_outputs(plan, fmt, recipe, working_dtype), max_shard_bytes, WRITE_QUEUE
+    )
     tensors: queue.Queue = queue.Queue(maxsize=READ_AHEAD)
     stop = threading.Event()
     reader = threading.Thread(target=_read_ahead, args=(source, plan, device, tensors, stop), daemon=True)

@@ -60,8 +60,17 @@ class QuantFormat:
         return None
 
     def output_suffixes(self, recipe: dict) -> list[str]:
-        """Every key ``quantize`` returns, known before quantizing (sizes the shard header)."""
+        """Every key ``quantize`` returns, in the order it returns them."""
         raise NotImplementedError
+
+    def output_specs(
+        self, shape: tuple[int, ...], recipe: dict
+    ) -> dict[str, tuple[torch.dtype, tuple[int, ...]] | None]:
+        """``{suffix: (dtype, shape)}`` of what ``quantize`` returns for a weight of ``shape``, or
+        None where the size is only known after quantizing. Known specs let the writer lay out
+        shards before the first byte and hash them as they are written; unknown ones go in a last
+        small shard. The default knows nothing."""
+        return dict.fromkeys(self.output_suffixes(recipe))
 
     # -- the numbers --------------------------------------------------------------------------
     def quantize(self, weight: torch.Tensor, recipe: dict, device: torch.device) -> dict[str, torch.Tensor]:

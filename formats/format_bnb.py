@@ -10,6 +10,7 @@ trust the library it checks. The on-disk keys are those transformers writes and 
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import torch
@@ -89,6 +90,30 @@ class BitsAndBytesFormat(QuantFormat):
         if recipe["double_quant"]:
             suffixes += SUFFIXES_DOUBLE_QUANT
         return suffixes + [f"weight.quant_state.bitsandbytes__{recipe['quant_type']}"]
+
+    def output_specs(
+        self, shape: tuple[int, ...], recipe: dict
+    ) -> dict[str, tuple[torch.dtype, tuple] | None]:
+        out_features = shape[0]
+        numel = math.prod(shape)
+        if recipe["bits"] == 8:
+            return {
+                "weight": (torch.int8, tuple(shape)),
+                "SCB": (torch.float32, (out_features,)),
+                "weight_format": (torch.uint8, ()),
+            }
+        blocks = -(-numel // recipe["blocksize"])
+        specs: dict[str, tuple[torch.dtype, tuple] | None] = {
+            "weight": (torch.uint8, (-(-numel // 2), 1)),
+            "weight.absmax": (torch.uint8 if recipe["double_quant"] else torch.float32, (blocks,)),
+            "weight.quant_map": (torch.float32, (16,)),
+        }
+        if recipe["double_quant"]:
+            specs["weight.nested_absmax"] = (torch.float32, (-(-blocks // NESTED_BLOCKSIZE),))
+            specs["weight.nested_quant_map"] = (torch.float32, (256,))
+        # JSON whose length depends on the quantized values (nested_offset): sized afterwards.
+        specs[f"weight.quant_state.bitsandbytes__{recipe['quant_type']}"] = None
+        return specs
 
     # -- quantize -----------------------------------------------------------------------------
     def quantize(self, weight: torch.Tensor, recipe: dict, device: torch.device) -> dict[str, torch.Tensor]:

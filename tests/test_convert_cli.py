@@ -44,7 +44,13 @@ def test_convert_loads_in_stock_transformers(cli, tiny_llama, tmp_path, flags, l
     assert [c["name"] for c in doc["verify"]["checks"]] == ["layers", "loader"]
     assert doc["verify"]["logits"]["loader_rel_diff"] <= get_format("bnb").loader_tolerance(doc["recipe"])
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["README.md", "config.json", "generation_config.json", "model.safetensors", "qconv.json"]
+    # bnb 4-bit's JSON quant_state is sized only after quantizing: it goes in a last small shard
+    weights = (
+        ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json"]
+        if bits == 4
+        else ["model.safetensors"]
+    )
+    assert names == sorted(["README.md", "config.json", "generation_config.json", "qconv.json", *weights])
     config = json.loads((out / "config.json").read_text())
     qc = config["quantization_config"]
     assert qc["quant_method"] == "bitsandbytes" and qc["load_in_4bit"] == (bits == 4)
@@ -201,13 +207,13 @@ def test_verify_command_recomputes_and_catches_a_flipped_byte(cli, tiny_llama, t
     assert "exceed --max-rel-error 0.01" in next(c for c in doc["checks"] if c["name"] == "layers")["detail"]
 
     # flip one byte inside the packed weights
-    path = out / "model.safetensors"
+    path = out / "model-00001-of-00002.safetensors"
     data = bytearray(path.read_bytes())
     data[-100] ^= 0x10
     path.write_bytes(bytes(data))
     result = cli("verify", out, "--device", "cpu", "--no-logits", ok=None)
     assert result.exit_code == 1
-    assert "model.safetensors does not match its sha256" in result.stdout
+    assert "model-00001-of-00002.safetensors does not match its sha256" in result.stdout
     assert "verification FAILED" in result.stdout
 
 

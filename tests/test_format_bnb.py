@@ -68,6 +68,9 @@ def test_4bit_matches_bitsandbytes(quant_type, double_quant, shape, blocksize):
     # The exact keys transformers writes, in bnb's own bytes.
     expected = {"weight": ref_packed, **{f"weight.{k}": v for k, v in ref_state.as_dict(packed=True).items()}}
     assert sorted(packed) == sorted(expected) == sorted(BNB.output_suffixes(r))
+    for suffix, spec in BNB.output_specs(shape, r).items():  # the sizes the writer plans with
+        if spec is not None:
+            assert (packed[suffix].dtype, tuple(packed[suffix].shape)) == spec, suffix
     for key, value in expected.items():
         assert torch.equal(packed[key], value), key
     # The pure-torch dequantizer equals bnb's own (which works in the weight's dtype).
@@ -96,6 +99,8 @@ def test_int8_matches_bitsandbytes_and_row_formula():
     int8, scb, _ = F.int8_vectorwise_quant(weight.half())
     assert torch.equal(packed["weight"], int8) and torch.equal(packed["SCB"], scb)
     assert packed["weight_format"].item() == 0
+    specs = BNB.output_specs((40, 72), recipe(bits=8))
+    assert {k: (v.dtype, tuple(v.shape)) for k, v in packed.items()} == specs
     expected = torch.round(weight.half().float() * 127 / weight.half().float().abs().amax(1, keepdim=True))
     assert torch.equal(packed["weight"].float(), expected)
     deq = BNB.dequantize(packed, recipe(bits=8))

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import struct
 
 import pytest
 import torch
 from safetensors import safe_open
 
-from qconv.writer import SafetensorsShardWriter, parse_size
+from qconv.writer import PlannedTensor, SafetensorsShardWriter, parse_size
 
 
 def tensors():
@@ -25,25 +26,40 @@ def tensors():
     }
 
 
-@pytest.mark.parametrize("max_bytes,shards", [(10**9, 1), (5_000, 2)])
-def test_shards_read_back_exactly(tmp_path, max_bytes, shards):
+def planned(expected, unknown=()):
+    return [
+        PlannedTensor(n, None, None) if n in unknown else PlannedTensor(n, t.dtype, tuple(t.shape))
+        for n, t in expected.items()
+    ]
+
+
+@pytest.mark.parametrize(
+    "max_bytes,unknown,files",
+    [
+        (10**9, (), ["model.safetensors"]),
+        (5_000, (), ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]),
+        # a tensor sized only when it arrives goes into a last small shard
+        (10**9, ("b.codes",), ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]),
+        (5_000, ("a.weight.absmax", "b.flag"), [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]),
+    ],
+)
+def test_shards_read_back_exactly(tmp_path, max_bytes, unknown, files):
     expected = tensors()
-    writer = SafetensorsShardWriter(tmp_path, list(expected), max_bytes)
+    writer = SafetensorsShardWriter(tmp_path, planned(expected, unknown), max_bytes)
     for name, value in expected.items():
         writer.add(name, value)
-    files = writer.close()
-    weights = sorted(n for n in files if n.endswith(".safetensors"))
-    assert len(weights) == shards
-    if shards == 1:
-        assert weights == ["model.safetensors"]
-    else:
-        assert weights == [f"model-0000{i}-of-00002.safetensors" for i in (1, 2)]
+    written = writer.close()
+    weights = sorted(n for n in written if n.endswith(".safetensors"))
+    assert weights == files
+    if len(files) > 1:
         index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
         assert sorted(index["weight_map"]) == sorted(expected)
+        if unknown:
+            assert {index["weight_map"][n] for n in unknown} == {files[-1]}
     seen = {}
     for name in weights:
         data = (tmp_path / name).read_bytes()
-        assert files[name] == {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+        assert written[name] == {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
         (header_len,) = struct.unpack("<Q", data[:8])
         assert (8 + header_len) % 8 == 0  # data aligned as safetensors aligns it
         with safe_open(str(tmp_path / name), framework="pt") as f:
@@ -56,10 +72,38 @@ def test_shards_read_back_exactly(tmp_path, max_bytes, shards):
     assert not list(tmp_path.glob(".shard-*"))
 
 
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        (
+            {"a.weight": torch.zeros(2, 2)},
+            "tensor 'a.weight' is torch.float32 [2, 2], planned torch.bfloat16 [64, 32]",
+        ),
+        ({"nope": torch.zeros(1)}, "tensor 'nope' was not planned"),
+        ({"b.codes": torch.zeros(100, 3, dtype=torch.int8)}, "tensor 'b.codes' arrived out of order"),
+    ],
+)
+def test_writer_refuses_what_was_not_planned(tmp_path, bad, message):
+    expected = tensors()
+    writer = SafetensorsShardWriter(tmp_path, planned(expected), 10**9)
+    for name, value in bad.items():
+        writer.add(name, value)
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        writer.close()
+
+
 def test_writer_error_surfaces_in_producer(tmp_path):
-    writer = SafetensorsShardWriter(tmp_path, ["x"], 10**9)
-    writer.add("x", torch.zeros(2, dtype=torch.complex64))  # no safetensors dtype: fails in the thread
+    writer = SafetensorsShardWriter(tmp_path, [PlannedTensor("x", None, None)], 10**9)
+    writer.add("x", torch.zeros(2, dtype=torch.complex64))  # no safetensors dtype: fails at close
     with pytest.raises(KeyError):
+        writer.close()
+
+
+def test_missing_tensor_is_an_error(tmp_path):
+    expected = tensors()
+    writer = SafetensorsShardWriter(tmp_path, planned(expected), 10**9)
+    writer.add("a.weight", expected["a.weight"])
+    with pytest.raises(RuntimeError, match="did not receive every planned tensor"):
         writer.close()
 
 
