@@ -46,7 +46,11 @@ def test_convert_loads_in_stock_transformers(cli, tiny_llama, tmp_path, flags, l
     names = sorted(p.name for p in out.iterdir())
     # bnb 4-bit's JSON quant_state is sized only after quantizing: it goes in a last small shard
     weights = (
-        ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json"]
+        [
+            "model-00001-of-00002.safetensors",
+            "model-00002-of-00002.safetensors",
+            "model.safetensors.index.json",
+        ]
         if bits == 4
         else ["model.safetensors"]
     )
