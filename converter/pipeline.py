@@ -39,8 +39,8 @@ from qconv.writer import PlannedTensor, SafetensorsShardWriter, fsync_path, pars
 # float32 and the artifact) is skipped unless asked for; `qconv verify` can run it later.
 LOGITS_CHECK_AUTO_MAX_PARAMS = 2_000_000_000
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-READ_AHEAD = 2  # tensors read ahead of the one being quantized
-WRITE_QUEUE = 4  # tensors waiting for the writer thread
+READ_AHEAD = 4  # tensors read ahead of the one being quantized
+WRITE_QUEUE = 8  # tensors waiting for the writer thread
 
 
 @dataclass
