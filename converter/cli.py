@@ -8,6 +8,7 @@ document on stdout; progress bars go to stderr, and only on a terminal.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -22,6 +23,14 @@ from rich.table import Table
 from qconv import __version__
 from qconv.errors import QconvError
 from qconv.progress import ProgressSink
+
+# The libraries qconv drives talk on their own (transformers' "Loading weights" bars, bitsandbytes'
+# note about an optional CPU kernel package); the CLI shows qconv's progress and errors instead.
+# QCONV_DEBUG=1 leaves them alone.
+if not os.environ.get("QCONV_DEBUG"):
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 # Piped output (not a terminal) gets wide tables rather than rich's 80-column default.
 _PIPE_WIDTH = None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", "200"))

@@ -26,6 +26,15 @@ def method_options(f):
     return f
 
 
+device_option = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+max_rel_error_option = click.option(
+    "--max-rel-error",
+    type=float,
+    default=None,
+    help="Fail (exit 1) if a layer's relative error exceeds this.",
+)
+
+
 def _method_option_names() -> set[str]:
     return {o.name for fmt in all_formats().values() for o in fmt.options}
 
@@ -43,7 +52,7 @@ def _method_option_names() -> set[str]:
     metavar="PATTERN",
     help="Leave matching Linear modules unquantized (glob on module names, or re:REGEX). Repeatable.",
 )
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@device_option
 @click.option(
     "--dtype",
     default="auto",
@@ -58,12 +67,7 @@ def _method_option_names() -> set[str]:
     default=None,
     help="Real-loader logits check at the end (default: for models up to 2B parameters).",
 )
-@click.option(
-    "--max-rel-error",
-    type=float,
-    default=None,
-    help="Fail (exit 1) if a layer's relative error exceeds this.",
-)
+@max_rel_error_option
 @click.option(
     "--record/--no-record", default=True, show_default=True, help="Record the artifact in the registry."
 )
@@ -146,24 +150,27 @@ def convert(
 @click.option(
     "--source", default=None, help="Source to compare with (default: the one in the manifest, if present)."
 )
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option(
-    "--max-rel-error",
-    type=float,
-    default=None,
-    help="Fail (exit 1) if a layer's relative error exceeds this.",
-)
+@device_option
+@max_rel_error_option
 @click.option(
     "--logits/--no-logits", default=True, show_default=True, help="Run the real-loader logits check."
 )
 @json_option
 def verify(path, source, device, max_rel_error, logits, as_json):
     """Check an artifact: file hashes, every layer's error, and the real loader's logits."""
+    from qconv.registry import open_registry
     from qconv.verify import run_verify
 
-    with progress_bars() as progress:
+    # the result is stored on the artifact's registry row, when it has one
+    with open_registry() as registry, progress_bars() as progress:
         report = run_verify(
-            path, source, device=device, max_rel_error=max_rel_error, logits=logits, progress=progress
+            path,
+            source,
+            device=device,
+            max_rel_error=max_rel_error,
+            logits=logits,
+            progress=progress,
+            registry=registry,
         )
     document = report.to_dict()
     if as_json:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from qconv.artifact import MANIFEST_NAME, Artifact
+from qconv.errors import SourceError, UsageError
 from qconv.sources import Source
 from qconv.writer import sha256_file
 
@@ -144,10 +145,7 @@ def recompute_layer_errors(
     for module, recorded in artifact.layers.items():
         key = f"{module}.weight"
         if key not in infos:
-            raise_missing = f"{source.ref}: the source has no tensor {key!r}"
-            from qconv.errors import SourceError
-
-            raise SourceError(raise_missing)
+            raise SourceError(f"{source.ref}: the source has no tensor {key!r}")
         reference = source.read(key).to(device=device, dtype=dtype)
         dequantized = artifact.format.dequantize(
             {k: v.to(device) for k, v in artifact.layer_tensors(module).items()}, artifact.recipe
@@ -197,8 +195,6 @@ def source_model(source: Source, device: torch.device, working_dtype: torch.dtyp
     model.tie_weights()
     missing = [k for k in result.missing_keys if not _is_tied(model, k)]
     if missing:
-        from qconv.errors import SourceError
-
         raise SourceError(f"{source.ref}: the source lacks tensor {missing[0]!r} the architecture needs")
     return model.to(device).eval()
 
@@ -333,8 +329,6 @@ def run_verify(
     if ref is None and recorded_ref and Path(recorded_ref).exists():
         ref = recorded_ref
     if max_rel_error is not None and not max_rel_error > 0:
-        from qconv.errors import UsageError
-
         raise UsageError("--max-rel-error must be positive")
     if ref is None:
         report = verify_artifact(path, None, torch_device, max_rel_error, logits, progress)

@@ -198,9 +198,11 @@ def test_human_output_and_ls(cli, tiny_llama, tmp_path):
 
 def test_verify_command_recomputes_and_catches_a_flipped_byte(cli, tiny_llama, tmp_path):
     out = tmp_path / "out"
-    cli("convert", tiny_llama, "-o", out, "--method", "bnb", "--device", "cpu", "--no-record")
+    cli("convert", tiny_llama, "-o", out, "--method", "bnb", "--device", "cpu", "--no-verify")
+    assert cli.json("ls")[1][0]["verified"] is None
     _, doc = cli.json("verify", out, "--device", "cpu")
     assert doc["passed"] and [c["name"] for c in doc["checks"]] == ["files", "layers", "loader"]
+    assert cli.json("ls")[1][0]["verified"] is True
     recorded = json.loads((out / "qconv.json").read_text())["layers"]
     for name, e in doc["layers"].items():
         assert e["rel_error"] == pytest.approx(recorded[name]["rel_error"], rel=1e-6)
@@ -208,6 +210,8 @@ def test_verify_command_recomputes_and_catches_a_flipped_byte(cli, tiny_llama, t
     # a gate: exit 1, the failing check named
     result, doc = cli.json("verify", out, "--device", "cpu", "--max-rel-error", "0.01", ok=None)
     assert result.exit_code == 1 and not doc["passed"]
+    _, rows = cli.json("ls")
+    assert rows[0]["verified"] is False  # the failed verify is stored on the artifact's row
     assert "exceed --max-rel-error 0.01" in next(c for c in doc["checks"] if c["name"] == "layers")["detail"]
 
     # flip one byte inside the packed weights

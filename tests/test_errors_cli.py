@@ -126,6 +126,7 @@ def test_unknown_architecture(cli, source_copy, tmp_path):
             "Error: --skip 're:(unclosed' is not a valid pattern",
         ),
         (["--method", "bnb", "--skip", "*"], "no layer to quantize (every Linear is skipped or absent)"),
+        (["--method", "bnb", "--max-rel-error", "0"], "Error: --max-rel-error must be positive"),
     ],
 )
 def test_bad_options(cli, tiny_llama, tmp_path, flags, message):
