@@ -6,12 +6,10 @@ from __future__ import annotations
 import json
 
 import bitsandbytes.functional as F
-import gguf
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_source_gguf import MIXED_TYPES, write_tiny_llama
+from test_source_gguf import MIXED_TYPES, write_one_tensor_gguf, write_tiny_llama
 
 from qconv.sources import open_source
 
@@ -102,14 +100,7 @@ def test_tiny_gguf_converts_and_loads(cli, tmp_path):
 
 
 def test_unsupported_gguf_architecture_exits_2(cli, tmp_path):
-    path = tmp_path / "rwkv.gguf"
-    writer = gguf.GGUFWriter(str(path), "rwkv6")
-    writer.add_block_count(1)
-    writer.add_tensor("token_embd.weight", np.zeros((8, 32), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    path = write_one_tensor_gguf(tmp_path / "rwkv.gguf", "rwkv6")
     out = tmp_path / "out"
     result = cli("convert", path, "-o", out, "--method", "bnb", ok=None)
     assert result.exit_code == 2

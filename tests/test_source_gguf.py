@@ -350,15 +350,22 @@ def test_random_bytes(tmp_path):
         open_source(path)
 
 
-def test_unsupported_architecture(tmp_path):
-    path = tmp_path / "rwkv.gguf"
-    writer = gguf.GGUFWriter(str(path), "rwkv6")
+def write_one_tensor_gguf(path: Path, arch: str, **uint16_fields: int) -> Path:
+    """A GGUF of one F32 tensor and the given metadata: enough to reach the reader's refusals."""
+    writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(1)
+    for key, value in uint16_fields.items():
+        writer.add_uint16(key.replace("__", "."), value)
     writer.add_tensor("token_embd.weight", np.zeros((8, 32), dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    return path
+
+
+def test_unsupported_architecture(tmp_path):
+    path = write_one_tensor_gguf(tmp_path / "rwkv.gguf", "rwkv6")
     with pytest.raises(
         SourceError, match=re.escape(str(path)) + ": GGUF architecture 'rwkv6' is not supported .*llama"
     ):
@@ -366,14 +373,7 @@ def test_unsupported_architecture(tmp_path):
 
 
 def test_split_gguf(tmp_path):
-    path = tmp_path / "model-00001-of-00002.gguf"
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_uint16("split.count", 2)
-    writer.add_tensor("token_embd.weight", np.zeros((8, 32), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    path = write_one_tensor_gguf(tmp_path / "model-00001-of-00002.gguf", "llama", split__count=2)
     with pytest.raises(
         SourceError, match=re.escape(f"{path}: one part of a 2-part split GGUF; merge the parts")
     ):
