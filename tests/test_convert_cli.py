@@ -290,3 +290,36 @@ def test_layer_error_definition():
     err = layer_error(ref, torch.tensor([[3.0, 3.0]]))
     assert err["rel_error"] == pytest.approx(0.2) and err["max_abs"] == pytest.approx(1.0)
     assert err["snr_db"] == pytest.approx(20 * torch.log10(torch.tensor(5.0)).item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_fp16_and_fp32_sources(cli, tmp_path, dtype):
+    from conftest import make_tiny_llama
+
+    src = make_tiny_llama(tmp_path / "src", dtype=dtype, hidden=64)
+    out = tmp_path / "out"
+    _, doc = cli.json("convert", src, "-o", out, "--method", "bnb", "--device", "cpu")
+    name = str(dtype).removeprefix("torch.")
+    assert doc["verify"]["passed"] and doc["recipe"]["dtype"] == name
+    config = json.loads((out / "config.json").read_text())
+    assert config["dtype"] == name and config["quantization_config"]["bnb_4bit_compute_dtype"] == name
+    assert read_artifact(out)["model.norm.weight"].dtype == dtype
+    # --dtype overrides what unquantized tensors keep
+    _, doc = cli.json(
+        "convert",
+        src,
+        "-o",
+        tmp_path / "bf16",
+        "--method",
+        "bnb",
+        "--bits",
+        "8",
+        "--dtype",
+        "bfloat16",
+        "--device",
+        "cpu",
+    )
+    assert (
+        doc["verify"]["passed"]
+        and read_artifact(tmp_path / "bf16")["model.norm.weight"].dtype == torch.bfloat16
+    )
