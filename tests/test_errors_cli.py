@@ -208,3 +208,12 @@ def test_verify_errors(cli, tmp_path):
     assert (
         run_error(cli, "verify", tmp_path) == f"Error: {tmp_path / 'qconv.json'}: not a valid qconv manifest"
     )
+
+
+def test_broken_registry_fails_before_any_work(cli, tiny_llama, tmp_path, qconv_home):
+    qconv_home.mkdir(parents=True)
+    (qconv_home / "registry.db").write_bytes(b"this is not sqlite" * 100)
+    out = tmp_path / "out"
+    got = run_error(cli, "convert", tiny_llama, "-o", out, "--method", "bnb", "--device", "cpu")
+    assert got.startswith(f"Error: {qconv_home / 'registry.db'}: not a qconv registry")
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if "qconv-tmp" in p.name]
