@@ -17,8 +17,9 @@ from typing import Any
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from qconv import __version__
 from qconv.errors import QconvError
@@ -87,7 +88,7 @@ class RichProgress(ProgressSink):
         self.tasks: dict[str, int] = {}
 
     def start(self, stage: str, total: int | None, unit: str = "tensors") -> None:
-        self.tasks[stage] = self.progress.add_task(stage, total=total)
+        self.tasks[stage] = self.progress.add_task(stage, total=total, unit=unit)
 
     def advance(self, stage: str, n: int = 1) -> None:
         if stage in self.tasks:
@@ -100,12 +101,24 @@ class RichProgress(ProgressSink):
             self.progress.update(task, completed=total if total is not None else 1, total=total or 1)
 
 
+class AmountColumn(ProgressColumn):
+    """``12/224`` for counted stages, ``1.2/5.7 GB`` for byte stages."""
+
+    def render(self, task) -> Text:
+        if task.fields.get("unit") == "bytes":
+            scale, unit = (1e9, "GB") if (task.total or 0) >= 1e9 else (1e6, "MB")
+            total = f"{task.total / scale:.1f}" if task.total else "?"
+            return Text(f"{task.completed / scale:.1f}/{total} {unit}")
+        total = int(task.total) if task.total is not None else "?"
+        return Text(f"{int(task.completed)}/{total}")
+
+
 @contextmanager
 def progress_bars():
     progress = Progress(
         TextColumn("{task.description:>8}"),
         BarColumn(),
-        MofNCompleteColumn(),
+        AmountColumn(),
         TimeElapsedColumn(),
         console=stderr,
         transient=False,

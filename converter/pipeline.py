@@ -72,7 +72,12 @@ def check_destination(dest: Path, source_ref: str, force: bool) -> None:
 
 
 def _read_ahead(
-    source: Source, plan: Plan, device: torch.device, out: queue.Queue, stop: threading.Event
+    source: Source,
+    plan: Plan,
+    device: torch.device,
+    out: queue.Queue,
+    stop: threading.Event,
+    progress: ProgressSink,
 ) -> None:
     """Read tensors in disk order. Weights to quantize on a GPU are read into page-locked memory
     and copied on a stream of their own, so reading, copying and quantizing overlap; the main
@@ -91,6 +96,7 @@ def _read_ahead(
                     copied = torch.cuda.Event()
                     copied.record(copy_stream)
             out.put((item, tensor, copied))
+            progress.advance("read")
         out.put(None)
     except BaseException as exc:  # handed to the main thread
         out.put(exc)
@@ -220,12 +226,19 @@ def _convert_into(
         torch.cuda.init()  # resetting the peak statistics needs an initialised context
         torch.cuda.reset_peak_memory_stats(device)
     source.start_hashing()  # alongside the reading (from the same bytes, where the reader can)
+    planned = _planned_outputs(plan, fmt, recipe, working_dtype)
+    known_bytes = sum(p.nbytes for p in planned if p.dtype is not None)
+    progress.start("read", len(plan.tensors))
+    progress.start("quantize", len(plan.quantized))
+    progress.start("write", known_bytes, "bytes")
     writer = SafetensorsShardWriter(
-        tmp, _planned_outputs(plan, fmt, recipe, working_dtype), max_shard_bytes, WRITE_QUEUE
+        tmp, planned, max_shard_bytes, WRITE_QUEUE, on_written=lambda n: progress.advance("write", n)
     )
     tensors: queue.Queue = queue.Queue(maxsize=READ_AHEAD)
     stop = threading.Event()
-    reader = threading.Thread(target=_read_ahead, args=(source, plan, device, tensors, stop), daemon=True)
+    reader = threading.Thread(
+        target=_read_ahead, args=(source, plan, device, tensors, stop, progress), daemon=True
+    )
     reader.start()
 
     layers: dict[str, dict] = {}
@@ -233,7 +246,6 @@ def _convert_into(
     packed_bytes = 0
     quantized_params = 0
     total_params = 0
-    progress.start("convert", len(plan.tensors))
     try:
         while True:
             clock = time.perf_counter()
@@ -263,12 +275,12 @@ def _convert_into(
                 packed_bytes += sum(v.numel() * v.element_size() for v in outputs.values())
                 del weight, packed
                 timers["quantize_s"] += time.perf_counter() - clock
+                progress.advance("quantize")
             clock = time.perf_counter()
             for key, value in outputs.items():
                 writer.add(key, value)
             timers["wait_write_s"] += time.perf_counter() - clock
             del outputs, tensor
-            progress.advance("convert")
         clock = time.perf_counter()
         files = writer.close()
         timers["finish_write_s"] += time.perf_counter() - clock
@@ -278,7 +290,8 @@ def _convert_into(
         writer.abort()
         raise
     finally:
-        progress.finish("convert")
+        for stage in ("read", "quantize", "write"):
+            progress.finish(stage)
     reader.join()
     convert_s = time.perf_counter() - t0
     source_file_hashes = source.file_hashes()

@@ -181,8 +181,16 @@ class SafetensorsShardWriter:
     for the shards and the index (written when there are several shards).
     """
 
-    def __init__(self, folder: Path, planned: list[PlannedTensor], max_shard_bytes: int, queue_size: int = 4):
+    def __init__(
+        self,
+        folder: Path,
+        planned: list[PlannedTensor],
+        max_shard_bytes: int,
+        queue_size: int = 4,
+        on_written=None,
+    ):
         self.folder = folder
+        self._on_written = on_written  # called with the byte count of each tensor written
         self._expected: dict[str, PlannedTensor] = {p.name: p for p in planned}
         if len(self._expected) != len(planned):
             raise ValueError("planned tensor names repeat")
@@ -268,7 +276,10 @@ class SafetensorsShardWriter:
         planned = self._expected.get(name)
         if planned is None:
             raise RuntimeError(f"tensor {name!r} was not planned")
-        self.bytes_written += tensor.numel() * tensor.element_size()
+        nbytes = tensor.numel() * tensor.element_size()
+        self.bytes_written += nbytes
+        if self._on_written is not None:
+            self._on_written(nbytes)
         if planned.dtype is None:
             self._late_tensors[name] = tensor
             return
