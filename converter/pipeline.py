@@ -25,7 +25,7 @@ import torch
 from qconv import __version__
 from qconv.artifact import MANIFEST_NAME, Artifact
 from qconv.environment import environment, peak_rss_bytes, resolve_device
-from qconv.errors import DestinationExistsError, UsageError
+from qconv.errors import DestinationExistsError, QconvError, UsageError
 from qconv.formats import get_format
 from qconv.formats.base import QuantFormat
 from qconv.model_card import model_card
@@ -267,7 +267,10 @@ def _convert_into(
             else:
                 clock = time.perf_counter()
                 weight = tensor.to(device=device, dtype=working_dtype)
-                packed = fmt.quantize(weight, recipe, device)
+                try:
+                    packed = fmt.quantize(weight, recipe, device)
+                except QconvError as exc:
+                    raise type(exc)(f"{entry.name}: {exc}") from None
                 error = layer_error(weight, fmt.dequantize(packed, recipe))
                 layers[entry.module] = {**error, "shape": list(weight.shape), "format": recipe["label"]}
                 quantized_params += weight.numel()

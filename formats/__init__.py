@@ -4,7 +4,10 @@ To add a method: write ``format_<name>.py`` with a :class:`~qconv.formats.base.Q
 subclass, call ``register`` at import, add the import below, and add its tests.
 """
 
-from qconv.formats import format_bnb  # noqa: F401  (registers "bnb")
+from qconv.formats import (
+    format_bnb,  # noqa: F401  (registers "bnb")
+    format_hqq,  # noqa: F401  (registers "hqq")
+)
 from qconv.formats.base import Option, QuantFormat, all_formats, get_format, register
 
 __all__ = ["Option", "QuantFormat", "all_formats", "get_format", "register"]

@@ -13,7 +13,7 @@ Names used throughout:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -92,6 +92,15 @@ class QuantFormat:
         from transformers import AutoModelForCausalLM
 
         return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, device_map=str(device))
+
+    #: the key after a module name that marks the module as quantized in a folder of this format
+    #: (used by qconv's own loader, for formats without a stock one)
+    marker_suffix: ClassVar[str] = "weight"
+
+    def runtime_module(self, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None) -> torch.nn.Module:
+        """A runnable module for one quantized layer, from its tensors (suffix -> tensor, bias
+        apart). Only formats that load through ``qconv.load_model`` implement it."""
+        raise NotImplementedError
 
     def loader_tolerance(self, recipe: dict) -> float:
         """Largest relative logits difference allowed between the real loader's model and
