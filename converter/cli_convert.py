@@ -44,7 +44,12 @@ def _method_option_names() -> set[str]:
 @click.option(
     "-o", "--output", required=True, type=click.Path(path_type=Path), help="Artifact folder to create."
 )
-@click.option("--method", required=True, help=f"Quantization method: {', '.join(sorted(all_formats()))}.")
+@click.option(
+    "--method",
+    default=None,
+    help=f"Quantization method: {', '.join(sorted(all_formats()))}. Omit it to import a folder already "
+    "quantized with HQQ (hqq's qmodel.pt, or safetensors with quant_method hqq).",
+)
 @method_options
 @click.option(
     "--skip",
@@ -88,7 +93,7 @@ def convert(
     as_json,
     **method_kwargs,
 ):
-    """Quantize SOURCE (a model folder or a .gguf file) into an artifact folder."""
+    """Quantize SOURCE (a model folder or a .gguf file) into an artifact folder, or import an HQQ one."""
     from qconv.pipeline import convert as run_convert
     from qconv.registry import open_registry
 
@@ -133,8 +138,9 @@ def convert(
         )
     else:
         size = sum(f["size"] for f in result.manifest["files"].values())
+        verb = "imported" if result.manifest["recipe"].get("imported_from") else "wrote"
         stdout.print(
-            f"wrote {result.path} ({result.manifest['recipe']['label']}, {summary['quantized_layers']} layers, "
+            f"{verb} {result.path} ({result.manifest['recipe']['label']}, {summary['quantized_layers']} layers, "
             f"{fmt_size(size)}, {summary['bits_per_weight']:.2f} bits/weight) in {result.stats['total_s']:.1f} s"
         )
         if report:

@@ -26,7 +26,7 @@ from qconv import __version__
 from qconv.artifact import MANIFEST_NAME, Artifact
 from qconv.environment import environment, peak_rss_bytes, resolve_device
 from qconv.errors import DestinationExistsError, QconvError, UsageError
-from qconv.formats import get_format
+from qconv.formats import all_formats, get_format
 from qconv.formats.base import QuantFormat
 from qconv.model_card import model_card
 from qconv.plan import Plan, make_plan
@@ -121,7 +121,7 @@ def _planned_outputs(
 def convert(
     source_ref: str,
     output: str | Path,
-    method: str,
+    method: str | None,
     options: dict[str, Any] | None = None,
     *,
     skip: tuple[str, ...] | list[str] = (),
@@ -139,7 +139,18 @@ def convert(
 
     ``logits``: run the real-loader logits check (None = only for models up to
     LOGITS_CHECK_AUTO_MAX_PARAMS). ``registry``: an open registry to record the artifact in.
+    A folder already quantized with HQQ is imported instead (``method`` None or ``hqq``).
     """
+    from qconv.import_hqq import hqq_source_kind, import_hqq  # imports this module
+
+    if hqq_source_kind(source_ref):
+        arguments = dict(skip=skip, device=device, dtype=dtype, max_shard_size=max_shard_size, force=force)
+        arguments.update(verify=verify, logits=logits, max_rel_error=max_rel_error, registry=registry)
+        return import_hqq(source_ref, output, method, options, **arguments, progress=progress)
+    if method is None:
+        raise UsageError(
+            f"{source_ref}: --method is required (choose from {', '.join(sorted(all_formats()))})"
+        )
     started = time.perf_counter()
     fmt = get_format(method)
     recipe = fmt.make_recipe(dict(options or {}))

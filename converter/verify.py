@@ -7,6 +7,10 @@ Three checks, each a dict ``{"name", "passed", "detail"}`` in the report:
 - ``loader``: the artifact loaded by the real loader (stock transformers for bnb) gives the same
   logits as qconv's own dequantized reference on fixed prompts; its top-1 agreement and KL
   against the source model are reported alongside.
+
+An artifact imported from an already quantized model (``recipe.imported_from``) has no float
+source: its ``layers`` check is that every layer decodes to finite weights, and its ``loader``
+check that ``qconv.load_model`` runs it to finite logits.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Any
 import torch
 
 from qconv.artifact import MANIFEST_NAME, Artifact
-from qconv.errors import SourceError, UsageError
+from qconv.errors import QconvError, SourceError, UsageError
 from qconv.sources import Source
 from qconv.writer import sha256_file
 
@@ -87,8 +91,8 @@ class VerifyReport:
         }
 
 
-def _sortable(x: float) -> float:
-    return math.inf if math.isnan(x) else x
+def _sortable(x: float | None) -> float:
+    return math.inf if x is None or math.isnan(x) else x
 
 
 def _json_safe(values: dict) -> dict:
@@ -117,7 +121,8 @@ def check_layers(layers: dict[str, dict], max_rel_error: float | None, report: V
     if not layers:
         report.add("layers", False, "no quantized layer recorded")
         return
-    bad = [name for name, e in layers.items() if not math.isfinite(e["rel_error"])]
+    # None: an error written as null (JSON has no NaN), so not a finite one either
+    bad = [name for name, e in layers.items() if e["rel_error"] is None or not math.isfinite(e["rel_error"])]
     if bad:
         report.add("layers", False, f"{len(bad)} layers have non-finite error, first {bad[0]}")
         return
@@ -132,6 +137,30 @@ def check_layers(layers: dict[str, dict], max_rel_error: float | None, report: V
     else:
         report.add(
             "layers", True, f"{len(layers)} layers, worst {worst_name} rel error {worst['rel_error']:.4g}"
+        )
+
+
+def check_decodes(artifact: Artifact, report: VerifyReport) -> None:
+    """Every quantized layer decodes from the files to finite weights (for imported artifacts,
+    which have no float source to measure errors against)."""
+    bad = []
+    for module in artifact.layers:
+        try:
+            weight = artifact.dequantize(module)
+        except QconvError as exc:
+            report.add("layers", False, f"layer {module}: {str(exc).splitlines()[0]}")
+            return
+        if not torch.isfinite(weight).all():
+            bad.append(module)
+    if bad:
+        report.add("layers", False, f"{len(bad)} layers decode to non-finite weights, first {bad[0]}")
+    elif not artifact.layers:
+        report.add("layers", False, "no quantized layer recorded")
+    else:
+        report.add(
+            "layers",
+            True,
+            f"{len(artifact.layers)} layers decode to finite weights (imported: errors unknown)",
         )
 
 
@@ -250,6 +279,31 @@ def logits_comparison(artifact: Artifact, source: Source, device: torch.device) 
     }
 
 
+def check_runs(folder: Path, device: torch.device, report: VerifyReport) -> None:
+    """``qconv.load_model`` runs the artifact on the fixed prompts to finite logits (for imported
+    artifacts: no float source to compare the logits with)."""
+    from qconv.loader import load_model
+
+    try:
+        model = load_model(folder, device=str(device), dtype=torch.float32)
+        prompts = prompt_ids(Path(folder), model.config.vocab_size)
+        logits = torch.cat(_logits(model, prompts, device))
+        del model
+    except Exception as exc:  # noqa: BLE001 - any failure of the loader fails this check
+        report.add(
+            "loader", False, f"the real loader failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+        )
+        return
+    finite = bool(torch.isfinite(logits).all())
+    report.logits = {
+        "prompts": len(prompts),
+        "tokens": int(sum(p.numel() for p in prompts)),
+        "finite": finite,
+    }
+    detail = f"qconv.load_model runs {len(prompts)} prompts to finite logits (imported: no float source to compare)"
+    report.add("loader", finite, detail if finite else "the real loader produced non-finite logits")
+
+
 def check_loader(artifact: Artifact, source: Source, device: torch.device, report: VerifyReport) -> None:
     try:
         result = logits_comparison(artifact, source, device)
@@ -287,6 +341,11 @@ def verify_artifact(
             {k: v for k, v in artifact.manifest.get("files", {}).items() if k != MANIFEST_NAME},
             report,
         )
+        if source is None and artifact.recipe.get("imported_from"):
+            check_decodes(artifact, report)
+            if logits:
+                check_runs(artifact.folder, device, report)
+            return report
         if source is None:
             check_layers(artifact.layers, max_rel_error, report)
             report.checks[-1]["detail"] += " (as recorded at conversion: no source to recompute from)"
@@ -324,6 +383,8 @@ def run_verify(
     torch_device = resolve_device(device)
     artifact = Artifact(path)  # fails early, naming the folder, if it is not an artifact
     recorded_ref = artifact.manifest.get("source", {}).get("ref")
+    if artifact.recipe.get("imported_from"):
+        recorded_ref = None  # the quantized model it came from is no float source to compare with
     artifact.close()
     ref = source_ref
     if ref is None and recorded_ref and Path(recorded_ref).exists():

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import random
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -64,12 +66,7 @@ def open_registry(path: str | Path | None = None) -> Registry:
         # Off by default in SQLite, per connection: without it ON DELETE CASCADE does nothing.
         db.execute("PRAGMA foreign_keys = ON")
         _check_is_registry(db, path)
-        db.enable_wal()
-        if migrations.pending(db):
-            with _write_transaction(db):
-                # Computes what is pending again, now under the write lock: two processes
-                # opening a new file at once apply each migration once between them.
-                migrations.apply(db)
+        _prepare_schema(db)
     except sqlite3.DatabaseError as exc:
         conn.close()
         if _is_not_a_database(exc):
@@ -79,6 +76,26 @@ def open_registry(path: str | Path | None = None) -> Registry:
         conn.close()
         raise
     return Registry(db, path)
+
+
+def _prepare_schema(db: Database) -> None:
+    """WAL mode and pending migrations. Switching the journal mode needs the file to itself, and
+    SQLite answers "database is locked" at once (without waiting out the busy timeout) when
+    waiting could deadlock, as when several processes open a new file together: retry then."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        try:
+            db.enable_wal()
+            if migrations.pending(db):
+                with _write_transaction(db):
+                    # Computes what is pending again, now under the write lock: two processes
+                    # opening a new file at once apply each migration once between them.
+                    migrations.apply(db)
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02 + random.random() * 0.08)
 
 
 class Registry:
