@@ -46,8 +46,13 @@ lint: $(STAMP)
 
 # Run on the GPU machine (see bench/README.md); writes JSON under bench/results/, then renders
 # docs/bench.md and the README table from it.
+# HQQ_GGUF and HQQ_TEXT: the SmolLM2 gguf and the wikitext-2 test text for the perplexity part.
+HQQ_GGUF ?= /tmp/m/smol.gguf
+HQQ_TEXT ?= ../shared/data/wikitext2-test.txt
 bench:
 	python3 bench/run_bench.py --out bench/results
+	python3 bench/run_hqq.py --out bench/results --part quantizer
+	python3 bench/run_hqq.py --out bench/results --part smollm2 --gguf $(HQQ_GGUF) --text $(HQQ_TEXT)
 	python3 bench/report.py
 
 clean:

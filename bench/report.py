@@ -61,12 +61,74 @@ def smollm2_lines(path: Path, link_prefix: str) -> list[str]:
     ]
 
 
+def hqq_quantizer_table(path: Path, link_prefix: str) -> list[str]:
+    r = json.loads(path.read_text())
+    rel = link_prefix + str(path.relative_to(ROOT))
+    shapes = ", ".join("x".join(map(str, s)) for s in r["shapes"])
+    lines = [
+        f"HQQ quantizer, group 64, axis 1, on bf16 matrices of Llama-3-8B's shapes ({shapes}; "
+        f"{gb(r['source_bytes'])}), {r['environment'].get('gpu', r['device'])}, same run "
+        f"([raw JSON]({rel})). Throughput = source bytes / median time after a warm-up; qconv's time "
+        "includes packing and the meta tensors, hqq's is `Quantizer.quantize(optimize=True, bitpack=True)`. "
+        "Errors: relative Frobenius error of the dequantized matrices at the precision each stores "
+        "(float16 scale and zero).",
+        "",
+        "| bits | qconv | hqq | speed-up | qconv rel. error | hqq rel. error | error ratio |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in r["results"]:
+        lines.append(
+            f"| {row['bits']} | {row['qconv_GBps']:.1f} GB/s | {row['hqq_GBps']:.2f} GB/s | "
+            f"**{row['speedup']:.1f}x** | {row['qconv_rel_error']:.5f} | {row['hqq_rel_error']:.5f} | "
+            f"{row['error_ratio']:.4f} |"
+        )
+    return lines
+
+
+def hqq_smollm2_table(path: Path, link_prefix: str) -> list[str]:
+    r = json.loads(path.read_text())
+    rel = link_prefix + str(path.relative_to(ROOT))
+    rows = {row["model"]: row for row in r["rows"]}
+    base = rows["bf16"]
+    lines = [
+        f"SmolLM2-135M-Instruct, wikitext-2 test perplexity ({r['tokens']:,} tokens, {base['windows']} "
+        f"non-overlapping windows of {base['window']}, remainder dropped), "
+        f"{r['environment'].get('gpu', r['device'])}, one run ([raw JSON]({rel})). qconv: `qconv convert "
+        "--method hqq`, run by `qconv.load_model` in bf16; hqq: its own `AutoHQQHFModel.quantize_model` "
+        f"on the same model. bf16: **{base['ppl']:.2f}**.",
+        "",
+        "| bits | qconv (solver qconv) | qconv (solver hqq) | hqq, bf16 compute | hqq, fp16 compute |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+
+    def ppl(name: str) -> str:
+        row = rows.get(name, {})
+        if "ppl" not in row:
+            return "failed"
+        return f"{row['ppl']:,.2f}" if row["ppl"] < 1000 else f"{row['ppl']:,.0f}"
+
+    for bits in sorted({row["bits"] for row in r["rows"] if "bits" in row}, reverse=True):
+        lines.append(
+            f"| {bits} | {ppl(f'qconv hqq {bits}-bit g64 (solver qconv)')} | "
+            f"{ppl(f'qconv hqq {bits}-bit g64 (solver hqq)')} | "
+            f"{ppl(f'hqq AutoHQQHFModel {bits}-bit g64 (compute bfloat16)')} | "
+            f"{ppl(f'hqq AutoHQQHFModel {bits}-bit g64 (compute float16)')} |"
+        )
+    return lines
+
+
 def tables(link_prefix: str) -> list[str]:
     lines: list[str] = []
     for path in sorted(RESULTS.glob("convert_nf4_8b_*.json")):
         lines += convert_table(path, link_prefix) + [""]
     for path in sorted(RESULTS.glob("smollm2_nf4_gpu_*.json")):
         lines += smollm2_lines(path, link_prefix) + [""]
+    for path in sorted(RESULTS.glob("hqq_quantizer_*.json")):
+        if "_quick" not in path.name:
+            lines += hqq_quantizer_table(path, link_prefix) + [""]
+    for path in sorted(RESULTS.glob("hqq_smollm2_*.json")):
+        if "_quick" not in path.name:
+            lines += hqq_smollm2_table(path, link_prefix) + [""]
     return lines
 
 

@@ -18,6 +18,7 @@ FORMATS.md); ``qconv.load_model`` runs these folders with :class:`HQQDequantLine
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -211,31 +212,54 @@ def parse_layer(tensors: dict[str, torch.Tensor]) -> HQQLayer:
 
 
 def layer_tensors(
-    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, recipe: dict, shape: tuple[int, int]
+    codes: torch.Tensor | None,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    recipe: dict,
+    shape: tuple[int, int],
+    packed: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Everything ``HQQLinear.state_dict()`` holds for one layer, encoded as hqq encodes it."""
-    device = codes.device
-    bits = recipe["bits"]
+    """Everything ``HQQLinear.state_dict()`` holds for one layer, encoded as hqq encodes it
+    (from the codes, or from codes ``packed`` already)."""
+    return {
+        "W_q": packed if packed is not None else pack(codes, packing_of(recipe)),
+        "scale": scale.to(scale_dtype(recipe)),
+        "zero": zero.to(scale_dtype(recipe)),
+        **meta_fields(
+            recipe["bits"],
+            recipe["group_size"],
+            recipe["axis"],
+            recipe["round_zero"],
+            recipe.get("dtype"),
+            shape,
+        ),
+    }
+
+
+def packing_of(recipe: dict) -> str:
+    return PACKING[recipe["bits"]]
+
+
+@functools.lru_cache(maxsize=256)
+def _meta_fields(
+    bits: int, group_size: int, axis: int, round_zero: bool, dtype: str | None, shape: tuple[int, int]
+) -> dict[str, torch.Tensor]:
     packing = PACKING[bits]
-    storage = scale_dtype(recipe)
 
     def flag(value: bool) -> torch.Tensor:
-        return torch.tensor(int(value), dtype=torch.uint8, device=device)
+        return torch.tensor(int(value), dtype=torch.uint8)
 
     def integer(value: int) -> torch.Tensor:
-        return torch.tensor(value, dtype=torch.int32, device=device)
+        return torch.tensor(value, dtype=torch.int32)
 
     return {
-        "W_q": pack(codes, packing),
-        "scale": scale.to(storage),
-        "zero": zero.to(storage),
         "nbits": integer(bits),
-        "group_size": integer(recipe["group_size"]),
-        "shape": torch.tensor(list(shape), dtype=torch.int64, device=device),
-        "axis": integer(recipe["axis"]),
-        "packing": encode_string(packing, device),
-        "unpack_view_dtype": encode_string(str(STORAGE_DTYPE.get(packing, torch.uint8)), device),
-        "compute_dtype": encode_string(f"torch.{recipe.get('dtype', 'float16')}", device),
+        "group_size": integer(group_size),
+        "shape": torch.tensor(list(shape), dtype=torch.int64),
+        "axis": integer(axis),
+        "packing": encode_string(packing),
+        "unpack_view_dtype": encode_string(str(STORAGE_DTYPE.get(packing, torch.uint8))),
+        "compute_dtype": encode_string(f"torch.{dtype or 'float16'}"),
         "view_as_float": flag(False),
         "quant_scale": flag(False),
         "quant_zero": flag(False),
@@ -244,8 +268,17 @@ def layer_tensors(
         "stores_quant_config": flag(True),
         "channel_wise": flag(True),
         "optimize": flag(True),
-        "round_zero": flag(recipe["round_zero"]),
+        "round_zero": flag(round_zero),
     }
+
+
+def meta_fields(
+    bits: int, group_size: int, axis: int, round_zero: bool, dtype: str | None, shape: tuple[int, int]
+) -> dict[str, torch.Tensor]:
+    """The meta tensors of a layer, made on the host once per recipe and shape (each tiny tensor
+    made on a GPU would be a synchronous copy, costlier than solving a small layer). Shared
+    between layers: never modify them."""
+    return dict(_meta_fields(bits, group_size, axis, bool(round_zero), dtype, tuple(shape)))
 
 
 def scale_dtype(recipe: dict) -> torch.dtype:
@@ -427,11 +460,19 @@ class HQQFormat(QuantFormat):
         )
 
     def quantize(self, weight: torch.Tensor, recipe: dict, device: torch.device) -> dict[str, torch.Tensor]:
-        if not torch.isfinite(weight).all():
-            raise UsageError("the weight has NaN or infinite values")
-        solve = quantize_reference if recipe["solver"] == "hqq" else quantize_fast
-        result = solve(weight, self.solver_params(recipe))
-        return layer_tensors(result.codes, result.scale, result.zero, recipe, tuple(weight.shape))
+        params = self.solver_params(recipe)
+        try:
+            if recipe["solver"] == "hqq":
+                if not torch.isfinite(weight).all():
+                    raise ValueError("the weight has NaN or infinite values")
+                result = quantize_reference(weight, params)
+            else:
+                result = quantize_fast(weight, params, PACKING[recipe["bits"]], scale_dtype(recipe))
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        return layer_tensors(
+            result.codes, result.scale, result.zero, recipe, tuple(weight.shape), result.packed
+        )
 
     def dequantize(self, tensors: dict[str, torch.Tensor], recipe: dict) -> torch.Tensor:
         return parse_layer(tensors).dequantize()

@@ -72,13 +72,15 @@ class SolverParams:
 
 @dataclass
 class QuantizedGroups:
-    """Unpacked result: ``codes`` uint8 laid out as hqq's ``W_q`` before packing (``[groups,
-    group_size]`` for axis 1, ``[group_size, groups]`` for axis 0), and the stored (inverted)
-    ``scale`` and ``zero`` in float32, ``[groups, 1]`` or ``[1, groups]``."""
+    """``codes`` uint8 laid out as hqq's ``W_q`` before packing (``[groups, group_size]`` for
+    axis 1, ``[group_size, groups]`` for axis 0), and the stored (inverted) ``scale`` and
+    ``zero``, ``[groups, 1]`` or ``[1, groups]``. The fused GPU path returns the codes already
+    packed (``packed``) and ``codes`` None."""
 
-    codes: torch.Tensor
+    codes: torch.Tensor | None
     scale: torch.Tensor
     zero: torch.Tensor
+    packed: torch.Tensor | None = None
 
 
 def grouped(weight: torch.Tensor, params: SolverParams) -> torch.Tensor:
@@ -171,16 +173,29 @@ def _solve_rows_chunked(
 
 
 @torch.inference_mode()
-def quantize_fast(weight: torch.Tensor, params: SolverParams) -> QuantizedGroups:
-    """qconv's solver (module doc): per-group best iterate, float32, fused on CUDA."""
+def quantize_fast(
+    weight: torch.Tensor,
+    params: SolverParams,
+    packing: str | None = None,
+    scale_dtype: torch.dtype = torch.float32,
+) -> QuantizedGroups:
+    """qconv's solver (module doc): per-group best iterate, float32, fused on CUDA. With
+    ``packing`` the fused path also packs the codes (groups along axis 1); ``scale_dtype`` is
+    the dtype of the returned scale and zero. Raises ValueError for non-finite weights."""
     if params.axis == 1:
         rows = weight.reshape(-1, params.group_size)
     else:  # hqq's groups are then the columns of [group_size, -1]; solve them as rows
         rows = weight.reshape(params.group_size, -1).t()
     if rows.is_cuda and triton_available():
-        codes, scale, zero = _solve_rows_triton(rows.contiguous(), params)
+        fused_packing = packing if params.axis == 1 else None
+        codes, scale, zero = _solve_rows_triton(rows.contiguous(), params, fused_packing, scale_dtype)
+        if fused_packing is not None:
+            return QuantizedGroups(None, scale, zero, packed=codes)
     else:
+        if not torch.isfinite(rows).all():
+            raise ValueError("the weight has NaN or infinite values")
         codes, scale, zero = _solve_rows_chunked(rows.float().contiguous(), params)
+        scale, zero = scale.to(scale_dtype), zero.to(scale_dtype)
     if params.axis == 0:
         return QuantizedGroups(codes.t().contiguous(), scale.t().contiguous(), zero.t().contiguous())
     return QuantizedGroups(codes, scale, zero)
@@ -203,8 +218,13 @@ def triton_available() -> bool:
 
 
 def _solve_rows_triton(
-    w: torch.Tensor, params: SolverParams
+    w: torch.Tensor,
+    params: SolverParams,
+    packing: str | None = None,
+    scale_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from qconv.formats.hqq_triton import solve_rows
 
-    return solve_rows(w, params.max_code, params.beta, params.lp_norm, params.iters, params.round_zero)
+    return solve_rows(
+        w, params.max_code, params.beta, params.lp_norm, params.iters, params.round_zero, packing, scale_dtype
+    )

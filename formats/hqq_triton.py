@@ -1,7 +1,12 @@
 """The fused GPU kernel of qconv's HQQ solver (the algorithm, and where it differs from hqq's:
 formats/hqq_solver.py). One program takes a block of groups, keeps them in registers through
 all iterations, stops when every zero of the block has reached its fixed point, and writes
-codes, scale and zero once.
+codes (already in hqq's bit packing, for groups along axis 1), scale and zero once.
+
+hqq packs ``per`` codes into one storage element from rows ``j, j + step, ..., j + (per-1) *
+step`` of the codes (``step`` = rows / per, rows padded with zeros to a multiple of 10 for
+3 bits). A program therefore takes packed rows ``j`` of a block and solves the ``per`` groups
+rows that go into them, so the codes never reach memory unpacked.
 
 Per iteration it evaluates hqq's step with the algebra rearranged to save instructions (the
 values are the same up to float32 rounding)::
@@ -40,10 +45,12 @@ else:  # one instruction on the GPU (cvt.rni), also halves to even
 @triton.jit
 def hqq_rows_kernel(
     w_ptr,
-    codes_ptr,
+    packed_ptr,
     scale_ptr,
     zero_ptr,
+    bad_ptr,
     n_rows,
+    step,
     max_code,
     inv_beta,
     lp_minus_one,
@@ -52,66 +59,91 @@ def hqq_rows_kernel(
     BLOCK_ROWS: tl.constexpr,
     ITERS: tl.constexpr,
     ROUND_ZERO: tl.constexpr,
+    PER: tl.constexpr,
+    CODE_BITS: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    packed_rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    packed_ok = packed_rows < step
     cols = tl.arange(0, GROUP_P2)
-    row_ok = rows < n_rows
     col_ok = cols < GROUP
-    mask = row_ok[:, None] & col_ok[None, :]
-    offsets = rows[:, None].to(tl.int64) * GROUP + cols[None, :]
-    w = tl.load(w_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-
-    if GROUP == GROUP_P2:
-        low = tl.min(w, axis=1)
-        high = tl.max(w, axis=1)
-    else:
-        low = tl.min(tl.where(col_ok[None, :], w, float("inf")), axis=1)
-        high = tl.max(tl.where(col_ok[None, :], w, float("-inf")), axis=1)
-    denom = high - low
+    packed = tl.zeros((BLOCK_ROWS, GROUP_P2), tl.int32)
     ones = tl.full((BLOCK_ROWS,), 1.0, tl.float32)
-    # hqq writes max_code / denom; torch evaluates a number over a tensor as reciprocal * number
-    scale = tl.math.div_rn(ones, denom) * max_code
-    scale = tl.where(tl.abs(denom) <= 1e-4, 1.0, scale)
-    scale = tl.minimum(scale, 2e4)
-    inv_scale = tl.math.div_rn(ones, scale)
-    zero = -low * scale
-    if ROUND_ZERO:
-        zero = _round(zero)
-    mean_w_scaled = tl.sum(w, axis=1) / GROUP * scale
-    s = scale[:, None]
-    inv_s = inv_scale[:, None]
+    for slot in tl.static_range(PER):
+        rows = slot * step + packed_rows
+        row_ok = packed_ok & (rows < n_rows)  # rows past n_rows: hqq's zero padding (3 bits)
+        mask = row_ok[:, None] & col_ok[None, :]
+        offsets = rows[:, None].to(tl.int64) * GROUP + cols[None, :]
+        w = tl.load(w_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        finite = tl.abs(w) < float("inf")  # false for inf and NaN
+        bad = tl.sum(tl.where(mask & ~finite, 1, 0))
+        tl.atomic_add(bad_ptr, bad, mask=bad > 0)
 
-    best_error = tl.full((BLOCK_ROWS,), float("inf"), tl.float32)
-    best_zero = zero
-    step = 0
-    go = True
-    while go:
-        t = w * s + zero[:, None]
-        w_q = tl.minimum(tl.maximum(_round(t), 0.0), max_code)
-        d = (t - w_q) * inv_s
-        if GROUP != GROUP_P2:
-            d = tl.where(col_ok[None, :], d, 0.0)
-        error = tl.sum(d * d, axis=1)
-        better = error < best_error
-        best_error = tl.where(better, error, best_error)
-        best_zero = tl.where(better, zero, best_zero)
-        # hqq's shrink: sign(d) * max(|d| - |d|^(p-1) / beta, 0); |d|^(p-1) is inf at 0, so 0 stays 0
-        a = tl.abs(d)
-        shrunk = tl.maximum(a - inv_beta * tl.exp2(tl.log2(a) * lp_minus_one), 0.0)
-        w_e = tl.where(d < 0, -shrunk, shrunk)
-        target = w_q + w_e * s
-        if GROUP != GROUP_P2:
-            target = tl.where(col_ok[None, :], target, 0.0)
-        new_zero = tl.sum(target, axis=1) / GROUP - mean_w_scaled
-        moved = tl.max(tl.where(row_ok & (new_zero != zero), 1, 0), axis=0)
-        zero = new_zero
-        step += 1
-        go = (moved > 0) & (step <= ITERS)
+        if GROUP == GROUP_P2:
+            low = tl.min(w, axis=1)
+            high = tl.max(w, axis=1)
+        else:
+            low = tl.min(tl.where(col_ok[None, :], w, float("inf")), axis=1)
+            high = tl.max(tl.where(col_ok[None, :], w, float("-inf")), axis=1)
+        denom = high - low
+        # hqq writes max_code / denom; torch evaluates a number over a tensor as reciprocal * number
+        scale = tl.math.div_rn(ones, denom) * max_code
+        scale = tl.where(tl.abs(denom) <= 1e-4, 1.0, scale)
+        scale = tl.minimum(scale, 2e4)
+        inv_scale = tl.math.div_rn(ones, scale)
+        zero = -low * scale
+        if ROUND_ZERO:
+            zero = _round(zero)
+        mean_w_scaled = tl.sum(w, axis=1) / GROUP * scale
+        s = scale[:, None]
+        inv_s = inv_scale[:, None]
 
-    codes = tl.minimum(tl.maximum(_round(w * s + best_zero[:, None]), 0.0), max_code)
-    tl.store(codes_ptr + offsets, codes.to(tl.uint8), mask=mask)
-    tl.store(scale_ptr + rows, inv_scale, mask=row_ok)
-    tl.store(zero_ptr + rows, best_zero, mask=row_ok)
+        best_error = tl.full((BLOCK_ROWS,), float("inf"), tl.float32)
+        best_zero = zero
+        iteration = 0
+        go = True
+        while go:
+            t = w * s + zero[:, None]
+            w_q = tl.minimum(tl.maximum(_round(t), 0.0), max_code)
+            d = (t - w_q) * inv_s
+            if GROUP != GROUP_P2:
+                d = tl.where(col_ok[None, :], d, 0.0)
+            error = tl.sum(d * d, axis=1)
+            better = error < best_error
+            best_error = tl.where(better, error, best_error)
+            best_zero = tl.where(better, zero, best_zero)
+            # hqq's shrink: sign(d) * max(|d| - |d|^(p-1) / beta, 0); |d|^(p-1) = inf at 0 keeps 0
+            a = tl.abs(d)
+            shrunk = tl.maximum(a - inv_beta * tl.exp2(tl.log2(a) * lp_minus_one), 0.0)
+            w_e = tl.where(d < 0, -shrunk, shrunk)
+            target = w_q + w_e * s
+            if GROUP != GROUP_P2:
+                target = tl.where(col_ok[None, :], target, 0.0)
+            new_zero = tl.sum(target, axis=1) / GROUP - mean_w_scaled
+            moved = tl.max(tl.where(row_ok & (new_zero != zero), 1, 0), axis=0)
+            zero = new_zero
+            iteration += 1
+            go = (moved > 0) & (iteration <= ITERS)
+
+        codes = tl.minimum(tl.maximum(_round(w * s + best_zero[:, None]), 0.0), max_code)
+        codes = tl.where(mask, codes, 0.0).to(tl.int32)
+        packed = packed | (codes << (CODE_BITS * (PER - 1 - slot)))
+        tl.store(scale_ptr + rows, inv_scale, mask=row_ok)
+        tl.store(zero_ptr + rows, best_zero, mask=row_ok)
+
+    out_offsets = packed_rows[:, None].to(tl.int64) * GROUP + cols[None, :]
+    out_mask = packed_ok[:, None] & col_ok[None, :]
+    tl.store(packed_ptr + out_offsets, packed.to(packed_ptr.dtype.element_ty), mask=out_mask)
+
+
+# hqq's packings (formats/format_hqq.py PACKING): codes per storage element, bits a code
+PACKINGS = {
+    None: (1, 8),
+    "8bit_u8": (1, 8),
+    "4bit_u8": (2, 4),
+    "2bit_u8": (4, 2),
+    "1bit_u8": (8, 1),
+    "3bit_32": (10, 3),
+}
 
 
 def solve_rows(
@@ -121,27 +153,40 @@ def solve_rows(
     lp_norm: float,
     iters: int,
     round_zero: bool,
+    packing: str | None = None,
+    scale_dtype: torch.dtype = torch.float32,
     block_rows: int | None = None,
     num_warps: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rows of ``w`` (any float dtype, contiguous, on CUDA) are groups: codes, inverted scale, zero."""
+    """Rows of ``w`` (any float dtype, contiguous, on CUDA) are groups. Returns the codes (packed
+    along rows as hqq packs them when ``packing`` is given, else uint8 ``[rows, group]``), the
+    inverted scale and the zero (``[rows, 1]``, in ``scale_dtype``). Raises ValueError for
+    non-finite weights."""
     n_rows, group = w.shape
-    codes = torch.empty((n_rows, group), dtype=torch.uint8, device=w.device)
-    scale = torch.empty((n_rows, 1), dtype=torch.float32, device=w.device)
+    per, code_bits = PACKINGS[packing]
+    step = -(-n_rows // per)
+    if per > 1 and packing != "3bit_32" and n_rows % per:
+        raise ValueError(f"{n_rows} rows cannot be packed {per} an element")
+    storage = torch.int32 if packing == "3bit_32" else torch.uint8
+    packed = torch.empty((step, group), dtype=storage, device=w.device)
+    scale = torch.empty((n_rows, 1), dtype=scale_dtype, device=w.device)
     zero = torch.empty_like(scale)
+    bad = torch.zeros(1, dtype=torch.int32, device=w.device)
     group_p2 = triton.next_power_of_2(group)
     if block_rows is None:
-        # small blocks end sooner (a block runs until its slowest group converges): one warp
-        # on 256 weights measured fastest on the H100 (149 GB/s vs 106 GB/s for 32 rows on
-        # 4 warps, 4-bit g64, 8B-shaped matrices)
-        block_rows = max(1, 256 // group_p2)
-    grid = (triton.cdiv(n_rows, block_rows),)
+        # small blocks end sooner (a block runs until its slowest group converges): one warp on
+        # one packed row of groups of 64 measured fastest on the H100 (131-134 GB/s for 2/4/8
+        # bits and 93 GB/s for 3 bits, against 97/16/43/115 GB/s with 8 rows)
+        block_rows = max(1, 64 // group_p2)
+    grid = (triton.cdiv(step, block_rows),)
     hqq_rows_kernel[grid](
         w,
-        codes,
+        packed,
         scale,
         zero,
+        bad,
         n_rows,
+        step,
         float(max_code),
         1.0 / beta,
         lp_norm - 1.0,
@@ -150,6 +195,10 @@ def solve_rows(
         BLOCK_ROWS=block_rows,
         ITERS=iters,
         ROUND_ZERO=round_zero,
+        PER=per,
+        CODE_BITS=code_bits,
         num_warps=num_warps,
     )
-    return codes, scale, zero
+    if int(bad.item()):
+        raise ValueError("the weight has NaN or infinite values")
+    return packed, scale, zero
