@@ -312,7 +312,9 @@ def _convert_into(
     source_hash_wait_s = time.perf_counter() - t0 - convert_s
 
     config = source.config_dict()
-    config["quantization_config"] = fmt.quantization_config(recipe, sorted(plan.skipped))
+    config["quantization_config"] = fmt.quantization_config(
+        recipe, sorted(plan.skipped), embeddings=tuple(plan.embeddings)
+    )
     config["dtype"] = dtype_name(working_dtype)
     if "torch_dtype" in config:
         config["torch_dtype"] = dtype_name(working_dtype)

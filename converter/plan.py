@@ -36,6 +36,8 @@ class Plan:
     #: Linear modules left unquantized, with the reason (goes to the manifest and the skip list)
     skipped: dict[str, str] = field(default_factory=dict)
     architecture: str = ""
+    #: weight names of the model's nn.Embedding modules (some formats list them in their config)
+    embeddings: list[str] = field(default_factory=list)
 
     @property
     def quantized(self) -> list[TensorPlan]:
@@ -61,9 +63,9 @@ def _matches(module: str, patterns: list[re.Pattern]) -> bool:
     return any(p.fullmatch(module) or p.fullmatch(module.rsplit(".", 1)[-1]) for p in patterns)
 
 
-def linear_modules(source: Source) -> tuple[dict[str, tuple[int, int]], set[str], str]:
+def linear_modules(source: Source) -> tuple[dict[str, tuple[int, int]], set[str], str, list[str]]:
     """Names of the ``nn.Linear`` modules (with their ``[out, in]``), the output-embedding
-    modules, and the architecture class name, from a meta-device instance."""
+    modules, the architecture class name, and the embedding weights, from a meta-device instance."""
     import transformers
 
     config = source.hf_config()
@@ -97,13 +99,14 @@ def linear_modules(source: Source) -> tuple[dict[str, tuple[int, int]], set[str]
     for name, module in model.named_modules():
         if output_embeddings is not None and module is output_embeddings:
             outputs.add(name)
-    return linears, outputs, type(model).__name__
+    embeddings = [f"{name}.weight" for name, m in model.named_modules() if isinstance(m, torch.nn.Embedding)]
+    return linears, outputs, type(model).__name__, embeddings
 
 
 def make_plan(source: Source, fmt: QuantFormat, recipe: dict, skip: list[str]) -> Plan:
-    linears, outputs, architecture = linear_modules(source)
+    linears, outputs, architecture, embeddings = linear_modules(source)
     patterns = compile_skip_patterns(skip)
-    plan = Plan(tensors=[], architecture=architecture)
+    plan = Plan(tensors=[], architecture=architecture, embeddings=embeddings)
     for info in source.tensors():
         module = info.name[: -len(".weight")] if info.name.endswith(".weight") else None
         if module not in linears:

@@ -5,6 +5,7 @@ subclass, call ``register`` at import, add the import below, and add its tests.
 """
 
 from qconv.formats import (
+    format_aqlm,  # noqa: F401  (registers "aqlm")
     format_bnb,  # noqa: F401  (registers "bnb")
     format_hqq,  # noqa: F401  (registers "hqq")
 )

@@ -82,8 +82,12 @@ class QuantFormat:
         raise NotImplementedError
 
     # -- the folder ---------------------------------------------------------------------------
-    def quantization_config(self, recipe: dict, skipped_modules: list[str]) -> dict[str, Any]:
-        """The ``quantization_config`` entry of ``config.json`` the real loader expects."""
+    def quantization_config(
+        self, recipe: dict, skipped_modules: list[str], embeddings: tuple[str, ...] = ()
+    ) -> dict[str, Any]:
+        """The ``quantization_config`` entry of ``config.json`` the real loader expects.
+        ``skipped_modules``: Linear modules left unquantized; ``embeddings``: the model's
+        embedding weight names, for formats whose config lists them."""
         raise NotImplementedError
 
     def load_pretrained(self, folder, device: torch.device, dtype: torch.dtype):

@@ -179,7 +179,9 @@ class BitsAndBytesFormat(QuantFormat):
         # threshold kept in fp16), so its logits move ~1% from the weight-only reference.
         return 5e-2 if recipe["bits"] == 8 else 1e-3
 
-    def quantization_config(self, recipe: dict, skipped_modules: list[str]) -> dict[str, Any]:
+    def quantization_config(
+        self, recipe: dict, skipped_modules: list[str], embeddings: tuple[str, ...] = ()
+    ) -> dict[str, Any]:
         four = recipe["bits"] == 4
         config = {
             "quant_method": "bitsandbytes",

@@ -477,7 +477,9 @@ class HQQFormat(QuantFormat):
     def dequantize(self, tensors: dict[str, torch.Tensor], recipe: dict) -> torch.Tensor:
         return parse_layer(tensors).dequantize()
 
-    def quantization_config(self, recipe: dict, skipped_modules: list[str]) -> dict[str, Any]:
+    def quantization_config(
+        self, recipe: dict, skipped_modules: list[str], embeddings: tuple[str, ...] = ()
+    ) -> dict[str, Any]:
         # transformers' HqqConfig.to_dict(): hqq's BaseQuantizeConfig under "quant_config".
         return {
             "quant_method": "hqq",

@@ -1,0 +1,153 @@
+"""AQLM format: wrapped codes, the pure-torch dequantizer against aqlm's own, the code search,
+and artifacts that stock transformers + aqlm load."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from aqlm.utils import _dequantize_weight, unpack_int_data
+from safetensors.torch import load_file
+
+from qconv.errors import UsageError
+from qconv.formats import get_format
+from qconv.formats.format_aqlm import (
+    SCHEMES,
+    dequantize_layer,
+    nearest_codewords,
+    quantize_weight,
+    unwrap_codes,
+    wrap_codes,
+)
+
+AQLM = get_format("aqlm")
+
+
+def recipe(**options):
+    return {**AQLM.make_recipe(options), "dtype": "float32"}
+
+
+def test_codes_are_stored_wrapped():
+    # FORMATS.md: index 40000 of a 16-bit codebook is stored as 40000 - 65536
+    wrapped = wrap_codes(torch.tensor([0, 1, 32767, 32768, 40000, 65535]), 16)
+    assert wrapped.dtype == torch.int16
+    assert wrapped.tolist() == [0, 1, 32767, -32768, -25536, -1]
+    assert unwrap_codes(wrapped, 16).tolist() == [0, 1, 32767, 32768, 40000, 65535]
+    eight = wrap_codes(torch.tensor([0, 127, 128, 255]), 8)
+    assert eight.dtype == torch.int8 and eight.tolist() == [0, 127, -128, -1]
+
+
+@pytest.mark.parametrize("scheme", sorted(SCHEMES))
+def test_dequantizer_equals_aqlm(scheme):
+    books, nbits = SCHEMES[scheme]
+    torch.manual_seed(0)
+    codes = wrap_codes(torch.randint(0, 2**nbits, (24, 16, books)), nbits)
+    codebooks = torch.randn(books, 2**nbits, 1, 8).half()
+    scales = torch.rand(24, 1, 1, 1).half() + 0.5
+    ours = dequantize_layer(codes, codebooks, scales)
+    theirs = _dequantize_weight(unpack_int_data(codes, nbits), codebooks.float(), scales.float())
+    assert ours.shape == (24, 128)
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("count,size,dim", [(300, 256, 8), (50, 1000, 8), (129, 65536, 4)])
+def test_nearest_codeword_search_equals_brute_force(count, size, dim, monkeypatch):
+    from qconv.formats import format_aqlm
+
+    torch.manual_seed(count)
+    vectors = torch.randn(count, dim)
+    codebook = torch.randn(size, dim)
+    codebook[7] = codebook[3]  # a duplicate codeword: the lower index wins, as argmin's does
+    vectors[0] = codebook[3]
+    monkeypatch.setattr(format_aqlm, "SEARCH_CHUNK_ELEMENTS", size * 7)  # several chunks
+    expected = torch.cdist(vectors.double(), codebook.double()).argmin(1)
+    assert torch.equal(nearest_codewords(vectors, codebook), expected)
+    assert nearest_codewords(vectors, codebook)[0] == 3
+
+
+def test_quantizer_is_deterministic_and_refinement_helps():
+    torch.manual_seed(0)
+    weight = torch.randn(64, 256) * 0.02
+    r = recipe(scheme="2x8")
+    first, second = quantize_weight(weight, r), quantize_weight(weight, r)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert {k: (v.dtype, tuple(v.shape)) for k, v in first.items()} == AQLM.output_specs((64, 256), r)
+
+    def error(packed):
+        deq = AQLM.dequantize(packed, r)
+        return (torch.linalg.vector_norm(deq - weight) / torch.linalg.vector_norm(weight)).item()
+
+    unrefined = quantize_weight(weight, {**r, "refine_rounds": 0})
+    assert error(first) < error(unrefined)
+    # Gaussian weights at 2 bits a weight (the codebooks, fitted to only 2048 groups, not counted)
+    assert 0.15 < error(first) < 0.3
+
+
+def test_small_layer_with_more_codewords_than_groups_is_exact_to_fp16():
+    torch.manual_seed(1)
+    weight = torch.randn(32, 64)
+    packed = quantize_weight(weight, recipe(scheme="1x16"))
+    deq = AQLM.dequantize(packed, recipe())
+    assert (torch.linalg.vector_norm(deq - weight) / torch.linalg.vector_norm(weight)) < 1e-3
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"in_group_size": 16}, "--method aqlm: --in-group-size 16 is not supported; choose from 8"),
+        ({"bits": 2}, "--bits does not apply to --method aqlm"),
+    ],
+)
+def test_recipe_errors(options, message):
+    with pytest.raises(UsageError) as error:
+        AQLM.make_recipe(options)
+    assert str(error.value) == message
+
+
+# -- through the CLI and stock transformers -----------------------------------------------------
+@pytest.mark.parametrize("scheme", ["1x16", "2x8", "1x8"])
+def test_converts_and_loads_in_stock_transformers(cli, tiny_llama, tmp_path, scheme):
+    out = tmp_path / scheme
+    _, doc = cli.json(
+        "convert", tiny_llama, "-o", out, "--method", "aqlm", "--scheme", scheme, "--device", "cpu"
+    )
+    assert doc["verify"]["passed"], doc["verify"]
+    assert doc["verify"]["logits"]["loader_rel_diff"] < 1e-5
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    books, nbits = SCHEMES[scheme]
+    assert config == {
+        "quant_method": "aqlm",
+        "in_group_size": 8,
+        "out_group_size": 1,
+        "num_codebooks": books,
+        "nbits_per_codebook": nbits,
+        "linear_weights_not_to_quantize": ["model.embed_tokens.weight", "lm_head.weight", "lm_head"],
+    }
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    assert type(model.model.layers[0].mlp.down_proj).__name__ == "QuantizedLinear"
+    assert type(model.lm_head).__name__ == "Linear"
+    source = load_file(str(tiny_llama / "model.safetensors"))
+    assert torch.isfinite(model.lm_head.weight).all()
+    assert torch.equal(model.lm_head.weight, source["lm_head.weight"].float())
+
+
+def test_layers_whose_inputs_aqlm_kernels_get_wrong_stay_unquantized(cli, tmp_path):
+    from conftest import make_tiny_llama
+
+    source = make_tiny_llama(tmp_path / "src96", hidden=96)  # 96 inputs; down_proj has 192
+    _, doc = cli.json(
+        "convert", source, "-o", tmp_path / "out", "--method", "aqlm", "--device", "cpu", "--no-logits"
+    )
+    manifest = json.loads((tmp_path / "out" / "qconv.json").read_text())
+    assert sorted(manifest["layers"]) == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    assert manifest["skipped"]["model.layers.0.self_attn.q_proj"] == (
+        "96 input features: aqlm's CUDA kernels compute wrong results unless the input features are a "
+        "multiple of 64"
+    )
+    config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert "model.layers.0.self_attn.q_proj.weight" in config["linear_weights_not_to_quantize"]
+    assert "model.layers.0.self_attn.q_proj" in config["linear_weights_not_to_quantize"]
