@@ -116,6 +116,22 @@ class QuantFormat:
         return self.name
 
 
+_TRITON: bool | None = None
+
+
+def triton_available() -> bool:
+    """Whether Triton can be imported (the fused GPU kernels need it; CPU paths do not)."""
+    global _TRITON
+    if _TRITON is None:
+        try:
+            import triton  # noqa: F401
+
+            _TRITON = True
+        except ImportError:
+            _TRITON = False
+    return _TRITON
+
+
 _FORMATS: dict[str, QuantFormat] = {}
 
 

@@ -31,7 +31,14 @@ from typing import Any
 import torch
 
 from qconv.errors import ArtifactError, UsageError
-from qconv.formats.base import Option, QuantFormat, check_choice, register, reject_foreign_options
+from qconv.formats.base import (
+    Option,
+    QuantFormat,
+    check_choice,
+    register,
+    reject_foreign_options,
+    triton_available,
+)
 
 # scheme -> (num_codebooks, nbits_per_codebook): the schemes aqlm has CUDA kernels for
 SCHEMES = {"1x16": (1, 16), "2x8": (2, 8), "1x8": (1, 8)}
@@ -67,7 +74,12 @@ def unwrap_codes(codes: torch.Tensor, nbits: int) -> torch.Tensor:
 # -- search and k-means -------------------------------------------------------------------------
 def nearest_codewords(vectors: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """Index of the nearest codeword (squared Euclidean) for every row of ``vectors``; ties go
-    to the lowest index. Chunked so that the distance matrix never exists whole."""
+    to the lowest index. On CUDA one fused Triton kernel (formats/aqlm_triton.py); elsewhere
+    chunked so that the distance matrix never exists whole."""
+    if vectors.is_cuda and triton_available():
+        from qconv.formats.aqlm_triton import nearest_codewords_fused
+
+        return nearest_codewords_fused(vectors, codebook)
     norms = codebook.square().sum(1)
     budget = SEARCH_CHUNK_ELEMENTS_CUDA if vectors.is_cuda else SEARCH_CHUNK_ELEMENTS
     rows = max(1, budget // codebook.shape[0])

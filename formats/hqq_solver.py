@@ -42,6 +42,8 @@ from dataclasses import dataclass
 
 import torch
 
+from qconv.formats.base import triton_available
+
 # hqq 0.2.8 core/optimize.py: optimize_weights_proximal_legacy's defaults.
 LP_NORM = 0.7
 BETA = 10.0
@@ -202,21 +204,6 @@ def quantize_fast(
 
 
 # -- the Triton kernel (formats/hqq_triton.py, imported only for CUDA tensors) ----------------
-_TRITON: bool | None = None
-
-
-def triton_available() -> bool:
-    global _TRITON
-    if _TRITON is None:
-        try:
-            import triton  # noqa: F401
-
-            _TRITON = True
-        except ImportError:
-            _TRITON = False
-    return _TRITON
-
-
 def _solve_rows_triton(
     w: torch.Tensor,
     params: SolverParams,

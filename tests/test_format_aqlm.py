@@ -4,6 +4,9 @@ and artifacts that stock transformers + aqlm load."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -151,3 +154,33 @@ def test_layers_whose_inputs_aqlm_kernels_get_wrong_stay_unquantized(cli, tmp_pa
     config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
     assert "model.layers.0.self_attn.q_proj.weight" in config["linear_weights_not_to_quantize"]
     assert "model.layers.0.self_attn.q_proj" in config["linear_weights_not_to_quantize"]
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() and os.environ.get("QCONV_TEST_TRITON_INTERPRET") != "1",
+    reason="the fused search needs CUDA (or QCONV_TEST_TRITON_INTERPRET=1 with triton installed)",
+)
+def test_fused_search_picks_exactly_what_brute_force_picks():
+    """Integer-valued vectors and codewords make every float32 distance exact, ties included
+    (lowest index wins), so the fused kernel must agree with a float64 brute force exactly."""
+    script = r"""
+import torch
+from qconv.formats.aqlm_triton import nearest_codewords_fused
+device = "cuda" if torch.cuda.is_available() else "cpu"
+torch.manual_seed(0)
+for n, k, d in [(300, 256, 8), (50, 1000, 8), (129, 4096, 4), (70, 65536, 8)]:
+    x = torch.randint(-8, 9, (n, d)).float()
+    c = torch.randint(-8, 9, (k, d)).float()
+    c[7] = c[3]
+    x[0] = c[3]
+    brute = torch.cdist(x.double(), c.double()).argmin(1)
+    got = nearest_codewords_fused(x.to(device), c.to(device)).cpu()
+    assert torch.equal(got, brute), (n, k, d, (got != brute).sum())
+    assert got[0] == 3
+print("ok")
+"""
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
