@@ -53,6 +53,11 @@ class Artifact:
                 raise ArtifactError(f"{self.folder}: no safetensors weights")
         return self._file_of
 
+    def unquantized_keys(self) -> set[str]:
+        """Tensors stored as plain values (everything but the quantized layers' own tensors)."""
+        prefixes = tuple(f"{module}." for module in self.layers)
+        return {key for key in self._key_files() if not key.startswith(prefixes)}
+
     def read(self, key: str) -> torch.Tensor:
         from safetensors import SafetensorError, safe_open
 

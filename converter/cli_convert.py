@@ -66,6 +66,11 @@ def _method_option_names() -> set[str]:
 )
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard.")
 @click.option("--force", is_flag=True, help="Replace an existing artifact folder.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue an interrupted calibrated conversion (aqlm) from its checkpoint beside OUTPUT.",
+)
 @click.option("--verify/--no-verify", default=True, show_default=True, help="Verify the artifact at the end.")
 @click.option(
     "--logits/--no-logits",
@@ -86,6 +91,7 @@ def convert(
     dtype,
     max_shard_size,
     force,
+    resume,
     verify,
     logits,
     max_rel_error,
@@ -114,6 +120,7 @@ def convert(
                 verify=verify,
                 logits=logits,
                 max_rel_error=max_rel_error,
+                resume=resume,
                 registry=registry,
                 progress=progress,
             )

@@ -27,7 +27,7 @@ from qconv.artifact import MANIFEST_NAME, Artifact
 from qconv.environment import environment, peak_rss_bytes, resolve_device
 from qconv.errors import DestinationExistsError, QconvError, UsageError
 from qconv.formats import all_formats, get_format
-from qconv.formats.base import QuantFormat
+from qconv.formats.base import PrepareContext, Prepared, QuantFormat
 from qconv.model_card import model_card
 from qconv.plan import Plan, make_plan
 from qconv.progress import NO_PROGRESS, ProgressSink
@@ -132,6 +132,7 @@ def convert(
     verify: bool = True,
     logits: bool | None = None,
     max_rel_error: float | None = None,
+    resume: bool = False,
     registry=None,
     progress: ProgressSink = NO_PROGRESS,
 ) -> ConvertResult:
@@ -139,6 +140,8 @@ def convert(
 
     ``logits``: run the real-loader logits check (None = only for models up to
     LOGITS_CHECK_AUTO_MAX_PARAMS). ``registry``: an open registry to record the artifact in.
+    ``resume``: continue an interrupted calibration stage from its checkpoint folder (kept beside
+    ``output`` as ``.NAME.qconv-checkpoint`` until the artifact is in place).
     A folder already quantized with HQQ is imported instead (``method`` None or ``hqq``).
     """
     from qconv.import_hqq import hqq_source_kind, import_hqq  # imports this module
@@ -170,8 +173,23 @@ def convert(
         working_dtype = source.default_dtype() if dtype == "auto" else DTYPES[dtype]
         recipe.update({"dtype": dtype_name(working_dtype), "skip": list(skip), "label": fmt.label(recipe)})
         plan = make_plan(source, fmt, recipe, list(skip))
-        prepare_s = time.perf_counter() - started
         dest.parent.mkdir(parents=True, exist_ok=True)
+        checkpoint = dest.parent / f".{dest.name}.qconv-checkpoint"
+        if checkpoint.exists() and not resume and force:
+            shutil.rmtree(checkpoint)  # --force starts over
+        if checkpoint.exists() and not resume:
+            raise UsageError(
+                f"{checkpoint}: an interrupted conversion left its checkpoint here; add --resume to "
+                "continue it, or --force to start over"
+            )
+        context = PrepareContext(source, plan, recipe, torch_device, checkpoint, resume, progress)
+        try:
+            prepared = fmt.prepare(context)
+        except QconvError:
+            raise
+        except torch.OutOfMemoryError as exc:
+            raise UsageError(f"out of memory while calibrating ({str(exc).splitlines()[0]})") from None
+        prepare_s = time.perf_counter() - started
         tmp = dest.parent / f".{dest.name}.qconv-tmp-{os.getpid()}"
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -190,8 +208,11 @@ def convert(
                 logits,
                 max_rel_error,
                 progress,
+                prepared,
             )
             _move_into_place(tmp, dest)
+            if prepared is not None:
+                shutil.rmtree(checkpoint, ignore_errors=True)  # the artifact holds it all now
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -231,6 +252,7 @@ def _convert_into(
     logits: bool | None,
     max_rel_error: float | None,
     progress: ProgressSink,
+    prepared: Prepared | None = None,
 ) -> ConvertResult:
     t0 = time.perf_counter()
     if device.type == "cuda":
@@ -272,18 +294,30 @@ def _convert_into(
                 tensor.record_stream(torch.cuda.current_stream(device))  # allocated on the copy stream
             total_params += tensor.numel()
             if entry.action == "copy":
+                replaced = prepared.replacement(entry.name) if prepared is not None else None
+                if replaced is not None:
+                    tensor = replaced
                 if tensor.dtype in FLOAT_DTYPES:
                     tensor = tensor.to(working_dtype)
                 outputs = {entry.name: tensor}
             else:
                 clock = time.perf_counter()
                 weight = tensor.to(device=device, dtype=working_dtype)
+                packed = prepared.packed(entry.module) if prepared is not None else None
                 try:
-                    packed = fmt.quantize(weight, recipe, device)
+                    if packed is None:
+                        packed = fmt.quantize(weight, recipe, device)
                 except QconvError as exc:
                     raise type(exc)(f"{entry.name}: {exc}") from None
+                packed = {k: v.to(device) for k, v in packed.items()}
                 error = layer_error(weight, fmt.dequantize(packed, recipe))
-                layers[entry.module] = {**error, "shape": list(weight.shape), "format": recipe["label"]}
+                extra = prepared.layer_stats(entry.module) if prepared is not None else {}
+                layers[entry.module] = {
+                    **error,
+                    **extra,
+                    "shape": list(weight.shape),
+                    "format": recipe["label"],
+                }
                 quantized_params += weight.numel()
                 outputs = {f"{entry.module}.{suffix}": value for suffix, value in packed.items()}
                 packed_bytes += sum(v.numel() * v.element_size() for v in outputs.values())
@@ -333,7 +367,7 @@ def _convert_into(
             "files": source_file_hashes,
         },
         "recipe": recipe,
-        "calibration": None,
+        "calibration": prepared.calibration if prepared is not None else None,
         "environment": env,
         "layers": layers,
         "skipped": plan.skipped,

@@ -251,6 +251,10 @@ def logits_comparison(artifact: Artifact, source: Source, device: torch.device) 
     for module in artifact.layers:
         weight = modules[module].weight
         weight.data = artifact.dequantize(module).to(device=device, dtype=torch.float32)
+    stored = artifact.unquantized_keys()
+    for name, param in model.named_parameters():  # as stored: rounded, or fine-tuned (aqlm's norms)
+        if name in stored:
+            param.data = artifact.read(name).to(device=device, dtype=torch.float32)
     reference_logits = _logits(model, prompts, device)
     del model, modules
     loaded = artifact.format.load_pretrained(artifact.folder, device, torch.float32)

@@ -13,6 +13,7 @@ Names used throughout:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -37,6 +38,39 @@ class Option:
     @property
     def cli_name(self) -> str:
         return "--" + self.name.replace("_", "-")
+
+
+@dataclass
+class PrepareContext:
+    """What ``QuantFormat.prepare`` gets. ``checkpoint``: a folder of its own, kept across an
+    interrupted run; ``resume``: continue from what it holds instead of starting over."""
+
+    source: Any
+    plan: Any
+    recipe: dict
+    device: torch.device
+    checkpoint: Path
+    resume: bool
+    progress: Any
+
+
+class Prepared:
+    """The result of a preparation stage (interface; formats/aqlm_calibrated.py implements it)."""
+
+    #: recorded in the manifest's ``calibration`` (which text, its sha256, how many tokens...)
+    calibration: dict[str, Any] | None = None
+
+    def packed(self, module: str) -> dict[str, torch.Tensor] | None:
+        """The stored tensors of a quantized module (None: quantize it the usual way)."""
+        raise NotImplementedError
+
+    def replacement(self, name: str) -> torch.Tensor | None:
+        """A new value for a copied tensor (a fine-tuned norm), or None to copy the source's."""
+        return None
+
+    def layer_stats(self, module: str) -> dict[str, Any]:
+        """Extra per-layer numbers for the manifest (e.g. the output error it was fitted to)."""
+        return {}
 
 
 @dataclass
@@ -73,6 +107,12 @@ class QuantFormat:
         return dict.fromkeys(self.output_suffixes(recipe))
 
     # -- the numbers --------------------------------------------------------------------------
+    def prepare(self, context: PrepareContext) -> Prepared | None:
+        """A stage before the streaming pass, for methods that need the model's activations
+        (calibration data run block by block). Returns None (the default: nothing to prepare)
+        or a :class:`Prepared` the writer then reads instead of calling ``quantize``."""
+        return None
+
     def quantize(self, weight: torch.Tensor, recipe: dict, device: torch.device) -> dict[str, torch.Tensor]:
         """Quantize one ``[out, in]`` weight already on ``device``; return packed tensors by suffix."""
         raise NotImplementedError

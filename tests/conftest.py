@@ -44,6 +44,26 @@ def make_tiny_llama(
     return folder
 
 
+def add_tiny_tokenizer(folder: Path, vocab_size: int = 300) -> Path:
+    """A byte-level BPE tokenizer trained here on a slice of the calibration text (the tiny random
+    models have none, and calibrated methods tokenize text with the source's tokenizer)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from qconv.calibration import default_text_path
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    text = default_text_path().read_text(encoding="utf-8")[:200_000]
+    tokenizer.train_from_iterator([text], trainer=trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("src") / "tiny-llama")

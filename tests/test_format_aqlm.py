@@ -15,20 +15,19 @@ from safetensors.torch import load_file
 
 from qconv.errors import UsageError
 from qconv.formats import get_format
-from qconv.formats.format_aqlm import (
-    SCHEMES,
-    dequantize_layer,
-    nearest_codewords,
-    quantize_weight,
-    unwrap_codes,
-    wrap_codes,
-)
+from qconv.formats.aqlm_solver import nearest_codewords
+from qconv.formats.format_aqlm import SCHEMES, dequantize_layer, unwrap_codes, wrap_codes
 
 AQLM = get_format("aqlm")
 
 
 def recipe(**options):
     return {**AQLM.make_recipe(options), "dtype": "float32"}
+
+
+def quantize_weight(weight, r):
+    """The data-free quantizer (``--calibration none``)."""
+    return AQLM.quantize(weight, r, torch.device("cpu"))
 
 
 def test_codes_are_stored_wrapped():
@@ -56,14 +55,14 @@ def test_dequantizer_equals_aqlm(scheme):
 
 @pytest.mark.parametrize("count,size,dim", [(300, 256, 8), (50, 1000, 8), (129, 65536, 4)])
 def test_nearest_codeword_search_equals_brute_force(count, size, dim, monkeypatch):
-    from qconv.formats import format_aqlm
+    from qconv.formats import aqlm_solver
 
     torch.manual_seed(count)
     vectors = torch.randn(count, dim)
     codebook = torch.randn(size, dim)
     codebook[7] = codebook[3]  # a duplicate codeword: the lower index wins, as argmin's does
     vectors[0] = codebook[3]
-    monkeypatch.setattr(format_aqlm, "SEARCH_CHUNK_ELEMENTS", size * 7)  # several chunks
+    monkeypatch.setattr(aqlm_solver, "SEARCH_CHUNK_ELEMENTS", size * 7)  # several chunks
     expected = torch.cdist(vectors.double(), codebook.double()).argmin(1)
     assert torch.equal(nearest_codewords(vectors, codebook), expected)
     assert nearest_codewords(vectors, codebook)[0] == 3
@@ -72,7 +71,7 @@ def test_nearest_codeword_search_equals_brute_force(count, size, dim, monkeypatc
 def test_quantizer_is_deterministic_and_refinement_helps():
     torch.manual_seed(0)
     weight = torch.randn(64, 256) * 0.02
-    r = recipe(scheme="2x8")
+    r = recipe(scheme="2x8", calibration="none")
     first, second = quantize_weight(weight, r), quantize_weight(weight, r)
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert {k: (v.dtype, tuple(v.shape)) for k, v in first.items()} == AQLM.output_specs((64, 256), r)
@@ -90,8 +89,8 @@ def test_quantizer_is_deterministic_and_refinement_helps():
 def test_small_layer_with_more_codewords_than_groups_is_exact_to_fp16():
     torch.manual_seed(1)
     weight = torch.randn(32, 64)
-    packed = quantize_weight(weight, recipe(scheme="1x16"))
-    deq = AQLM.dequantize(packed, recipe())
+    packed = quantize_weight(weight, recipe(scheme="1x16", calibration="none"))
+    deq = AQLM.dequantize(packed, recipe(calibration="none"))
     assert (torch.linalg.vector_norm(deq - weight) / torch.linalg.vector_norm(weight)) < 1e-3
 
 
@@ -113,7 +112,18 @@ def test_recipe_errors(options, message):
 def test_converts_and_loads_in_stock_transformers(cli, tiny_llama, tmp_path, scheme):
     out = tmp_path / scheme
     _, doc = cli.json(
-        "convert", tiny_llama, "-o", out, "--method", "aqlm", "--scheme", scheme, "--device", "cpu"
+        "convert",
+        tiny_llama,
+        "-o",
+        out,
+        "--method",
+        "aqlm",
+        "--scheme",
+        scheme,
+        "--device",
+        "cpu",
+        "--calibration",
+        "none",
     )
     assert doc["verify"]["passed"], doc["verify"]
     assert doc["verify"]["logits"]["loader_rel_diff"] < 1e-5
@@ -143,7 +153,17 @@ def test_layers_whose_inputs_aqlm_kernels_get_wrong_stay_unquantized(cli, tmp_pa
 
     source = make_tiny_llama(tmp_path / "src96", hidden=96)  # 96 inputs; down_proj has 192
     _, doc = cli.json(
-        "convert", source, "-o", tmp_path / "out", "--method", "aqlm", "--device", "cpu", "--no-logits"
+        "convert",
+        source,
+        "-o",
+        tmp_path / "out",
+        "--method",
+        "aqlm",
+        "--device",
+        "cpu",
+        "--no-logits",
+        "--calibration",
+        "none",
     )
     manifest = json.loads((tmp_path / "out" / "qconv.json").read_text())
     assert sorted(manifest["layers"]) == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]

@@ -1,0 +1,263 @@
+"""AQLM benchmarks (issue 5), run on the GPU machine; raw JSON goes to --out.
+
+layer    one real SmolLM2-135M layer (``--layer``, default block 15's gate_proj, 1536x576)
+         with its calibration statistics H = X^T X from the shipped WikiText-2 validation text
+         (the source model run up to that block): qconv's ``quantize_layer`` against the
+         authors' reference ``AQEngine`` (Vahe1994/AQLM, its ``src`` on PYTHONPATH through
+         ``--reference``), same H, same published settings (1x16 g8, Adam lr 1e-4 for 100
+         steps an epoch, beam 1, stop under 1% gain; k-means init 100 iterations in the
+         reference, ``kmeans_iters`` in qconv's recipe). Time with synchronisation; error as the
+         relative output error ``tr(dW H dW^T) / tr(W H W^T)`` of the float16-stored result.
+smollm2  ``qconv.pipeline.convert`` of the SmolLM2 gguf on the GPU for 1x16 and 2x8, with and
+         without block fine-tuning, end to end (calibration, quantization, writing, verify);
+         then wikitext-2 test perplexity (qconv/perplexity.py) through stock transformers +
+         aqlm when its CUDA kernels build here, else through qconv's dequantized reference
+         (recorded as ``ppl_model``).
+
+  python bench/run_aqlm.py --out DIR --part layer --gguf /tmp/m/smol.gguf --reference .dev/aqlm_ref
+  python bench/run_aqlm.py --out DIR --part smollm2 --gguf /tmp/m/smol.gguf --text .dev/data/wikitext2-test.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+
+def log(*args) -> None:
+    print(*args, file=sys.stderr, flush=True)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def relative_output_error(weight: torch.Tensor, quantized: torch.Tensor, xtx: torch.Tensor) -> float:
+    delta = (quantized.float() - weight.float()).double()
+    w = weight.double()
+    return float(((delta @ xtx.double()) * delta).sum() / ((w @ xtx.double()) * w).sum())
+
+
+def layer_inputs(gguf: str, layer: str, tokens: int, device: torch.device):
+    """H = X^T X / n of ``layer``'s inputs on the calibration text, with the source blocks run
+    up to its block, and the layer's weight (float32)."""
+    from qconv.calibration import BlockRunner, load_calibration
+    from qconv.sources import open_source
+
+    source = open_source(gguf)
+    calib = load_calibration(source, None, tokens, 2048)
+    runner = BlockRunner(source, device)
+    hidden, kwargs = runner.first_inputs(calib.ids)
+    prefix = runner.prefix + "."
+    index = int(layer[len(prefix) :].split(".")[0])
+    for i in range(index):
+        hidden = BlockRunner.run(runner.load_block(i), hidden, kwargs[i])
+    block = runner.load_block(index)
+    linear = block.get_submodule(layer[len(runner.block_name(index)) + 1 :])
+    state = {"xtx": None, "n": 0}
+
+    def hook(module, args):
+        x = args[0].reshape(-1, args[0].shape[-1]).double()
+        state["xtx"] = x.t() @ x if state["xtx"] is None else state["xtx"] + x.t() @ x
+        state["n"] += x.shape[0]
+
+    linear.register_forward_pre_hook(hook)
+    BlockRunner.run(block, hidden, kwargs[index])
+    return linear.weight.detach().float(), (state["xtx"] / state["n"]).float(), calib.fingerprint
+
+
+def part_layer(args, out: dict) -> None:
+    from qconv.formats import get_format
+    from qconv.formats.aqlm_solver import quantize_layer
+
+    device = torch.device("cuda", 0)  # the reference compares devices with ==: name the index
+    weight, xtx, fingerprint = layer_inputs(args.gguf, args.layer, args.calib_tokens, device)
+    result = {"layer": args.layer, "shape": list(weight.shape), "calibration": fingerprint, "cases": {}}
+    recipe = get_format("aqlm").make_recipe({"scheme": "1x16"})
+    log("qconv warm-up (Triton compilation)")
+    warm = dict(recipe, max_epochs=1, adam_steps=2, kmeans_iters=1)
+    quantize_layer(weight[:64], xtx, warm, torch.Generator().manual_seed(0))
+    sync()
+    start = time.perf_counter()
+    solved = quantize_layer(weight, xtx, recipe, torch.Generator().manual_seed(0))
+    sync()
+    seconds = time.perf_counter() - start
+    stored = solved.state.weight().half()  # what the artifact holds is float16
+    from qconv.formats.aqlm_solver import decode
+
+    books = solved.state.codebooks.half().float()
+    stored = decode(solved.state.codes, books, solved.state.scales.half().float())
+    result["cases"]["qconv"] = {
+        "seconds": seconds,
+        "epochs": solved.epochs,
+        "rel_output_error": relative_output_error(weight, stored, xtx),
+        "kmeans_iters": recipe["kmeans_iters"],
+    }
+    log("qconv", result["cases"]["qconv"])
+
+    if args.reference:
+        sys.path.insert(0, str(Path(args.reference).resolve()))
+        from argparse import Namespace
+
+        from aq_engine import AQEngine
+
+        linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=device)
+        linear.weight.data = weight.clone()
+        engine = AQEngine(linear)
+        engine.XTX = xtx.double().clone()  # the same statistics (add_batch would average X^T X the same way)
+        engine.nsamples = 1
+        namespace = Namespace(
+            devices=[device],
+            num_codebooks=1,
+            nbits_per_codebook=16,
+            in_group_size=8,
+            out_group_size=1,
+            codebook_value_nbits=16,
+            codebook_value_num_groups=1,
+            scale_nbits=0,
+            init_max_iter=args.reference_kmeans_iters,
+            init_max_points_per_centroid=None,
+            lr=1e-4,
+            beam_size=1,
+            max_epochs=1000,
+            relative_mse_tolerance=0.01,
+            steps_per_epoch=100,
+            print_frequency=1000,
+        )
+        torch.manual_seed(0)
+        sync()
+        start = time.perf_counter()
+        quantized = engine.quantize(args=namespace, verbose=False)
+        sync()
+        seconds = time.perf_counter() - start
+        with torch.no_grad():
+            ref_weight = quantized().half().float()
+        result["cases"]["reference"] = {
+            "seconds": seconds,
+            "rel_output_error": relative_output_error(weight, ref_weight, xtx),
+            "kmeans_iters": args.reference_kmeans_iters,
+        }
+        log("reference", result["cases"]["reference"])
+        q, r = result["cases"]["qconv"], result["cases"]["reference"]
+        result["speedup"] = r["seconds"] / q["seconds"]
+        result["error_ratio"] = q["rel_output_error"] / r["rel_output_error"]
+    out["layer"] = result
+
+
+def perplexity_of(folder: Path, text: str, max_windows: int | None, source_gguf: str) -> dict:
+    from qconv.artifact import Artifact
+    from qconv.loader import load_model
+    from qconv.perplexity import perplexity, tokenize_text
+
+    device = torch.device("cuda")
+    try:
+        model = load_model(folder, device="cuda", dtype=torch.float16)
+        how = "stock transformers + aqlm (CUDA kernels), float16"
+    except Exception as exc:  # noqa: BLE001 - fall back to the dequantized reference, say so
+        log("stock loader failed:", type(exc).__name__, str(exc)[:300])
+        from qconv.sources import open_source
+        from qconv.verify import source_model
+
+        artifact = Artifact(folder)
+        model = source_model(open_source(source_gguf), device, torch.float32)
+        modules = dict(model.named_modules())
+        for module in artifact.layers:
+            modules[module].weight.data = artifact.dequantize(module).to(device=device, dtype=torch.float32)
+        stored = artifact.unquantized_keys()
+        for name, param in model.named_parameters():  # fine-tuned norms come from the artifact
+            if name in stored:
+                param.data = artifact.read(name).to(device=device, dtype=torch.float32)
+        how = f"qconv's dequantized reference, float32 (stock loader: {type(exc).__name__})"
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    ids = tokenize_text(tokenizer, text)
+    result = perplexity(model, ids, 2048, max_windows)
+    result["ppl_model"] = how
+    del model
+    torch.cuda.empty_cache()
+    return result
+
+
+def part_smollm2(args, out: dict) -> None:
+    from qconv.pipeline import convert
+
+    results = out.setdefault("smollm2", {})
+    for case in args.cases.split(","):
+        scheme, _, ft = case.partition(":")
+        options = {"scheme": scheme, "finetune": ft == "ft"}
+        if args.calib_tokens:
+            options["calib_tokens"] = args.calib_tokens
+        folder = Path(args.work) / f"aqlm-{scheme}-{ft}"
+        log("convert", case)
+        try:
+            sync()
+            start = time.perf_counter()
+            converted = convert(args.gguf, folder, "aqlm", options, device="cuda", force=True, logits=True)
+            sync()
+            seconds = time.perf_counter() - start
+            entry = {
+                "convert_s": seconds,
+                "stats": converted.stats,
+                "summary": converted.manifest["summary"],
+                "verify": converted.manifest["verify"],
+                "calibration": converted.manifest["calibration"],
+            }
+            log(case, f"{seconds:.1f} s", converted.manifest["summary"])
+            entry["ppl"] = perplexity_of(folder, args.text, args.max_windows, args.gguf)
+            log(case, "ppl", entry["ppl"]["ppl"])
+        except Exception as exc:  # noqa: BLE001 - record and go on with the next case
+            entry = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+            log(entry["traceback"])
+        results[case] = entry
+        write(args, out)  # after every case: a later case running out of time loses nothing
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--part", action="append", choices=["layer", "smollm2"], required=True)
+    parser.add_argument("--gguf", required=True)
+    parser.add_argument("--text", default=".dev/data/wikitext2-test.txt")
+    parser.add_argument("--layer", default="model.layers.15.mlp.gate_proj")
+    parser.add_argument("--reference", default=None, help="folder with the reference's aq_engine.py and src/")
+    parser.add_argument("--reference-kmeans-iters", type=int, default=100)
+    parser.add_argument("--calib-tokens", type=int, default=None)
+    parser.add_argument("--cases", default="1x16:ft,1x16:noft,2x8:ft,2x8:noft")
+    parser.add_argument("--max-windows", type=int, default=None)
+    parser.add_argument("--work", default="/tmp/aqlm-bench")
+    parser.add_argument("--name", default="aqlm")
+    args = parser.parse_args()
+    out = {
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "command": " ".join(sys.argv),
+    }
+    if args.calib_tokens is None and "layer" in args.part:
+        args.calib_tokens = 131_072
+    for part in args.part:
+        try:
+            {"layer": part_layer, "smollm2": part_smollm2}[part](args, out)
+        except Exception as exc:  # noqa: BLE001 - keep what the other parts measured
+            out[f"{part}_error"] = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+            log(out[f"{part}_error"])
+        write(args, out)
+
+
+def write(args, out: dict) -> None:
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    gpu = (out["gpu"] or "cpu").lower().replace(" ", "-")
+    (Path(args.out) / f"{args.name}_{gpu}.json").write_text(json.dumps(out, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,379 @@
+"""AQLM with calibration data, block by block, checkpointed (formats/format_aqlm.py's ``prepare``).
+
+For every decoder block, in order (as the paper's main.py does):
+
+1. run the source block over the calibration inputs: its outputs are the fine-tuning target, and
+   forward hooks accumulate ``H = X^T X / tokens`` (float64) for each of its quantized Linears;
+2. quantize each Linear with ``aqlm_solver.quantize_layer`` under its H;
+3. fine-tune (``finetune``): Adam on the block's codebooks, scales and norm weights with the codes
+   frozen, to match the source block's outputs; keep the best epoch on held-out sequences;
+4. round codebooks and scales to float16 (as stored) and run the quantized block: its outputs
+   are the next block's inputs, so later blocks learn to undo earlier blocks' errors;
+5. write the block's tensors to the checkpoint folder (one safetensors file, renamed into place)
+   and record it in ``state.json``.
+
+``--resume`` skips the blocks already in the checkpoint, rebuilding their outputs from the stored
+tensors with the same operations as step 4, so a resumed run writes the same bytes as an
+uninterrupted one (on the CPU; a GPU's kernels may differ in the last bits).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from qconv.calibration import BlockRunner, call_block, load_calibration
+from qconv.errors import UsageError
+from qconv.formats.aqlm_solver import LayerCodes, decode, quantize_layer
+from qconv.formats.base import Prepared
+
+STATE_FILE = "state.json"
+FINETUNE_BETAS = (0.9, 0.95)  # the reference's --finetune_adam_beta1/2 defaults
+
+
+class AQLMLinear(nn.Module):
+    """A Linear whose weight is decoded from codes (fixed), codebooks and scales (trainable)."""
+
+    def __init__(self, state: LayerCodes, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.register_buffer("codes", state.codes)
+        self.codebooks = nn.Parameter(state.codebooks)
+        self.scales = nn.Parameter(state.scales)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, decode(self.codes, self.codebooks, self.scales), self.bias)
+
+    @torch.no_grad()
+    def round_to_storage(self) -> None:
+        """What the artifact stores: float16 codebooks and scales."""
+        self.codebooks.copy_(self.codebooks.half().float())
+        self.scales.copy_(self.scales.half().float())
+
+    def stored(self, nbits: int) -> dict[str, torch.Tensor]:
+        from qconv.formats.format_aqlm import OUT_GROUP_SIZE, wrap_codes
+
+        books = self.codebooks.detach()
+        num_codebooks, size, width = books.shape
+        return {
+            "codes": wrap_codes(self.codes, nbits).cpu(),
+            "codebooks": books.half().reshape(num_codebooks, size, OUT_GROUP_SIZE, width).cpu(),
+            "scales": self.scales.detach().half().reshape(-1, 1, 1, 1).cpu(),
+        }
+
+    @classmethod
+    def from_stored(cls, tensors: dict[str, torch.Tensor], bias, nbits: int, device) -> AQLMLinear:
+        from qconv.formats.format_aqlm import unwrap_codes
+
+        books = tensors["codebooks"].float()
+        state = LayerCodes(
+            unwrap_codes(tensors["codes"], nbits).to(device),
+            books.reshape(books.shape[0], books.shape[1], -1).to(device),
+            tensors["scales"].float().reshape(-1).to(device),
+        )
+        return cls(state, bias)
+
+
+class CalibratedAQLM(Prepared):
+    """The result of the calibration stage: each quantized module's stored tensors and the
+    fine-tuned norm weights, read back from the checkpoint folder by the streaming writer."""
+
+    def __init__(
+        self, folder: Path, calibration: dict[str, Any], where: dict[str, int], layers: dict
+    ) -> None:
+        self.folder, self.calibration, self._where, self.layers = folder, calibration, where, layers
+        self.blocks_quantized = {m for m in where if m in layers}
+        self._cache: tuple[int, dict[str, torch.Tensor]] | None = None
+
+    def _block(self, index: int) -> dict[str, torch.Tensor]:
+        if self._cache is None or self._cache[0] != index:
+            self._cache = (index, load_file(str(self.folder / block_file(index))))
+        return self._cache[1]
+
+    def packed(self, module: str) -> dict[str, torch.Tensor] | None:
+        """The stored tensors of ``module``; None for a Linear outside the decoder blocks (the
+        format quantizes those without calibration data)."""
+        if module not in self.blocks_quantized:
+            return None
+        tensors = self._block(self._where[module])
+        return {s: tensors[f"{module}.{s}"] for s in ("codes", "codebooks", "scales")}
+
+    def replacement(self, name: str) -> torch.Tensor | None:
+        index = self._where.get(name)
+        return None if index is None or name in self.blocks_quantized else self._block(index)[name]
+
+    def layer_stats(self, module: str) -> dict[str, Any]:
+        return self.layers.get(module, {})
+
+
+def block_file(index: int) -> str:
+    return f"block-{index:05d}.safetensors"
+
+
+def checkpoint_key(source, recipe: dict, calibration: dict) -> str:
+    """What must match for a checkpoint to be resumed: source tensors, recipe, calibration."""
+    identity = {
+        "source": source.ref,
+        "tensors": [[t.name, list(t.shape), str(t.dtype)] for t in source.tensors()],
+        "recipe": {k: v for k, v in recipe.items() if k != "label"},
+        "calibration": calibration,
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def prepare(context) -> CalibratedAQLM:
+    recipe, device, folder = context.recipe, context.device, context.checkpoint
+    calibration_recipe = recipe["calibration"]
+    calib = load_calibration(
+        context.source, calibration_recipe["text"], calibration_recipe["tokens"], calibration_recipe["seqlen"]
+    )
+    key = checkpoint_key(context.source, recipe, calib.fingerprint)
+    state = _open_checkpoint(folder, key, context.resume)
+    quantized = {t.module: t for t in context.plan.quantized}
+    runner = BlockRunner(context.source, device)
+    nbits = recipe["nbits_per_codebook"]
+
+    hidden, kwargs_per_block = runner.first_inputs(calib.ids)
+    scratch = torch.empty_like(hidden)
+    where: dict[str, int] = {}
+    layers: dict[str, dict] = dict(state.get("layers", {}))
+    blocks: dict[str, dict] = dict(state.get("blocks", {}))
+    progress = context.progress
+    progress.start("calibrate", len(quantized), "layers")
+    for index in range(len(runner)):
+        prefix = runner.block_name(index) + "."
+        names = [m for m in quantized if m.startswith(prefix)]
+        block = runner.load_block(index)
+        kwargs = kwargs_per_block[index]
+        done = index < state["blocks_done"]
+        if done:
+            stored = load_file(str(folder / block_file(index)))
+            _install_stored(block, prefix, names, stored, nbits, device)
+        else:
+            stored = _quantize_block(
+                block, prefix, names, hidden, kwargs, recipe, index, layers, blocks, scratch
+            )
+            _write_atomic(folder / block_file(index), lambda p, s=stored: save_file(s, str(p)))
+            state["blocks_done"] = index + 1
+            state["layers"], state["blocks"] = layers, blocks
+            _write_atomic(folder / STATE_FILE, lambda p: p.write_text(json.dumps(state, indent=1)))
+        for name in stored:
+            owner = name.rsplit(".", 1)[0]
+            where[owner if owner in quantized else name] = index
+        with torch.no_grad():
+            BlockRunner.run(block, hidden, kwargs, out=scratch)
+        hidden, scratch = scratch, hidden
+        del block
+        progress.advance("calibrate", len(names))
+    progress.finish("calibrate")
+    calibration = {**calib.fingerprint, "blocks": blocks} if blocks else dict(calib.fingerprint)
+    return CalibratedAQLM(folder, calibration, where, layers)
+
+
+def _open_checkpoint(folder: Path, key: str, resume: bool) -> dict:
+    state_path = folder / STATE_FILE
+    if folder.exists() and resume and state_path.is_file():
+        try:
+            state = json.loads(state_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            raise UsageError(
+                f"{folder}: the checkpoint's {STATE_FILE} is unreadable; delete the folder"
+            ) from None
+        if state.get("key") != key:
+            raise UsageError(
+                f"{folder}: the checkpoint was made from another source, recipe or calibration text; "
+                "delete it or convert without --resume into another folder"
+            )
+        return state
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.iterdir():  # a fresh start (no --resume, or nothing to resume)
+        stale.unlink()
+    state = {"key": key, "blocks_done": 0, "layers": {}}
+    _write_atomic(state_path, lambda p: p.write_text(json.dumps(state, indent=1)))
+    return state
+
+
+def _linear_inputs(block: nn.Module, prefix: str, names: list[str]) -> tuple[dict, list]:
+    """Forward hooks that accumulate X^T X (float64) for each quantized Linear of the block."""
+    xtx: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    hooks = []
+    for name in names:
+        module = block.get_submodule(name[len(prefix) :])
+
+        def hook(mod, args, name=name):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
+            if name not in xtx:
+                xtx[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+                counts[name] = 0
+            xtx[name].addmm_(x.t(), x)
+            counts[name] += x.shape[0]
+
+        hooks.append(module.register_forward_pre_hook(hook))
+    return {"xtx": xtx, "counts": counts}, hooks
+
+
+def _quantize_block(
+    block, prefix, names, hidden, kwargs, recipe, index, layers, blocks, target
+) -> dict[str, torch.Tensor]:
+    """Steps 1-3 of the module doc; returns the tensors to store for the block."""
+    clock = time.perf_counter()
+    stats, hooks = _linear_inputs(block, prefix, names)
+    with torch.no_grad():
+        BlockRunner.run(block, hidden, kwargs, out=target)  # the source block's outputs
+    for hook in hooks:
+        hook.remove()
+    modules: dict[str, AQLMLinear] = {}
+    for name in names:
+        linear = block.get_submodule(name[len(prefix) :])
+        xtx = (stats["xtx"].pop(name) / stats["counts"][name]).to(torch.float32)
+        generator = torch.Generator().manual_seed(_layer_seed(recipe["seed"], name))
+        result = quantize_layer(linear.weight.detach(), xtx, recipe, generator)
+        del xtx
+        layers[name] = {
+            "epochs": result.epochs,
+            "rel_output_error_init": result.initial_loss / result.reference_energy
+            if result.reference_energy
+            else 0.0,
+            "rel_output_error": result.relative_loss,
+        }
+        bias = None if linear.bias is None else linear.bias.detach()
+        modules[name] = AQLMLinear(result.state, bias)
+        _set_submodule(block, name[len(prefix) :], modules[name])
+    norms = _norm_parameters(block, modules)
+    timing = {"quantize_s": round(time.perf_counter() - clock, 3)}
+    clock = time.perf_counter()
+    if recipe["finetune"] and modules:
+        before, after = _finetune_block(block, modules, norms, hidden, kwargs, target, recipe, index)
+        blocks[prefix[:-1]] = {"rel_error_before_finetune": before, "rel_error": after}
+        timing["finetune_s"] = round(time.perf_counter() - clock, 3)
+    blocks.setdefault(prefix[:-1], {}).update(timing)
+    for module in modules.values():
+        module.round_to_storage()
+    if recipe["finetune"]:
+        working = getattr(torch, recipe.get("dtype") or "float32")
+        with torch.no_grad():  # the artifact stores the norms in the working dtype: compute with that
+            for param in norms.values():
+                param.copy_(param.to(working).float())
+    stored: dict[str, torch.Tensor] = {}
+    for name, module in modules.items():
+        for suffix, value in module.stored(recipe["nbits_per_codebook"]).items():
+            stored[f"{name}.{suffix}"] = value.contiguous()
+    if recipe["finetune"]:
+        for local, param in norms.items():
+            stored[prefix + local] = param.detach().float().cpu().contiguous()
+    return stored
+
+
+def _install_stored(block, prefix, names, stored, nbits, device) -> None:
+    """Put a checkpointed block's quantized Linears and fine-tuned norms back into ``block``."""
+    for name in names:
+        linear = block.get_submodule(name[len(prefix) :])
+        tensors = {s: stored[f"{name}.{s}"] for s in ("codes", "codebooks", "scales")}
+        bias = None if linear.bias is None else linear.bias.detach()
+        _set_submodule(block, name[len(prefix) :], AQLMLinear.from_stored(tensors, bias, nbits, device))
+    for key, value in stored.items():
+        if key.rsplit(".", 1)[0] in names:
+            continue
+        local = key[len(prefix) :]
+        owner_name, _, attr = local.rpartition(".")
+        owner = block.get_submodule(owner_name) if owner_name else block
+        owner._parameters[attr] = nn.Parameter(value.to(device), requires_grad=False)
+
+
+def _norm_parameters(block: nn.Module, modules: dict[str, AQLMLinear]) -> dict[str, nn.Parameter]:
+    """The block's floating parameters outside its Linear layers (the norms' weights)."""
+    linear_like = (nn.Linear, AQLMLinear)
+    found = {}
+    for module_name, module in block.named_modules():
+        if isinstance(module, linear_like):
+            continue
+        for attr, param in module.named_parameters(recurse=False):
+            if param.dtype.is_floating_point:
+                found[f"{module_name}.{attr}" if module_name else attr] = param
+    return found
+
+
+def _finetune_block(block, modules, norms, hidden, kwargs, target, recipe, index) -> tuple[float, float]:
+    """Adam on codebooks, scales and norms (codes frozen) towards the source block's outputs.
+    The last ``max(1, n // 10)`` sequences are held out; the epoch with the lowest held-out error
+    is kept, and training stops after ``finetune_patience`` epochs without improvement."""
+    count = hidden.shape[0]
+    held_out = max(1, count // 10) if count > 1 else 0
+    train_rows = list(range(count - held_out)) or list(range(count))
+    valid_rows = list(range(count - held_out, count)) or train_rows
+    for param in norms.values():
+        param.requires_grad_(True)
+    params = [p for m in modules.values() for p in (m.codebooks, m.scales)] + list(norms.values())
+    optimizer = torch.optim.Adam(
+        params, lr=recipe["finetune_lr"], betas=FINETUNE_BETAS, fused=hidden.is_cuda or None
+    )
+    generator = torch.Generator().manual_seed(recipe["seed"] * 1_000_003 + index)
+
+    def relative_error(rows) -> float:
+        with torch.no_grad():
+            num = den = 0.0
+            for row in rows:
+                out = call_block(block, hidden[row : row + 1], kwargs)
+                num += float((out - target[row : row + 1]).square().sum())
+                den += float(target[row : row + 1].square().sum())
+            return num / den if den else 0.0
+
+    best = before = relative_error(valid_rows)
+    best_state = [p.detach().clone() for p in params]
+    stale = 0
+    batch = recipe["finetune_batch"]
+    for _ in range(recipe["finetune_epochs"]):
+        order = [train_rows[i] for i in torch.randperm(len(train_rows), generator=generator).tolist()]
+        for start in range(0, len(order), batch):
+            rows = order[start : start + batch]
+            optimizer.zero_grad(set_to_none=True)
+            with torch.enable_grad():
+                for row in rows:
+                    out = call_block(block, hidden[row : row + 1], kwargs)
+                    reference = target[row : row + 1]
+                    loss = (out - reference).square().mean() / reference.square().mean().clamp_min(1e-30)
+                    (loss / len(rows)).backward()
+            optimizer.step()
+        error = relative_error(valid_rows)
+        if error < best:
+            best, stale = error, 0
+            best_state = [p.detach().clone() for p in params]
+        else:
+            stale += 1
+            if stale >= recipe["finetune_patience"]:
+                break
+    with torch.no_grad():
+        for param, value in zip(params, best_state, strict=True):
+            param.copy_(value)
+    for param in params:
+        param.requires_grad_(False)
+    return before, best
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
+def _layer_seed(seed: int, name: str) -> int:
+    """A seed per layer from the recipe's seed and the layer's name: a layer quantizes the same
+    whether or not the run was resumed before it."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
