@@ -15,6 +15,7 @@ kernel runs on (``--arch``, recorded in the manifest's recipe): ``sm80`` for SM7
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ class UnquantizableWeight(UsageError):
     """A weight EETQ cannot take: upstream quantizes from float16 and this one does not fit."""
 
 
+@functools.lru_cache(maxsize=1)
 def _eetq_gemm():
     """Upstream's CUDA kernel (``from EETQ import w8_a16_gemm``, the extension ``pip install eetq``
     builds), or None. Not installable here: this path is untested (README)."""
