@@ -117,6 +117,32 @@ def hqq_smollm2_table(path: Path, link_prefix: str) -> list[str]:
     return lines
 
 
+def eetq_smollm2_table(path: Path, link_prefix: str) -> list[str]:
+    r = json.loads(path.read_text())
+    rel = link_prefix + str(path.relative_to(ROOT))
+    rows = {row["model"]: row for row in r["rows"]}
+    base = rows["bf16"]
+    lines = [
+        f"EETQ int8 (issue 6), SmolLM2-135M-Instruct, wikitext-2 test perplexity ({r['tokens']:,} tokens, "
+        f"{base['windows']} windows of {base['window']}), {r['environment'].get('gpu', r['device'])}, one run "
+        f"([raw JSON]({rel})). `qconv convert --method eetq` on the GPU, run by `qconv.load_model` "
+        "(weight-only int8, un-preprocessed at load); bnb int8 from FORMATS.md's measurement on the H100.",
+        "",
+        "| model | perplexity |",
+        "|---|---:|",
+        f"| bf16 | {base['ppl']:.2f} |",
+    ]
+    for row in r["rows"]:
+        if row["model"] != "bf16":
+            lines.append(
+                f"| {row['model']} | {row['ppl']:.2f} |" if "ppl" in row else f"| {row['model']} | failed |"
+            )
+    for name, value in r.get("anchors", {}).items():
+        if name.startswith("bnb"):
+            lines.append(f"| {name} | {value:.2f} |")
+    return lines
+
+
 def tables(link_prefix: str) -> list[str]:
     lines: list[str] = []
     for path in sorted(RESULTS.glob("convert_nf4_8b_*.json")):
@@ -129,6 +155,9 @@ def tables(link_prefix: str) -> list[str]:
     for path in sorted(RESULTS.glob("hqq_smollm2_*.json")):
         if "_quick" not in path.name:
             lines += hqq_smollm2_table(path, link_prefix) + [""]
+    for path in sorted(RESULTS.glob("eetq_smollm2_*.json")):
+        if "_quick" not in path.name:
+            lines += eetq_smollm2_table(path, link_prefix) + [""]
     return lines
 
 

@@ -1,7 +1,8 @@
 """``qconv.load_model``: a runnable transformers model from any artifact folder qconv makes.
 
 Formats with a stock loader (bitsandbytes) load through transformers itself. Formats without
-one (HQQ: transformers 5.x would silently fill its layers with random weights) are built here:
+one (HQQ: transformers 5.x would silently fill its layers with random weights; EETQ: it needs a
+kernel fetched from the Hub at run time) are built here:
 the architecture from ``config.json`` with parameters on the meta device, each quantized
 module swapped for the format's runnable module, and every other tensor read from the
 safetensors files and assigned in place. Nothing is initialised twice and no full-precision
@@ -20,7 +21,7 @@ from torch import nn
 from qconv.errors import ArtifactError, UsageError
 
 # quant_method in config.json -> qconv's method, for folders that lack qconv.json
-METHOD_OF_QUANT_METHOD = {"hqq": "hqq", "bitsandbytes": "bnb"}
+METHOD_OF_QUANT_METHOD = {"hqq": "hqq", "bitsandbytes": "bnb", "eetq": "eetq"}
 
 
 def folder_method(folder: Path) -> tuple[str | None, dict]:
@@ -48,7 +49,7 @@ def folder_method(folder: Path) -> tuple[str | None, dict]:
 
 
 def load_model(path: str | Path, device: str = "auto", dtype: torch.dtype | str | None = None):
-    """Load a qconv artifact (or another HQQ / bitsandbytes folder) as a transformers model.
+    """Load a qconv artifact (or another HQQ / bitsandbytes / EETQ folder) as a transformers model.
 
     ``device``: ``auto`` (first GPU, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
     ``dtype``: of activations and unquantized weights (default: the artifact's working dtype,
@@ -157,8 +158,12 @@ class SafetensorsFolder:
             raise ArtifactError(f"{self.folder}: cannot read tensor {key!r}: {exc}") from exc
 
 
-def load_with_runtime_modules(folder: str | Path, fmt, device: torch.device, dtype: torch.dtype):
-    """Build the model of ``folder`` with ``fmt.runtime_module`` for every quantized module."""
+def load_with_runtime_modules(folder: str | Path, fmt, device: torch.device, dtype: torch.dtype, build=None):
+    """Build the model of ``folder`` with ``fmt.runtime_module`` for every quantized module (or
+    ``build(tensors, bias)``, for formats whose modules need more than the layer's tensors, such
+    as EETQ's layout, which the folder's manifest names). A module is quantized when it has a
+    tensor ending in ``fmt.marker_suffix``."""
+    build = build or fmt.runtime_module
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = Path(folder)
@@ -193,7 +198,7 @@ def load_with_runtime_modules(folder: str | Path, fmt, device: torch.device, dty
         layer_tensors = {suffix: tensors.read(key) for suffix, key in own.items()}
         bias = tensors.read(bias_key).to(dtype) if bias_key else None
         try:
-            module = fmt.runtime_module(layer_tensors, bias)
+            module = build(layer_tensors, bias)
         except ArtifactError as exc:
             raise ArtifactError(f"{folder}: layer {name}: {exc}") from None
         parent_name, _, child = name.rpartition(".")

@@ -7,6 +7,7 @@ subclass, call ``register`` at import, add the import below, and add its tests.
 from qconv.formats import (
     format_aqlm,  # noqa: F401  (registers "aqlm")
     format_bnb,  # noqa: F401  (registers "bnb")
+    format_eetq,  # noqa: F401  (registers "eetq")
     format_hqq,  # noqa: F401  (registers "hqq")
 )
 from qconv.formats.base import Option, QuantFormat, all_formats, get_format, register
