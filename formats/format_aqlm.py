@@ -123,6 +123,12 @@ class AQLMFormat(QuantFormat):
                 Option(
                     "finetune", bool, "aqlm: fine-tune each block after quantizing it (default on)", flag=True
                 ),
+                Option(
+                    "max_epochs",
+                    int,
+                    f"aqlm: most Adam + code-search rounds a layer gets (default {MAX_EPOCHS}; 0: the "
+                    "k-means initialisation only)",
+                ),
             ),
         )
 

@@ -23,6 +23,7 @@ def make_tiny_llama(
     seed: int = 0,
     max_shard_size: str | None = None,
     hidden: int = 128,
+    layers: int = 2,
 ) -> Path:
     """A random Llama small enough for two CPU cores, saved as transformers saves it."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -32,7 +33,7 @@ def make_tiny_llama(
         vocab_size=320,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,

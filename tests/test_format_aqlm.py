@@ -204,3 +204,198 @@ print("ok")
         env["TRITON_INTERPRET"] = "1"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+
+
+# -- the solver ---------------------------------------------------------------------------------
+def _random_problem(out=48, inputs=64, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out, inputs, generator=generator)
+    x = torch.randn(512, inputs, generator=generator) @ torch.randn(inputs, inputs, generator=generator)
+    return weight, x.t() @ x / 512
+
+
+def test_weighted_search_equals_brute_force():
+    """The code search's form: argmin_k norms[k] - 2 x.c_k with norms = c^T H c."""
+    from qconv.formats.aqlm_solver import nearest_codewords
+
+    _, xtx = _random_problem(inputs=8)
+    generator = torch.Generator().manual_seed(1)
+    vectors, codebook = torch.randn(100, 8, generator=generator), torch.randn(300, 8, generator=generator)
+    norms = ((codebook @ xtx) * codebook).sum(1)
+    expected = (norms[None, :] - 2 * vectors.double() @ codebook.double().t()).argmin(1)
+    assert torch.equal(nearest_codewords(vectors, codebook, norms), expected)
+
+
+@pytest.mark.parametrize("scheme", ["1x8", "2x8"])
+def test_beam_search_never_increases_the_output_error(scheme):
+    from qconv.formats.aqlm_solver import beam_search, initialise, output_loss
+
+    weight, xtx = _random_problem(out=128, inputs=128)  # 2,048 groups: more than 2x8 can fit exactly
+    r = recipe(scheme=scheme)
+    state = initialise(weight, r, torch.Generator().manual_seed(0))
+    before = output_loss(state.weight() - weight, xtx)
+    after_state = beam_search(weight, xtx, state, r["beam_size"])
+    after = output_loss(after_state.weight() - weight, xtx)
+    assert (after <= before * (1 + 1e-5) + 1e-6).all()  # row by row: its old codes stay candidates
+    assert after.sum() < 0.97 * before.sum()
+
+
+def test_layer_optimisation_lowers_the_output_error_and_is_deterministic():
+    from qconv.formats.aqlm_solver import quantize_layer
+
+    weight, xtx = _random_problem(out=128, inputs=128)
+    r = {**recipe(scheme="2x8"), "max_epochs": 3, "adam_steps": 20}
+    first = quantize_layer(weight, xtx, r, torch.Generator().manual_seed(0))
+    second = quantize_layer(weight, xtx, r, torch.Generator().manual_seed(0))
+    assert torch.equal(first.state.codes, second.state.codes)
+    assert torch.equal(first.state.codebooks, second.state.codebooks)
+    assert first.epochs >= 1 and first.loss < 0.8 * first.initial_loss
+
+
+# -- calibrated conversions on the CPU ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_llama_text(tmp_path_factory):
+    """A tiny random Llama with a tokenizer (calibration tokenizes text), four blocks."""
+    from conftest import add_tiny_tokenizer, make_tiny_llama
+
+    return add_tiny_tokenizer(make_tiny_llama(tmp_path_factory.mktemp("src") / "tiny-text", layers=4))
+
+
+CALIBRATED = ["--method", "aqlm", "--device", "cpu", "--calib-tokens", "4096", "--max-epochs", "0"]
+
+
+def test_calibrated_1x16_loads_in_stock_transformers_and_records_its_calibration(
+    cli, tiny_llama_text, tmp_path
+):
+    out = tmp_path / "out"
+    _, doc = cli.json("convert", tiny_llama_text, "-o", out, *CALIBRATED)
+    assert doc["verify"]["passed"], doc["verify"]
+    assert doc["verify"]["logits"]["loader_rel_diff"] < 1e-5
+    manifest = json.loads((out / "qconv.json").read_text())
+    calibration = manifest["calibration"]
+    assert calibration["text"] == "wikitext2-validation"
+    assert calibration["sha256"] == "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8"
+    assert (calibration["sequences"], calibration["seqlen"], calibration["tokens"]) == (2, 2048, 4096)
+    assert set(calibration["blocks"]) == {f"model.layers.{i}" for i in range(4)}
+    recipe_ = manifest["recipe"]
+    assert recipe_["calibration"] == {"text": "wikitext2-validation", "tokens": 4096, "seqlen": 2048}
+    assert recipe_["finetune"] is True and recipe_["label"] == "aqlm 1x16+ft g8"
+    assert not (tmp_path / ".out.qconv-checkpoint").exists()  # removed once the artifact is in place
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    source = load_file(str(tiny_llama_text / "model.safetensors"))
+    assert torch.equal(model.lm_head.weight, source["lm_head.weight"].float())
+    for block in calibration["blocks"].values():  # the kept fine-tuning epoch is never worse
+        assert block["rel_error"] <= block["rel_error_before_finetune"]
+
+
+def test_calibrated_2x8_fits_each_layer_to_its_inputs(cli, tiny_llama_text, tmp_path):
+    out = tmp_path / "out"
+    _, doc = cli.json(
+        "convert",
+        tiny_llama_text,
+        "-o",
+        out,
+        "--method",
+        "aqlm",
+        "--scheme",
+        "2x8",
+        "--device",
+        "cpu",
+        "--calib-tokens",
+        "1024",
+        "--max-epochs",
+        "1",
+        "--skip",
+        "re:model\\.layers\\.[123]\\..*",
+        "--no-finetune",
+    )
+    assert doc["verify"]["passed"], doc["verify"]
+    layers = json.loads((out / "qconv.json").read_text())["layers"]
+    for name, layer in layers.items():
+        assert layer["rel_output_error"] < layer["rel_output_error_init"], name
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--calibration", "nowhere.txt"], "Error: --calibration nowhere.txt: cannot read the text"),
+        (["--calibration", "none", "--finetune"], "Error: --calibration none: --calib-tokens, --finetune"),
+        (["--calib-tokens", "1"], "Error: --calib-tokens 1: give at least one sequence's worth"),
+        (["--max-epochs", "-1"], "Error: --max-epochs -1: give 0 or more"),
+    ],
+)
+def test_calibration_errors(cli, tiny_llama_text, tmp_path, extra, message):
+    result = cli(
+        "convert",
+        tiny_llama_text,
+        "-o",
+        tmp_path / "out",
+        "--method",
+        "aqlm",
+        "--device",
+        "cpu",
+        *extra,
+        ok=None,
+    )
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines()[-1].startswith(message), result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_source_without_tokenizer_cannot_be_calibrated(cli, tiny_llama, tmp_path):
+    result = cli(
+        "convert", tiny_llama, "-o", tmp_path / "out", "--method", "aqlm", "--device", "cpu", ok=None
+    )
+    assert result.exit_code == 2
+    assert "no usable tokenizer for the calibration text" in result.output
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.qconv-checkpoint").exists()
+
+
+def test_killed_conversion_resumes_to_the_same_bytes(cli, tiny_llama_text, tmp_path):
+    """kill -9 after the first block's checkpoint, --resume: the same artifact bytes as an
+    uninterrupted run (CPU, same seed)."""
+    import signal
+    import time
+
+    whole = tmp_path / "whole"
+    assert (
+        cli("convert", tiny_llama_text, "-o", whole, *CALIBRATED, "--no-verify", "--no-record").exit_code == 0
+    )
+
+    out = tmp_path / "resumed"
+    checkpoint = tmp_path / ".resumed.qconv-checkpoint"
+    args = [sys.executable, "-m", "qconv", "convert", str(tiny_llama_text), "-o", str(out), *CALIBRATED]
+    process = subprocess.Popen([*args, "--no-verify", "--no-record"], stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (checkpoint / "block-00000.safetensors").exists():
+        assert process.poll() is None, process.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not out.exists()
+    state = json.loads((checkpoint / "state.json").read_text())
+    assert 1 <= state["blocks_done"] < 4
+
+    refused = cli("convert", tiny_llama_text, "-o", out, *CALIBRATED, "--no-verify", "--no-record", ok=None)
+    assert refused.exit_code == 2
+    assert "an interrupted conversion left its checkpoint here; add --resume" in refused.output
+
+    mismatch = cli(
+        "convert", tiny_llama_text, "-o", out, *CALIBRATED[:-1], "1", "--resume", "--no-record", ok=None
+    )
+    assert mismatch.exit_code == 2
+    assert "the checkpoint was made from another source, recipe or calibration text" in mismatch.output
+
+    resumed = cli(
+        "convert", tiny_llama_text, "-o", out, *CALIBRATED, "--resume", "--no-verify", "--no-record"
+    )
+    assert resumed.exit_code == 0, resumed.output
+    shards = sorted(p.name for p in whole.glob("*.safetensors"))
+    assert shards == sorted(p.name for p in out.glob("*.safetensors"))
+    for name in shards:
+        assert (whole / name).read_bytes() == (out / name).read_bytes(), name
+    assert not checkpoint.exists()
