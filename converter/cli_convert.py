@@ -159,7 +159,7 @@ def convert(
 
 
 @main.command()
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("ref", metavar="ID|PATH")
 @click.option(
     "--source", default=None, help="Source to compare with (default: the one in the manifest, if present)."
 )
@@ -169,21 +169,24 @@ def convert(
     "--logits/--no-logits", default=True, show_default=True, help="Run the real-loader logits check."
 )
 @json_option
-def verify(path, source, device, max_rel_error, logits, as_json):
-    """Check an artifact: file hashes, every layer's error, and the real loader's logits."""
-    from qconv.registry import open_registry
+def verify(ref, source, device, max_rel_error, logits, as_json):
+    """Check an artifact (registry id, id prefix, or folder): file hashes, every layer's error,
+    and the real loader's logits."""
+    from qconv.registry import open_registry, resolve_artifact
     from qconv.verify import run_verify
 
     # the result is stored on the artifact's registry row, when it has one
     with open_registry() as registry, progress_bars() as progress:
+        artifact = resolve_artifact(registry, ref)
         report = run_verify(
-            path,
+            artifact.path,
             source,
             device=device,
             max_rel_error=max_rel_error,
             logits=logits,
             progress=progress,
             registry=registry,
+            artifact_id=artifact.id,
         )
     document = report.to_dict()
     if as_json:

@@ -12,8 +12,16 @@ sqlite-utils; open it with ``sqlite-utils`` or Datasette to explore it. Tables a
         registry.get_artifact(artifact_id[:6])
 """
 
-from qconv.registry.db import Registry, open_registry
+from qconv.registry.db import Registry, ResolvedArtifact, open_registry, resolve_artifact
 from qconv.registry.location import registry_path, user_data_dir
 from qconv.registry.manifest_rows import artifact_id
 
-__all__ = ["Registry", "artifact_id", "open_registry", "registry_path", "user_data_dir"]
+__all__ = [
+    "Registry",
+    "ResolvedArtifact",
+    "artifact_id",
+    "open_registry",
+    "registry_path",
+    "resolve_artifact",
+    "user_data_dir",
+]

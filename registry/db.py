@@ -13,10 +13,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
+import re
+import shutil
 import sqlite3
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +29,14 @@ from sqlite_utils import Database
 
 from qconv.errors import RegistryError
 from qconv.registry.location import registry_path
-from qconv.registry.manifest_rows import absolute_path, rows_from_manifest, to_json, verified_flag
-from qconv.registry.migrations import migrations
+from qconv.registry.manifest_rows import (
+    absolute_path,
+    artifact_id,
+    rows_from_manifest,
+    to_json,
+    verified_flag,
+)
+from qconv.registry.migrations import METRIC_COLUMNS_FROM_PROTOCOL, migrations
 
 BUSY_TIMEOUT_S = 30.0
 
@@ -44,6 +55,22 @@ LIST_COLUMNS = (
     "verified",
     "created",
 )
+# Computed for each listed artifact besides LIST_COLUMNS: how many pushes it has, and its latest
+# perplexity (whatever the protocol: `qconv show` has the protocol of each).
+LIST_EXTRA_COLUMNS = ("pushes", "ppl")
+# --sort keys -> the column, and whether the natural order is descending (NULLs always last).
+SORTS = {
+    "created": ("created", True),
+    "size": ("size_bytes", False),
+    "bits": ("bits_per_weight", False),
+    "error": ("worst_rel_error", False),
+    "ppl": ("ppl", False),
+    "method": ("method", False),
+    "base": ("base_model", False),
+}
+PUSH_COLUMNS = ("id", "artifact_id", "repo", "revision", "commit_sha", "url", "created")
+# What a bare reference that is an id (or the start of one) looks like; anything else is a path.
+ID_PREFIX = re.compile(r"[0-9a-fA-F]{1,12}")
 JSON_COLUMNS = ("recipe", "calibration", "environment", "skipped", "verify", "manifest")
 # Rows that come from the manifest and are replaced when an artifact is recorded again.
 # metrics and pushes are not: they describe the same files and stay valid.
@@ -174,16 +201,166 @@ class Registry:
             self.db.execute("delete from artifacts where id = ?", [ident])
         return ident
 
+    def record_push(
+        self, artifact_id: str, repo: str, revision: str | None, commit_sha: str | None, url: str | None
+    ) -> dict[str, Any]:
+        """Record an upload of an artifact (id or unique prefix) to a hub: the repo id, the
+        revision (branch or tag) pushed to, the commit it made, a url to it. Returns the stored
+        row (keys ``PUSH_COLUMNS``); ``created`` is now, in UTC."""
+        if not isinstance(repo, str) or not repo.strip():
+            raise RegistryError("a push needs the repo it went to")
+        row = {
+            "repo": repo,
+            "revision": revision,
+            "commit_sha": commit_sha,
+            "url": url,
+            "created": _now(),
+        }
+        with self._writing(f"cannot record a push of {artifact_id}"):
+            row["artifact_id"] = self.resolve_id(artifact_id)
+            row["id"] = self.db.table("pushes").insert(row).last_pk
+        return {column: row[column] for column in PUSH_COLUMNS}
+
+    def record_metric(self, artifact_id: str, name: str, value: float, protocol: dict) -> dict[str, Any]:
+        """Record one measurement of an artifact (id or unique prefix): ``name`` (ppl, nll, kl,
+        top1...), its value, and the protocol it was measured with (a JSON object; its keys
+        dataset, dataset_sha256, seqlen, windows and tokens are copied into columns too).
+        Returns the stored row."""
+        return self.record_metrics(artifact_id, {name: value}, protocol)[0]
+
+    def record_metrics(self, artifact_id: str, values: dict[str, float], protocol: dict) -> list[dict]:
+        """Several measurements made together under one protocol, in one transaction."""
+        if not isinstance(protocol, dict):
+            raise RegistryError("a metric's protocol must be an object (dict)")
+        columns = {
+            column: protocol.get(path.removeprefix("$."))
+            for column, (_, path) in METRIC_COLUMNS_FROM_PROTOCOL.items()
+        }
+        created = _now()
+        rows = []
+        with self._writing(f"cannot record metrics of {artifact_id}"):
+            ident = self.resolve_id(artifact_id)
+            for name, value in values.items():
+                row = {
+                    "artifact_id": ident,
+                    "name": name,
+                    "value": None if value is None else float(value),
+                    "protocol": to_json(protocol),
+                    "created": created,
+                    **columns,
+                }
+                row["id"] = self.db.table("metrics").insert(row).last_pk
+                rows.append(row)
+        return rows
+
+    def remove_artifact(self, ref: str | Path, delete_files: bool = False) -> dict[str, Any]:
+        """Remove the artifact ``ref`` names (see :meth:`resolve`) with all its rows; with
+        ``delete_files`` its folder too, but only when that folder really is this artifact: a
+        folder whose ``qconv.json`` gives this id, holding nothing but the files it lists.
+        Otherwise RegistryError, and nothing is removed. Returns ``{"id", "path",
+        "files_deleted"}`` (False when the folder was gone already)."""
+        row = self.resolve(ref)
+        ident, folder = row["id"], Path(row["path"])
+        if not delete_files:
+            self.delete_artifact(ident)
+            return {"id": ident, "path": str(folder), "files_deleted": False}
+        if not folder.exists() and not folder.is_symlink():
+            self.delete_artifact(ident)
+            return {"id": ident, "path": str(folder), "files_deleted": False}
+        _check_is_this_artifact(folder, ident)
+        # Out of the way first, so the row and the folder go together: if deleting the row
+        # fails, the folder is put back.
+        doomed = folder.parent / f".{folder.name}.qconv-rm-{os.getpid()}"
+        os.replace(folder, doomed)
+        try:
+            self.delete_artifact(ident)
+        except BaseException:
+            os.replace(doomed, folder)
+            raise
+        shutil.rmtree(doomed)
+        return {"id": ident, "path": str(folder), "files_deleted": True}
+
     # -- reading ------------------------------------------------------------------------------
-    def list_artifacts(self, method: str | None = None) -> list[dict[str, Any]]:
-        """One summary dict per artifact (keys: ``LIST_COLUMNS``), newest first; only those of
-        ``method`` when given. ``verified`` is True, False or None (never verified)."""
-        where, params = ("where method = ?", [method]) if method is not None else ("", [])
-        rows = self._query(
-            f"select {', '.join(LIST_COLUMNS)} from artifacts {where} order by created desc, rowid desc",
-            params,
+    def list_artifacts(
+        self,
+        method: str | None = None,
+        *,
+        bits: int | None = None,
+        base: str | None = None,
+        pushed: bool | None = None,
+        sort: str = "created",
+        reverse: bool = False,
+    ) -> list[dict[str, Any]]:
+        """One summary dict per artifact (keys: ``LIST_COLUMNS`` + ``LIST_EXTRA_COLUMNS``).
+
+        Filters: ``method``; ``bits`` (the recipe's); ``base``, a case-insensitive part of the
+        base model's name or the source's path/repo id; ``pushed`` True (pushed at least once) or
+        False (never). ``sort``: a key of ``SORTS`` (created: newest first; the others smallest
+        first), ``reverse`` flips it; NULLs last. ``verified`` is True, False or None (never)."""
+        if sort not in SORTS:
+            raise RegistryError(f"cannot sort by {sort!r}; choose from {', '.join(SORTS)}")
+        where, params = [], {}
+        if method is not None:
+            where.append("method = :method")
+            params["method"] = method
+        if bits is not None:
+            where.append("bits = :bits")
+            params["bits"] = bits
+        if base:
+            where.append(
+                "(instr(lower(coalesce(base_model, '')), lower(:base)) > 0 "
+                "or instr(lower(coalesce(source_ref, '')), lower(:base)) > 0)"
+            )
+            params["base"] = base
+        if pushed is not None:
+            where.append(
+                f"{'' if pushed else 'not '}exists (select 1 from pushes p where p.artifact_id = a.id)"
+            )
+        column, descending = SORTS[sort]
+        direction = "desc" if descending != reverse else "asc"
+        order = f"({column} is null), {column} {direction}, created desc, rowid desc"  # ties: newest first
+        return self._list(where, params, order)
+
+    def _list(self, where: list[str], params: dict, order: str) -> list[dict[str, Any]]:
+        sql = (
+            f"select {', '.join(LIST_COLUMNS)}, "
+            "(select count(*) from pushes p where p.artifact_id = a.id) as pushes, "
+            "(select value from metrics m where m.artifact_id = a.id and m.name = 'ppl' "
+            "order by m.created desc, m.id desc limit 1) as ppl "
+            f"from artifacts a {'where ' + ' and '.join(where) if where else ''} order by {order}"
         )
-        return [_with_verified_bool(row) for row in rows]
+        return [_with_verified_bool(row) for row in self._query(sql, params)]
+
+    def resolve(self, ref: str | Path) -> dict[str, Any]:
+        """The artifact ``ref`` names, as a ``list_artifacts`` row: a full id, a unique id prefix
+        (up to 12 hex digits), or the path of a recorded artifact folder (the newest artifact
+        recorded there). A ``Path``, or text that is not hex or names an existing file or
+        folder, is a path. Raises RegistryError, naming the candidates of an ambiguous prefix."""
+        if _is_path_ref(ref):
+            ident = self.id_at_path(ref)
+            if ident is None:
+                raise RegistryError(f"{ref}: no artifact recorded at {absolute_path(ref)} in {self.path}")
+        else:
+            ident = self.resolve_id(str(ref))
+        return self._list(["id = :id"], {"id": ident}, "id")[0]
+
+    def id_at_path(self, path: str | Path) -> str | None:
+        """The id of the newest artifact recorded at ``path``, or None."""
+        found = self._query(
+            "select id from artifacts where path = ? order by created desc, rowid desc limit 1",
+            [str(absolute_path(path))],
+        )
+        return found[0]["id"] if found else None
+
+    def list_pushes(self, artifact_id: str | None = None) -> list[dict[str, Any]]:
+        """Every recorded push (keys ``PUSH_COLUMNS``), oldest first; only those of one artifact
+        (id or unique prefix) when given."""
+        where, params = "", []
+        if artifact_id is not None:
+            where, params = "where artifact_id = ?", [self.resolve_id(artifact_id)]
+        return self._query(
+            f"select {', '.join(PUSH_COLUMNS)} from pushes {where} order by created, id", params
+        )
 
     def get_artifact(self, id_or_prefix: str) -> dict[str, Any]:
         """Everything recorded about one artifact (id or unique prefix): the columns of
@@ -192,8 +369,7 @@ class Registry:
         ident = self.resolve_id(id_or_prefix)
         record = self._query("select * from artifacts where id = ?", [ident])[0]
         for column in JSON_COLUMNS:
-            if record[column] is not None:
-                record[column] = json.loads(record[column])
+            record[column] = _loads(record[column])
         record = _with_verified_bool(record)
         for table in ("source_files", "files"):
             record[table] = {
@@ -202,11 +378,11 @@ class Registry:
             }
         record["layers"] = {}
         for row in self._children("layers", ident):
-            row["shape"] = json.loads(row["shape"]) if row["shape"] is not None else None
+            row["shape"] = _loads(row["shape"])
             record["layers"][row.pop("name")] = row
         record["metrics"] = self._children("metrics", ident)
         for row in record["metrics"]:
-            row["protocol"] = json.loads(row["protocol"]) if row["protocol"] is not None else None
+            row["protocol"] = _loads(row["protocol"])
         record["pushes"] = self._children("pushes", ident)
         return record
 
@@ -291,3 +467,72 @@ def _is_not_a_database(exc: sqlite3.DatabaseError) -> bool:
 def _with_verified_bool(row: dict[str, Any]) -> dict[str, Any]:
     row["verified"] = None if row["verified"] is None else bool(row["verified"])
     return row
+
+
+@dataclass(frozen=True)
+class ResolvedArtifact:
+    """Where an artifact is, and its registry id when it is recorded."""
+
+    path: Path
+    id: str | None
+
+
+def resolve_artifact(registry: Registry | None, ref: str | Path) -> ResolvedArtifact:
+    """What a command given ``ref`` (an id, a unique id prefix, or a folder) works on.
+
+    A path (see :meth:`Registry.resolve`) is taken as it is, whether or not it is recorded
+    (``id`` None when not); the folder itself is not checked here. An id or prefix must name a
+    recorded artifact: RegistryError otherwise (unknown, ambiguous with the candidates)."""
+    if _is_path_ref(ref):
+        ident = registry.id_at_path(ref) if registry is not None else None
+        return ResolvedArtifact(Path(ref).expanduser(), ident)
+    if registry is None:
+        raise RegistryError(f"{ref}: no such folder (and no registry to look the id up in)")
+    row = registry.resolve(ref)
+    return ResolvedArtifact(Path(row["path"]), row["id"])
+
+
+def _is_path_ref(ref: str | Path) -> bool:
+    if isinstance(ref, Path):
+        return True
+    text = str(ref).strip()
+    return not ID_PREFIX.fullmatch(text) or Path(text).expanduser().exists()
+
+
+def _check_is_this_artifact(folder: Path, ident: str) -> None:
+    """Refuse (RegistryError) to delete a folder that is not exactly the artifact ``ident``."""
+    keep = "; not deleting it"
+    if folder.is_symlink() or not folder.is_dir():
+        raise RegistryError(f"{folder}: not a folder{keep}")
+    manifest_path = folder / "qconv.json"
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RegistryError(f"{folder}: no qconv.json, not a qconv artifact{keep}") from None
+    except (OSError, ValueError) as exc:
+        raise RegistryError(f"{manifest_path}: not a readable qconv manifest ({exc}){keep}") from None
+    try:
+        found = artifact_id(manifest, folder) if isinstance(manifest, dict) else None
+    except RegistryError:
+        found = None
+    if found != ident:
+        what = f"artifact {found}" if found else "something else"
+        raise RegistryError(f"{folder}: its qconv.json describes {what}, not {ident}{keep}")
+    listed = set(manifest["files"]) | {"qconv.json"}
+    extra = sorted(p.name for p in folder.iterdir() if p.name not in listed or not p.is_file())
+    if extra:
+        raise RegistryError(f"{folder}: holds {extra[0]}, which is not one of the artifact's files{keep}")
+
+
+def _loads(text: str | None) -> Any:
+    """A JSON column's value; text that is not JSON (written by hand, say) as it is."""
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from qconv.errors import RegistryError
+from qconv.registry.migrations import method_library
 
 
 @dataclass
@@ -57,6 +58,9 @@ def rows_from_manifest(manifest: dict, path: str | Path) -> ArtifactRows:
     layers = _section(manifest, "layers", path)
     verify = manifest.get("verify")
     worst_layer, worst_rel_error = _worst_layer(layers, summary)
+    calibration = _section(manifest, "calibration", path)
+    environment = _section(manifest, "environment", path)
+    library, library_version = method_library(environment)
     artifact = {
         "id": ident,
         "path": str(absolute_path(path)),
@@ -82,6 +86,18 @@ def rows_from_manifest(manifest: dict, path: str | Path) -> ArtifactRows:
         "verified": None if verify is None else verified_flag(verify),
         "verify": to_json(verify),
         "manifest": to_json(manifest),
+        # m002: plain copies of what users filter on (the JSON columns above stay the record)
+        "source_architecture": _scalar(source.get("architecture")),
+        "calibration_sha256": _scalar(calibration.get("sha256")),
+        "calibration_tokens": _scalar(calibration.get("tokens")),
+        "calibration_source": _scalar(calibration.get("source")),
+        "python_version": _scalar(environment.get("python")),
+        "torch_version": _scalar(environment.get("torch")),
+        "transformers_version": _scalar(environment.get("transformers")),
+        "device": _scalar(environment.get("device")),
+        "gpu": _scalar(environment.get("gpu")),
+        "method_library": library,
+        "method_library_version": library_version,
     }
     return ArtifactRows(
         artifact=artifact,
@@ -158,6 +174,13 @@ def _total_size(files: dict) -> int:
         for entry in files.values()
         if isinstance(entry, dict) and isinstance(entry.get("size"), int)
     )
+
+
+def _scalar(value: Any) -> Any:
+    """A value for a plain column: numbers and text as they are, anything else as JSON text."""
+    if value is None or isinstance(value, (str, int, float)):
+        return value
+    return to_json(value)
 
 
 def _is_number(value: Any) -> bool:

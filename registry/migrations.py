@@ -3,21 +3,32 @@
 The schema (open ``registry.db`` with ``sqlite-utils tables --counts`` or Datasette to see it):
 
 ``artifacts``      one row per converted artifact folder. ``id`` is 12 hex chars (see
-                   ``qconv.registry.db.artifact_id``). The columns a listing needs are plain
-                   columns (method, bits, label, base_model, size_bytes, bits_per_weight,
+                   ``qconv.registry.manifest_rows.artifact_id``). The columns a listing needs are
+                   plain columns (method, bits, label, base_model, size_bytes, bits_per_weight,
                    worst_rel_error, verified...); the nested parts of the manifest are JSON columns
                    (``recipe``, ``calibration``, ``environment``, ``skipped``, ``verify``) and
                    ``manifest`` holds the whole ``qconv.json`` as recorded, so nothing is lost and a
                    later migration can backfill a new column from it with ``json_extract``.
                    ``verified`` is 1 (passed), 0 (failed) or NULL (never verified); ``verify`` is the
                    latest verify result, which may be newer than the one inside ``manifest``.
+                   The source: ``source_kind`` (hf, gguf, hub), ``source_ref`` (its path or Hub repo
+                   id), ``source_revision`` (the resolved commit sha, for a Hub source),
+                   ``source_architecture``; its files are in ``source_files``.
+                   Plain copies (m002) of what users filter on: ``calibration_sha256``,
+                   ``calibration_tokens``, ``calibration_source`` (the calibration fingerprint, NULL
+                   for data-free methods); ``python_version``, ``torch_version``,
+                   ``transformers_version``, ``method_library`` and ``method_library_version`` (the
+                   method's own library: bitsandbytes, hqq, aqlm...), ``device`` and ``gpu`` (the
+                   GPU's name) of the conversion.
 ``source_files``   the source's files (name, sha256, size): which weights an artifact came from.
 ``files``          the artifact's own files. A file's sha256 equals the Hub's LFS oid, so a pushed
                    file can be matched back to its artifact (hence the index on sha256).
 ``layers``         one row per quantized tensor: shape (JSON), rel_error, max_abs, snr_db, format.
-``metrics``        empty for now: evaluation results to come (perplexity, task scores...), one row per
-                   measurement, ``protocol`` (JSON) says how it was measured so numbers stay comparable.
-``pushes``         empty for now: uploads of an artifact to a hub (repo, revision, commit_sha, url).
+``metrics``        one row per measurement (``qconv eval``: ppl, nll, kl, top1): name, value,
+                   ``protocol`` (JSON: how it was measured, so numbers stay comparable) and, copied
+                   from it (m002), ``dataset``, ``dataset_sha256``, ``seqlen``, ``windows`` and
+                   ``tokens`` (tokens predicted).
+``pushes``         uploads of an artifact to a hub: repo, revision, commit_sha, url, created.
 
 Why the environment is a JSON column and not an ``environment(artifact_id, key, value)`` table: it
 is a small flat record that is always read whole with its artifact, and its keys change with the
@@ -31,13 +42,15 @@ primary key (artifact_id, name), whose index also serves lookups and cascades by
 ``metrics`` and ``pushes`` have a rowid key and an explicit index on artifact_id.
 
 Changing the schema: add one function decorated with ``@migrations()`` at the END of this file
-(``m002_...``), never edit one that has shipped, and add a test that upgrades a file made by the
+(``m003_...``), never edit one that has shipped, and add a test that upgrades a file made by the
 migrations before it. Applied migrations are recorded in ``_sqlite_migrations`` (set "qconv").
 This file imports only sqlite-utils, so ``sqlite-utils migrate registry.db registry/migrations.py``
 (with ``--list`` to inspect) works on its own too.
 """
 
 from __future__ import annotations
+
+import json
 
 from sqlite_utils import Database, Migrations
 from sqlite_utils.db import ForeignKey
@@ -143,3 +156,84 @@ def m001_initial(db: Database) -> None:
         foreign_keys=_child_of_artifacts("pushes"),
     )
     db["pushes"].create_index(["artifact_id"])
+
+
+# -- m002: provenance as plain columns ------------------------------------------------------------
+# The environment keys every manifest has; any other key names the method's own library
+# (bitsandbytes, hqq, aqlm...) with its version.
+STANDARD_ENVIRONMENT_KEYS = frozenset(
+    {"qconv", "python", "platform", "torch", "transformers", "safetensors", "device", "gpu"}
+)
+# New artifacts columns -> the JSON path in the manifest they are copied from.
+ARTIFACT_COLUMNS_FROM_MANIFEST = {
+    "source_architecture": (str, "$.source.architecture"),
+    "calibration_sha256": (str, "$.calibration.sha256"),
+    "calibration_tokens": (int, "$.calibration.tokens"),
+    "calibration_source": (str, "$.calibration.source"),
+    "python_version": (str, "$.environment.python"),
+    "torch_version": (str, "$.environment.torch"),
+    "transformers_version": (str, "$.environment.transformers"),
+    "device": (str, "$.environment.device"),
+    "gpu": (str, "$.environment.gpu"),
+}
+# New metrics columns -> the key in the metric's protocol (JSON) they are copied from.
+METRIC_COLUMNS_FROM_PROTOCOL = {
+    "dataset": (str, "$.dataset"),
+    "dataset_sha256": (str, "$.dataset_sha256"),
+    "seqlen": (int, "$.seqlen"),
+    "windows": (int, "$.windows"),
+    "tokens": (int, "$.tokens"),
+}
+
+
+def method_library(environment: dict | None) -> tuple[str | None, str | None]:
+    """(name, version) of the method's library in a manifest's environment, or (None, None)."""
+    for key, value in (environment or {}).items():
+        if key not in STANDARD_ENVIRONMENT_KEYS:
+            return key, value if value is None else str(value)
+    return None, None
+
+
+def _json_extract(column: str, path: str) -> str:
+    # json_valid first: json_extract raises on text that is not JSON, which would stop the upgrade
+    return f"case when json_valid([{column}]) then json_extract([{column}], '{path}') end"
+
+
+@migrations()
+def m002_provenance_columns(db: Database) -> None:
+    """What a user filters on, as plain columns (the JSON columns stay the full record):
+    the source's architecture, the calibration fingerprint, the environment's versions and GPU,
+    the method's library; and each metric's protocol (dataset, its sha256, seqlen, windows,
+    tokens). Existing rows are backfilled from the JSON they already hold."""
+    artifacts = db["artifacts"]
+    for column, (kind, _) in ARTIFACT_COLUMNS_FROM_MANIFEST.items():
+        artifacts.add_column(column, kind)
+    artifacts.add_column("method_library", str)
+    artifacts.add_column("method_library_version", str)
+    assignments = ", ".join(
+        f"[{column}] = {_json_extract('manifest', path)}"
+        for column, (_, path) in ARTIFACT_COLUMNS_FROM_MANIFEST.items()
+    )
+    db.execute(f"update artifacts set {assignments}")
+    for ident, environment in db.execute("select id, environment from artifacts").fetchall():
+        try:
+            parsed = json.loads(environment) if environment else None
+        except ValueError:
+            parsed = None
+        name, version = method_library(parsed if isinstance(parsed, dict) else None)
+        if name is not None:
+            db.execute(
+                "update artifacts set method_library = ?, method_library_version = ? where id = ?",
+                [name, version, ident],
+            )
+    artifacts.create_index(["base_model"])
+
+    metrics = db["metrics"]
+    for column, (kind, _) in METRIC_COLUMNS_FROM_PROTOCOL.items():
+        metrics.add_column(column, kind)
+    assignments = ", ".join(
+        f"[{column}] = {_json_extract('protocol', path)}"
+        for column, (_, path) in METRIC_COLUMNS_FROM_PROTOCOL.items()
+    )
+    db.execute(f"update metrics set {assignments}")
+    db["pushes"].create_index(["repo"])

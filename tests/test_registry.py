@@ -17,9 +17,10 @@ from qconv.errors import RegistryError
 from qconv.registry import artifact_id, open_registry, registry_path
 from qconv.registry import db as registry_db
 from qconv.registry.manifest_rows import base_model_name
-from qconv.registry.migrations import MIGRATION_SET, m001_initial
+from qconv.registry.migrations import MIGRATION_SET, migrations
 
 TABLES = ["artifacts", "source_files", "files", "layers", "metrics", "pushes"]
+MIGRATIONS = [("qconv", "m001_initial"), ("qconv", "m002_provenance_columns")]
 
 
 def make_manifest(method="bnb", created="2026-11-24T21:00:00+00:00", verify=None, layers=None):
@@ -43,7 +44,14 @@ def make_manifest(method="bnb", created="2026-11-24T21:00:00+00:00", verify=None
             "label": f"{method} nf4+dq",
         },
         "calibration": None,
-        "environment": {"python": "3.11.7", "torch": "2.13.0", "device": "cpu", "gpu": None},
+        "environment": {
+            "python": "3.11.7",
+            "torch": "2.13.0",
+            "transformers": "5.24.0",
+            "bitsandbytes": "0.50.2",
+            "device": "cpu",
+            "gpu": None,
+        },
         "layers": layers
         if layers is not None
         else {
@@ -137,6 +145,8 @@ def test_record_list_and_get_by_prefix(registry, tmp_path):
             "worst_rel_error": 0.11,
             "verified": None,
             "created": "2026-11-24T21:00:00+00:00",
+            "pushes": 0,
+            "ppl": None,
         }
     ]
     record = registry.get_artifact(ident[:5])
@@ -153,6 +163,14 @@ def test_record_list_and_get_by_prefix(registry, tmp_path):
     assert record["manifest"] == make_manifest()
     assert (record["quantized_params"], record["total_params"]) == (1000, 2000)
     assert (record["metrics"], record["pushes"]) == ([], [])
+    # m002's plain columns
+    assert (record["python_version"], record["torch_version"], record["transformers_version"]) == (
+        "3.11.7",
+        "2.13.0",
+        "5.24.0",
+    )
+    assert (record["method_library"], record["method_library_version"]) == ("bitsandbytes", "0.50.2")
+    assert (record["device"], record["gpu"], record["calibration_sha256"]) == ("cpu", None, None)
 
 
 def test_artifact_id_is_pinned(tmp_path):
@@ -353,7 +371,7 @@ def test_migrations_are_applied_once(home):
         assert set(TABLES) <= set(registry.db.table_names())
         assert counts(registry)["metrics"] == counts(registry)["pushes"] == 0
         path = registry.path
-    assert migration_rows(path) == [("qconv", "m001_initial")]
+    assert migration_rows(path) == MIGRATIONS
 
 
 def test_a_second_migration_is_one_decorated_function(home, tmp_path, monkeypatch):
@@ -362,41 +380,54 @@ def test_a_second_migration_is_one_decorated_function(home, tmp_path, monkeypatc
         path = registry.path
     # What a later release does: the same set, one more decorated function at the end.
     upgraded = Migrations(MIGRATION_SET)
-    upgraded()(m001_initial)
+    for migration in migrations._migrations:
+        upgraded(name=migration.name)(migration.fn)
 
     @upgraded()
-    def m002_add_note(db):
+    def m999_add_note(db):
         db["artifacts"].add_column("note", str)
 
     monkeypatch.setattr(registry_db, "migrations", upgraded)
     for _ in range(2):
         with open_registry() as registry:
             assert registry.get_artifact(ident)["note"] is None
-    assert migration_rows(path) == [("qconv", "m001_initial"), ("qconv", "m002_add_note")]
+    assert migration_rows(path) == [*MIGRATIONS, ("qconv", "m999_add_note")]
 
 
 # -- several processes ------------------------------------------------------------------------
-def _record_25(home: str, worker: int, barrier) -> None:
-    barrier.wait()  # all four open the new file at once: creation and migration race too
+def _record_50(home: str, worker: int, barrier) -> None:
+    barrier.wait()  # all eight open the new file at once: creation and migration race too
     with open_registry(Path(home) / "registry.db") as registry:
-        for i in range(25):
+        for i in range(50):
             manifest = make_manifest(created=f"2026-11-24T21:{worker:02d}:{i:02d}+00:00")
-            registry.record_artifact(manifest, Path(home) / f"w{worker}-{i}")
+            ident = registry.record_artifact(manifest, Path(home) / f"w{worker}-{i}")
+            if i % 10 == 0:  # the other writers too, interleaved with the recording
+                registry.record_metric(ident, "ppl", 20.0 + i, {"dataset": "x", "seqlen": 16})
+                registry.record_push(ident, f"me/w{worker}-{i}", "main", "c" * 40, None)
 
 
 def test_concurrent_processes_record(tmp_path):
+    """The issue's bar: 8 processes recording 50 artifacts each into one new registry at once."""
     ctx = multiprocessing.get_context("spawn")
-    barrier = ctx.Barrier(4)
-    workers = [ctx.Process(target=_record_25, args=(str(tmp_path), w, barrier)) for w in range(4)]
+    barrier = ctx.Barrier(8)
+    workers = [ctx.Process(target=_record_50, args=(str(tmp_path), w, barrier)) for w in range(8)]
     for p in workers:
         p.start()
     for p in workers:
         p.join(timeout=120)
-    assert [p.exitcode for p in workers] == [0, 0, 0, 0]
+    assert [p.exitcode for p in workers] == [0] * 8
     with open_registry(tmp_path / "registry.db") as registry:
-        assert len(registry.list_artifacts()) == 100
-        assert counts(registry)["files"] == 200
-    assert migration_rows(tmp_path / "registry.db") == [("qconv", "m001_initial")]
+        assert len(registry.list_artifacts()) == 400
+        assert counts(registry) == {
+            "artifacts": 400,
+            "source_files": 400,
+            "files": 800,
+            "layers": 800,
+            "metrics": 40,
+            "pushes": 40,
+        }
+        assert registry.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert migration_rows(tmp_path / "registry.db") == MIGRATIONS
 
 
 def test_records_do_not_share_mutable_state(registry, tmp_path):
@@ -404,3 +435,225 @@ def test_records_do_not_share_mutable_state(registry, tmp_path):
     snapshot = copy.deepcopy(manifest)
     registry.record_artifact(manifest, tmp_path / "out")
     assert manifest == snapshot  # recording never changes the caller's manifest
+
+
+# -- upgrading a first-cut registry -----------------------------------------------------------
+M001_ARTIFACT_COLUMNS = [
+    "id", "path", "created", "qconv_version", "method", "bits", "label", "recipe", "base_model",
+    "source_kind", "source_ref", "source_revision", "calibration", "environment", "skipped",
+    "size_bytes", "bits_per_weight", "quantized_params", "total_params", "worst_layer",
+    "worst_rel_error", "verified", "verify", "manifest",
+]  # fmt: skip
+
+
+def test_a_first_cut_registry_is_upgraded_keeping_every_row(tmp_path):
+    """A file made by the first release (m001 only, rows as it wrote them) opens with this
+    version: every row kept, the new columns backfilled from the JSON already there."""
+    from sqlite_utils import Database
+
+    from qconv.registry.manifest_rows import rows_from_manifest
+
+    path = tmp_path / "registry.db"
+    db = Database(path)
+    migrations.apply(db, stop_before="m002_provenance_columns")
+    calibrated = make_manifest(method="aqlm", created="2026-11-24T22:00:00+00:00")
+    calibrated["calibration"] = {"sha256": "d" * 64, "tokens": 4096, "source": "wikitext2-valid"}
+    calibrated["environment"] = {"python": "3.12.3", "torch": "2.11.0", "aqlm": "1.1.7", "gpu": "H100"}
+    calibrated["source"]["architecture"] = "LlamaForCausalLM"
+    ids = []
+    for manifest, where in ((make_manifest(), "a"), (calibrated, "b")):
+        rows = rows_from_manifest(manifest, tmp_path / where)
+        db["artifacts"].insert({k: rows.artifact[k] for k in M001_ARTIFACT_COLUMNS})
+        for table in ("source_files", "files", "layers"):
+            db[table].insert_all(getattr(rows, table))
+        ids.append(rows.artifact["id"])
+    protocol = {"dataset": "wikitext-2", "dataset_sha256": "e" * 64, "seqlen": 2048, "windows": 148}
+    db["metrics"].insert(
+        {"artifact_id": ids[1], "name": "ppl", "value": 21.6, "protocol": json.dumps(protocol)}
+    )
+    db["metrics"].insert({"artifact_id": ids[1], "name": "odd", "value": 1.0, "protocol": "not json"})
+    db["pushes"].insert({"artifact_id": ids[0], "repo": "me/a", "revision": "main", "commit_sha": "f" * 40})
+    before = {table: list(db[table].rows) for table in TABLES}
+    db.close()
+    assert migration_rows(path) == MIGRATIONS[:1]
+
+    with open_registry(path) as registry:
+        assert migration_rows(path) == MIGRATIONS
+        after = {table: list(registry.db[table].rows) for table in TABLES}
+        for table in TABLES:  # every row, every old value
+            assert [{k: row[k] for k in before[table][0]} for row in after[table]] == before[table]
+        plain, aqlm = (registry.get_artifact(i) for i in ids)
+        assert (plain["method_library"], plain["method_library_version"]) == ("bitsandbytes", "0.50.2")
+        assert (plain["python_version"], plain["transformers_version"]) == ("3.11.7", "5.24.0")
+        assert (plain["calibration_sha256"], plain["calibration_tokens"]) == (None, None)
+        assert (aqlm["calibration_sha256"], aqlm["calibration_tokens"]) == ("d" * 64, 4096)
+        assert aqlm["calibration_source"] == "wikitext2-valid"
+        assert (aqlm["method_library"], aqlm["gpu"], aqlm["device"]) == ("aqlm", "H100", None)
+        assert aqlm["source_architecture"] == "LlamaForCausalLM"
+        ppl, odd = aqlm["metrics"]
+        assert (ppl["dataset"], ppl["dataset_sha256"], ppl["seqlen"], ppl["windows"], ppl["tokens"]) == (
+            "wikitext-2",
+            "e" * 64,
+            2048,
+            148,
+            None,
+        )
+        assert odd["dataset"] is None  # a protocol that is not JSON is kept, not backfilled
+        assert registry.list_pushes(ids[0])[0]["commit_sha"] == "f" * 40
+        # and the upgraded file records as a new one does
+        registry.record_artifact(make_manifest(created="2026-11-25T00:00:00+00:00"), tmp_path / "c")
+        assert len(registry.list_artifacts()) == 3
+
+
+# -- pushes and metrics -----------------------------------------------------------------------
+def test_record_push_and_list_pushes(registry, tmp_path):
+    ident = registry.record_artifact(make_manifest(), tmp_path / "out")
+    other = registry.record_artifact(make_manifest(), tmp_path / "other")
+    push = registry.record_push(ident[:6], "me/smol-nf4", "main", "a" * 40, "https://hf.co/me/smol-nf4")
+    assert push["artifact_id"] == ident and push["repo"] == "me/smol-nf4" and push["id"] == 1
+    assert push["created"].endswith("+00:00")
+    registry.record_push(ident, "me/smol-nf4", "v2", "b" * 40, None)
+    registry.record_push(other, "me/other", "main", None, None)
+    assert [p["revision"] for p in registry.list_pushes(ident)] == ["main", "v2"]
+    assert len(registry.list_pushes()) == 3
+    assert registry.get_artifact(ident)["pushes"][0]["url"] == "https://hf.co/me/smol-nf4"
+    with pytest.raises(RegistryError, match="no artifact with id 'abcdef'"):
+        registry.record_push("abcdef", "me/x", "main", None, None)
+    with pytest.raises(RegistryError, match="a push needs the repo"):
+        registry.record_push(ident, "", "main", None, None)
+    assert len(registry.list_pushes()) == 3
+
+
+def test_record_metric_keeps_the_protocol(registry, tmp_path):
+    ident = registry.record_artifact(make_manifest(), tmp_path / "out")
+    protocol = {"dataset": "wikitext-2", "dataset_sha256": "e" * 64, "seqlen": 2048, "windows": 148,
+                "tokens": 302956, "device": "cuda:0"}  # fmt: skip
+    row = registry.record_metric(ident, "ppl", 21.61, protocol)
+    assert (row["name"], row["value"], row["seqlen"], row["tokens"]) == ("ppl", 21.61, 2048, 302956)
+    registry.record_metrics(ident, {"kl": 0.05, "top1": 0.9}, protocol)
+    metrics = registry.get_artifact(ident)["metrics"]
+    assert [(m["name"], m["value"]) for m in metrics] == [("ppl", 21.61), ("kl", 0.05), ("top1", 0.9)]
+    assert metrics[0]["protocol"] == protocol and metrics[0]["dataset_sha256"] == "e" * 64
+    assert registry.list_artifacts()[0]["ppl"] == 21.61
+    with pytest.raises(RegistryError, match="protocol must be an object"):
+        registry.record_metric(ident, "ppl", 1.0, "wikitext")
+
+
+# -- listing, resolving, removing -------------------------------------------------------------
+def test_list_filters_and_sorts(registry, tmp_path):
+    small = make_manifest("bnb", "2026-11-24T20:00:00+00:00")
+    small["recipe"]["bits"] = 8
+    small["summary"]["bits_per_weight"] = 8.0
+    small["files"]["model.safetensors"]["size"] = 900
+    a = registry.record_artifact(small, tmp_path / "a")
+    hub = make_manifest("hqq", "2026-11-24T21:00:00+00:00")
+    hub["source"].update(kind="hub", ref="HuggingFaceTB/SmolLM2-360M")
+    hub["summary"]["worst_rel_error"] = 0.05
+    hub["layers"] = {}
+    b = registry.record_artifact(hub, tmp_path / "b")
+    c = registry.record_artifact(make_manifest("bnb", "2026-11-24T22:00:00+00:00"), tmp_path / "c")
+    registry.record_push(b, "me/b", "main", None, None)
+    registry.record_metric(c, "ppl", 27.0, {})
+    registry.record_metric(a, "ppl", 22.0, {})
+
+    def ids(**kwargs):
+        return [row["id"] for row in registry.list_artifacts(**kwargs)]
+
+    assert ids() == [c, b, a]
+    assert ids(method="bnb") == [c, a]
+    assert ids(bits=8) == [a] and ids(bits=4) == [c, b]
+    assert ids(base="smollm2-360") == [b] and ids(base="models/SmolLM2-135M") == [c, a]
+    assert ids(pushed=True) == [b] and ids(pushed=False) == [c, a]
+    assert ids(method="bnb", bits=4, pushed=False) == [c]
+    assert ids(sort="size") == [c, b, a] and ids(sort="size", reverse=True) == [a, c, b]
+    assert ids(sort="error") == [b, c, a]  # 0.05, then 0.11 newest first among equals
+    assert ids(sort="bits") == [c, b, a]
+    assert ids(sort="ppl") == [a, c, b]  # no ppl: last
+    assert ids(sort="created", reverse=True) == [a, b, c]
+    with pytest.raises(RegistryError, match="cannot sort by 'colour'; choose from created, size"):
+        registry.list_artifacts(sort="colour")
+
+
+def test_resolve_by_id_prefix_or_path(registry, tmp_path, monkeypatch):
+    from qconv.registry import resolve_artifact
+
+    out = tmp_path / "out"
+    out.mkdir()
+    old = registry.record_artifact(make_manifest(created="2026-11-24T20:00:00+00:00"), out)
+    new = registry.record_artifact(make_manifest(created="2026-11-24T21:00:00+00:00"), out)
+    assert registry.resolve(new)["id"] == new
+    assert registry.resolve(old[:7].upper())["id"] == old
+    assert registry.resolve(out)["id"] == new  # a folder: the newest recorded there
+    assert registry.resolve(str(out))["path"] == str(out.resolve())
+    monkeypatch.chdir(tmp_path)
+    assert registry.resolve("out")["id"] == new  # "out" is not hex: a path
+    with pytest.raises(RegistryError) as excinfo:
+        registry.resolve(tmp_path / "elsewhere")
+    assert str(excinfo.value) == (
+        f"{tmp_path / 'elsewhere'}: no artifact recorded at {tmp_path / 'elsewhere'} in {registry.path}"
+    )
+    with pytest.raises(RegistryError, match="no artifact with id 'abc123'"):
+        registry.resolve("abc123")
+
+    assert resolve_artifact(registry, new[:5]) == registry_db.ResolvedArtifact(out.resolve(), new)
+    assert resolve_artifact(registry, out) == registry_db.ResolvedArtifact(out, new)
+    unrecorded = tmp_path / "unrecorded"
+    assert resolve_artifact(registry, str(unrecorded)) == registry_db.ResolvedArtifact(unrecorded, None)
+    assert resolve_artifact(None, str(unrecorded)).id is None
+
+
+def artifact_folder(tmp_path, name="out", created="2026-11-24T21:00:00+00:00"):
+    """A folder whose files are what its manifest lists."""
+    folder = tmp_path / name
+    folder.mkdir()
+    manifest = make_manifest(created=created)
+    for file_name in manifest["files"]:
+        (folder / file_name).write_text(file_name)
+    (folder / "qconv.json").write_text(json.dumps(manifest))
+    return folder, manifest
+
+
+def test_remove_artifact_deletes_its_folder_only_when_it_is_that_artifact(registry, tmp_path):
+    folder, manifest = artifact_folder(tmp_path)
+    ident = registry.record_artifact(manifest, folder)
+    registry.record_push(ident, "me/x", "main", None, None)
+
+    (folder / "notes.txt").write_text("mine")  # something that is not the artifact's
+    with pytest.raises(RegistryError) as excinfo:
+        registry.remove_artifact(ident, delete_files=True)
+    assert str(excinfo.value) == (
+        f"{folder.resolve()}: holds notes.txt, which is not one of the artifact's files; not deleting it"
+    )
+    (folder / "notes.txt").unlink()
+
+    # the folder now holds a newer conversion: its qconv.json names another id
+    newer = make_manifest(created="2026-11-25T09:00:00+00:00")
+    (folder / "qconv.json").write_text(json.dumps(newer))
+    with pytest.raises(RegistryError, match=rf"its qconv.json describes artifact {artifact_id(newer, folder)}, not {ident}; not deleting it"):  # fmt: skip
+        registry.remove_artifact(ident, delete_files=True)
+    (folder / "qconv.json").unlink()
+    with pytest.raises(RegistryError, match="no qconv.json, not a qconv artifact; not deleting it"):
+        registry.remove_artifact(ident, delete_files=True)
+    assert folder.is_dir() and counts(registry)["artifacts"] == 1 and counts(registry)["pushes"] == 1
+
+    (folder / "qconv.json").write_text(json.dumps(manifest))
+    assert registry.remove_artifact(ident[:6], delete_files=True) == {
+        "id": ident,
+        "path": str(folder.resolve()),
+        "files_deleted": True,
+    }
+    assert not folder.exists() and not list(tmp_path.glob(".out.qconv-rm-*"))
+    assert counts(registry) == dict.fromkeys(TABLES, 0)
+
+
+def test_remove_artifact_keeps_files_unless_asked_and_copes_with_a_gone_folder(registry, tmp_path):
+    folder, manifest = artifact_folder(tmp_path)
+    ident = registry.record_artifact(manifest, folder)
+    assert registry.remove_artifact(folder)["files_deleted"] is False
+    assert folder.is_dir() and counts(registry)["artifacts"] == 0
+    ident = registry.record_artifact(manifest, folder)
+    for path in folder.iterdir():
+        path.unlink()
+    folder.rmdir()
+    assert registry.remove_artifact(ident, delete_files=True)["files_deleted"] is False
+    assert counts(registry)["artifacts"] == 0
