@@ -90,7 +90,7 @@ def rows_from_manifest(manifest: dict, path: str | Path) -> ArtifactRows:
         "source_architecture": _scalar(source.get("architecture")),
         "calibration_sha256": _scalar(calibration.get("sha256")),
         "calibration_tokens": _scalar(calibration.get("tokens")),
-        "calibration_source": _scalar(calibration.get("source")),
+        "calibration_source": _scalar(calibration.get("text") or calibration.get("source")),
         "python_version": _scalar(environment.get("python")),
         "torch_version": _scalar(environment.get("torch")),
         "transformers_version": _scalar(environment.get("transformers")),
