@@ -166,6 +166,22 @@ class Registry:
             self.db.table("artifacts").update(found[0], {"verify": to_json(verify), "verified": flag})
         return found[0]
 
+    def record_push(self, artifact_id: str, repo: str, revision: str, commit_sha: str, url: str) -> int:
+        """Record that the artifact ``artifact_id`` (a full id) is at ``commit_sha`` of ``repo``'s
+        ``revision`` on a hub; return the row's id."""
+        from datetime import datetime, timezone
+
+        row = {
+            "artifact_id": artifact_id,
+            "repo": repo,
+            "revision": revision,
+            "commit_sha": commit_sha,
+            "url": url,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        with self._writing(f"cannot record the push of {artifact_id}"):
+            return self.db.table("pushes").insert(row).last_pk
+
     def delete_artifact(self, artifact_id: str) -> str:
         """Remove an artifact (id or unique prefix) and every row that refers to it (files,
         layers, metrics, pushes: ON DELETE CASCADE); return the full id. Files on disk stay."""
