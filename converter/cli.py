@@ -183,4 +183,4 @@ def main() -> None:
 
 
 # The commands live by area; importing registers them on `main`.
-from qconv import cli_convert, cli_eval, cli_registry  # noqa: E402,F401
+from qconv import cli_convert, cli_eval, cli_hub, cli_registry  # noqa: E402,F401

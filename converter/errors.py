@@ -50,3 +50,12 @@ class RegistryError(QconvError, RuntimeError):
 
 class MissingDependencyError(QconvError, ImportError):
     """An optional library a method needs is not installed."""
+
+
+class HubError(QconvError, RuntimeError):
+    """The Hub refused or failed a request (bad token, no such repo, still failing after retries).
+    Its message never holds the token."""
+
+
+class NotVerifiedError(QconvError, ValueError):
+    """An artifact whose verification failed or never ran, asked to be published without --force."""

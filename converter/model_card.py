@@ -42,3 +42,157 @@ def model_card(manifest: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+# Methods stock transformers loads by itself (with the method's library installed); the others
+# (hqq, which transformers 5.x cannot load, and eetq) load with qconv.load_model.
+STOCK_TRANSFORMERS = {"bnb": "bitsandbytes", "aqlm": "aqlm"}
+
+
+def hub_model_card(manifest: dict, metrics: list[dict], repo: str) -> str:
+    """The README.md pushed to the Hub: YAML front matter the Hub indexes (base model, relation,
+    licence, tags), then the recipe, how to load it, the metrics with their protocol, and where
+    it came from. Deterministic: the same artifact and metrics give the same bytes, so pushing
+    again finds nothing changed."""
+    recipe, source, summary = manifest["recipe"], manifest["source"], manifest["summary"]
+    method = recipe["method"]
+    base = _base_model(source)
+    front = ["---"]
+    if base:
+        front += [f"base_model: {_yaml_str(base)}", "base_model_relation: quantized"]
+    if source.get("license"):
+        front.append(f"license: {_yaml_str(source['license'])}")
+    front += ["library_name: transformers", "tags:", "- qconv", f"- {method}", "- quantized"]
+    bits = recipe.get("bits")
+    if bits:
+        front.append(f"- {bits}-bit")
+    front.append("---")
+
+    title = f"# {repo.split('/')[-1]}"
+    lines = [
+        *front,
+        "",
+        title,
+        "",
+        f"`{base or source['ref']}` quantized with qconv {manifest['qconv']}: "
+        f"{recipe.get('label') or method}, {summary['bits_per_weight']:.3f} bits per quantized weight, "
+        f"{summary['quantized_layers']} layers quantized.",
+        "",
+        "## Recipe",
+        "",
+        "| option | value |",
+        "|---|---|",
+        *(f"| `{k}` | `{_cell(v)}` |" for k, v in recipe.items()),
+        "",
+        f"Left unquantized: {', '.join(f'`{m}`' for m in manifest.get('skipped') or []) or 'none'}.",
+        (
+            f"Worst layer: `{summary['worst_layer']}`, relative error {summary['worst_rel_error']:.4f}."
+            if summary.get("worst_rel_error") is not None
+            else "Layer errors: unknown (no float source to measure them against)."
+        ),
+        "",
+        "## Use",
+        "",
+        *_loading(method, repo),
+        "",
+        "## Metrics",
+        "",
+        *_metrics(metrics),
+        "",
+        "## Provenance",
+        "",
+        *_provenance(manifest),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _base_model(source: dict) -> str | None:
+    """A Hub id for ``base_model`` when the source was one (or sits in the Hub cache)."""
+    from qconv.registry.manifest_rows import base_model_name
+
+    name = base_model_name(source.get("kind"), source.get("ref"))
+    if source.get("kind") == "hub" or (name and "/" in name):
+        return name
+    return None
+
+
+def _loading(method: str, repo: str) -> list[str]:
+    if method in STOCK_TRANSFORMERS:
+        return [
+            f"Stock transformers loads it (install `{STOCK_TRANSFORMERS[method]}`):",
+            "",
+            "```python",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            f'model = AutoModelForCausalLM.from_pretrained("{repo}", device_map="auto")',
+            f'tokenizer = AutoTokenizer.from_pretrained("{repo}")',
+            "```",
+        ]
+    return [
+        f"transformers 5.x cannot load {method} folders; `qconv.load_model` can (`pip install qconv[{method}]`):",
+        "",
+        "```python",
+        "import qconv",
+        "from huggingface_hub import snapshot_download",
+        "from transformers import AutoTokenizer",
+        "",
+        f'folder = snapshot_download("{repo}")',
+        'model = qconv.load_model(folder, device="cuda")',
+        "tokenizer = AutoTokenizer.from_pretrained(folder)",
+        "```",
+    ]
+
+
+def _metrics(metrics: list[dict]) -> list[str]:
+    if not metrics:
+        return ["Not measured yet (`qconv eval`)."]
+    rows = ["| metric | value | protocol |", "|---|---:|---|"]
+    for m in sorted(metrics, key=lambda m: (m["name"], str(m.get("protocol")))):
+        protocol = m.get("protocol")
+        if isinstance(protocol, dict):
+            protocol = ", ".join(f"{k}: {_cell(v)}" for k, v in sorted(protocol.items()))
+        rows.append(f"| {m['name']} | {m['value']:.4g} | {protocol or '-'} |")
+    return rows
+
+
+def _provenance(manifest: dict) -> list[str]:
+    source, env = manifest["source"], manifest.get("environment") or {}
+    lines = [
+        f"- Source: {source['kind']} `{source['ref']}`"
+        + (f" at commit `{source['revision']}`" if source.get("revision") else ""),
+        f"- Converted: {manifest.get('created')} by qconv {manifest['qconv']}",
+        "- Environment: "
+        + ", ".join(f"{k} {v}" for k, v in env.items() if v is not None and k not in ("platform",)),
+        "- Verification: "
+        + (
+            ("passed" if manifest["verify"]["passed"] else "FAILED")
+            + "; "
+            + "; ".join(f"{c['name']}: {c['detail']}" for c in manifest["verify"].get("checks", []))
+            if manifest.get("verify")
+            else "not run"
+        ),
+        "- Source files (sha256):",
+        "",
+        "| file | sha256 | size |",
+        "|---|---|---:|",
+        *(
+            f"| `{n}` | `{e['sha256']}` | {e['size']} |"
+            for n, e in sorted((source.get("files") or {}).items())
+        ),
+        "",
+        "Every file's sha256 (its LFS oid) and every layer's error are in `qconv.json`; "
+        "`qconv verify` re-checks a downloaded copy.",
+    ]
+    return lines
+
+
+def _cell(value) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _yaml_str(value: str) -> str:
+    """A YAML scalar, quoted when it could read as something else."""
+    if value and all(c.isalnum() or c in "-_./" for c in value) and not value[0].isdigit():
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'

@@ -363,6 +363,7 @@ def _convert_into(
             "kind": source.kind,
             "ref": source.ref,
             "revision": source.revision,
+            "license": source.license,
             "architecture": plan.architecture,
             "files": source_file_hashes,
         },

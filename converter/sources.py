@@ -118,6 +118,7 @@ class Source:
     kind: str = ""
     ref: str = ""
     revision: str | None = None
+    license: str | None = None  # from the model card's front matter, when it has one
 
     def config_dict(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -253,6 +254,7 @@ class HFFolderSource(Source):
             self._config = json.loads(config_path.read_text())
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise SourceError(f"{config_path}: not valid JSON") from exc
+        self.license = read_card_license(folder / "README.md")
         self.weight_files = self._find_weight_files()
         self._infos: list[TensorInfo] = []
         self._file_of: dict[str, Path] = {}
@@ -391,9 +393,31 @@ class HFFolderSource(Source):
         self._fds.clear()
 
 
+def read_card_license(readme: Path) -> str | None:
+    """``license:`` from a model card's YAML front matter (None when absent or unreadable)."""
+    try:
+        text = readme.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not text.startswith("---"):
+        return None
+    for line in text.split("\n---", 1)[0].splitlines()[1:]:
+        key, _, value = line.partition(":")
+        if key.strip() == "license" and value.strip():
+            return value.strip().strip("'\"")
+    return None
+
+
 def open_source(ref: str | Path) -> Source:
-    """Open a source by reference: a model folder or a ``.gguf`` file."""
+    """Open a source by reference: a model folder, a ``.gguf`` file, or a Hub repo
+    ``ORG/NAME[@REVISION]`` (when no such path exists here)."""
     path = Path(ref).expanduser()
+    if not path.exists():
+        from qconv.source_hub import HubSource, parse_hub_ref
+
+        hub_ref = parse_hub_ref(str(ref))
+        if hub_ref is not None:
+            return HubSource(*hub_ref)
     if path.is_dir():
         return HFFolderSource(path)
     if path.is_file():

@@ -2,17 +2,35 @@
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
+from loopback_hub import LoopbackHub, free_port  # noqa: E402 - tests/ is on sys.path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+# huggingface_hub reads HF_ENDPOINT, HF_HOME (its cache and token file) and HF_HUB_OFFLINE once,
+# when it is imported, so they are set here, before any test imports it: every test talks to the
+# loopback Hub (tests/loopback_hub.py) on this port, never to the real Hub, and no test sees the
+# developer's own Hugging Face login or cache. Tests of the Hub switch offline mode off through the
+# `hub` fixture (huggingface_hub.constants.HF_HUB_OFFLINE, which the client reads at call time).
+HUB_PORT = free_port()
+HUB_TOKEN = "hf_qconvTestToken0123456789abcdefSECRET"
+os.environ["HF_ENDPOINT"] = f"http://127.0.0.1:{HUB_PORT}"
+os.environ["HF_HUB_DISABLE_XET"] = "1"
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="qconv-test-hf-home-")
+atexit.register(shutil.rmtree, os.environ["HF_HOME"], True)
+for _name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_TOKEN_PATH"):
+    os.environ.pop(_name, None)
 
 
 def make_tiny_llama(
@@ -120,3 +138,32 @@ class Cli:
 @pytest.fixture
 def cli() -> Cli:
     return Cli()
+
+
+@pytest.fixture(scope="session")
+def hub_server():
+    import huggingface_hub.constants
+
+    assert huggingface_hub.constants.ENDPOINT == os.environ["HF_ENDPOINT"], (
+        "huggingface_hub was imported before tests/conftest.py set HF_ENDPOINT"
+    )
+    server = LoopbackHub(HUB_TOKEN, port=HUB_PORT).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def hub(hub_server, monkeypatch, tmp_path):
+    """The loopback Hub, emptied, online, with the right token in HF_TOKEN and a cache of the
+    test's own."""
+    import huggingface_hub.constants as constants
+
+    hub_server.reset()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_TOKEN", HUB_TOKEN)
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HUGGINGFACE_HUB_CACHE", str(cache), raising=False)
+    yield hub_server
+    hub_server.reset()

@@ -1,0 +1,396 @@
+"""``qconv push``: publish an artifact to a Hugging Face Hub repo, once.
+
+The upload is huggingface_hub's own (``create_repo(exist_ok=True)``, ``upload_folder``), from a
+staging folder of hard links to the artifact's files plus the model card written for the Hub, so
+the artifact's hashed files are never touched. What makes it safe to run again, and after a fault:
+
+- Before every attempt the remote head is read and its files compared with the artifact's: an
+  LFS file by its oid (the sha256 the manifest records), a small file by its git blob id. When they
+  all match, nothing is uploaded: pushing the same artifact again makes no commit.
+- The client does not retry a commit answered with HTTP 500, and a commit whose response is lost
+  (``RemoteProtocolError``) may exist on the Hub anyway (shared/HUB.md). So after any failure qconv
+  reads the remote head again before retrying: if the files are there, that commit was ours.
+  Each commit also names its parent (``parent_commit``), so a stale retry is refused by the Hub
+  instead of stacking a second commit. Bounded retries, exponential backoff.
+- The token comes from ``HF_TOKEN`` or huggingface_hub's stored login, is handed to the client
+  only, and is scrubbed from every error message qconv shows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qconv.artifact import MANIFEST_NAME, Artifact
+from qconv.errors import ArtifactError, HubError, NotVerifiedError, RegistryError, UsageError
+from qconv.model_card import hub_model_card
+from qconv.writer import sha256_file
+
+RETRY_ATTEMPTS = 4
+RETRY_BACKOFF_S = 2.0  # doubled after each failed attempt
+CARD_NAME = "README.md"
+# Remote files an upload replaces wholesale: shards of an older artifact must not linger.
+DELETE_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
+REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+BRANCH = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+RETRYABLE_STATUS = {408, 409, 412, 423, 425, 429}
+
+
+@dataclass
+class UploadFile:
+    name: str  # path in the repo
+    path: Path  # where its bytes are
+    size: int
+    sha256: str
+
+
+@dataclass
+class PushResult:
+    artifact_id: str | None
+    folder: Path
+    repo: str
+    revision: str
+    status: str  # "committed", "unchanged" or "dry-run"
+    files: list[dict[str, Any]]
+    card: str
+    commit_sha: str | None = None
+    url: str | None = None
+    attempts: int = 0
+    recorded: bool = False
+    errors: list[str] = field(default_factory=list)  # the faults retried past, token-free
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.artifact_id,
+            "path": str(self.folder),
+            "repo": self.repo,
+            "revision": self.revision,
+            "status": self.status,
+            "commit_sha": self.commit_sha,
+            "url": self.url,
+            "attempts": self.attempts,
+            "recorded": self.recorded,
+            "retried_errors": self.errors,
+            "files": self.files,
+        }
+
+
+@dataclass
+class ResolvedArtifact:
+    artifact_id: str | None  # None: a folder the registry does not know (yet)
+    folder: Path
+    manifest: dict[str, Any]
+    verified: bool | None  # the latest verify result: the registry's, else the manifest's
+
+
+def resolve_artifact(registry, ref: str | Path) -> ResolvedArtifact:
+    """An artifact by folder path or by registry id (or a unique prefix of one)."""
+    from qconv.registry import artifact_id
+
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        artifact = Artifact(path)
+        manifest = artifact.manifest
+        ident = artifact_id(manifest, path)
+        row = _registry_row(registry, ident)
+    else:
+        if registry is None:
+            raise ArtifactError(f"{ref}: no such artifact folder")
+        try:
+            row = registry.get_artifact(str(ref))
+        except RegistryError as exc:
+            raise ArtifactError(f"{ref}: not an artifact folder nor a recorded id ({exc})") from None
+        ident, path = row["id"], Path(row["path"])
+        if not path.is_dir():
+            raise ArtifactError(f"{ref}: recorded at {path}, which no longer exists")
+        manifest = Artifact(path).manifest
+    verify = manifest.get("verify") or {}
+    verified = row["verified"] if row is not None else verify.get("passed")
+    return ResolvedArtifact(ident if row is not None else None, path, manifest, verified)
+
+
+def _registry_row(registry, ident: str) -> dict | None:
+    if registry is None:
+        return None
+    try:
+        return registry.get_artifact(ident)
+    except RegistryError:
+        return None
+
+
+def hub_token() -> str:
+    """``HF_TOKEN``, else huggingface_hub's stored login."""
+    from huggingface_hub import get_token
+
+    token = os.environ.get("HF_TOKEN") or get_token()
+    if not token:
+        raise HubError("no Hugging Face token: set HF_TOKEN or log in with `hf auth login`")
+    return token
+
+
+def upload_files(resolved: ResolvedArtifact) -> list[UploadFile]:
+    """The artifact's files as the manifest lists them (its own README.md replaced by the Hub
+    card), plus the manifest itself; each checked to have the manifest's size."""
+    out = []
+    for name, entry in sorted(resolved.manifest.get("files", {}).items()):
+        if name in (CARD_NAME, MANIFEST_NAME):
+            continue
+        path = resolved.folder / name
+        if not path.is_file():
+            raise ArtifactError(f"{path}: listed in the manifest but missing")
+        if path.stat().st_size != entry["size"]:
+            raise ArtifactError(f"{path}: size differs from the manifest (run qconv verify)")
+        out.append(UploadFile(name, path, entry["size"], entry["sha256"]))
+    manifest_path = resolved.folder / MANIFEST_NAME
+    out.append(
+        UploadFile(MANIFEST_NAME, manifest_path, manifest_path.stat().st_size, sha256_file(manifest_path))
+    )
+    return out
+
+
+def push(
+    ref: str | Path,
+    repo: str,
+    *,
+    registry=None,
+    revision: str = "main",
+    private: bool = False,
+    dry_run: bool = False,
+    force: bool = False,
+    metrics: list[dict] | None = None,
+    token: str | None = None,
+) -> PushResult:
+    """Publish the artifact ``ref`` (folder or registry id) to ``repo`` at ``revision``.
+
+    ``metrics``: rows ``{"name", "value", "protocol"}`` for the card; default: the registry's.
+    Records the commit in ``registry`` (recording the artifact first if it is not there yet)."""
+    if not REPO_ID.match(repo):
+        raise UsageError(f"--repo {repo!r}: expected NAMESPACE/NAME")
+    if not BRANCH.fullmatch(revision or ""):
+        raise UsageError(f"--revision {revision!r}: not a branch name")
+    resolved = resolve_artifact(registry, ref)
+    if resolved.verified is not True and not force:
+        state = "failed verification" if resolved.verified is False else "was never verified"
+        raise NotVerifiedError(
+            f"{resolved.folder}: the artifact {state}; run qconv verify, or push anyway with --force"
+        )
+    if metrics is None and resolved.artifact_id is not None:
+        metrics = registry.get_artifact(resolved.artifact_id).get("metrics", [])
+    card = hub_model_card(resolved.manifest, metrics or [], repo=repo)
+    files = upload_files(resolved)
+    card_bytes = card.encode("utf-8")
+    listing = [{"name": f.name, "size": f.size, "sha256": f.sha256} for f in files]
+    listing.append(
+        {"name": CARD_NAME, "size": len(card_bytes), "sha256": hashlib.sha256(card_bytes).hexdigest()}
+    )
+    listing.sort(key=lambda f: f["name"])
+    result = PushResult(resolved.artifact_id, resolved.folder, repo, revision, "dry-run", listing, card)
+    if dry_run:
+        return result
+
+    token = token or hub_token()
+    with _staging(resolved.folder, files, card_bytes) as staging:
+        _upload(result, staging, files, card_bytes, private, token, _commit_message(resolved))
+    if registry is not None:
+        if result.artifact_id is None:
+            result.artifact_id = registry.record_artifact(resolved.manifest, resolved.folder)
+        result.recorded = _record(registry, result)
+    return result
+
+
+def _commit_message(resolved: ResolvedArtifact) -> str:
+    recipe, source = resolved.manifest["recipe"], resolved.manifest["source"]
+    from qconv.registry.manifest_rows import base_model_name
+
+    base = base_model_name(source.get("kind"), source.get("ref"))
+    return f"qconv: {recipe.get('label') or recipe['method']} of {base}"
+
+
+def _record(registry, result: PushResult) -> bool:
+    """Record the push unless this very commit is already recorded for this artifact."""
+    rows = registry.get_artifact(result.artifact_id).get("pushes", [])
+    for row in rows:
+        if (row["repo"], row["revision"], row["commit_sha"]) == (
+            result.repo,
+            result.revision,
+            result.commit_sha,
+        ):
+            return False
+    registry.record_push(result.artifact_id, result.repo, result.revision, result.commit_sha, result.url)
+    return True
+
+
+class _staging:
+    """A folder of hard links to the files (copies where links cannot be made) and the card,
+    beside the artifact (same file system), removed afterwards."""
+
+    def __init__(self, folder: Path, files: list[UploadFile], card: bytes):
+        self.folder, self.files, self.card = folder, files, card
+
+    def __enter__(self) -> Path:
+        try:
+            self.path = Path(
+                tempfile.mkdtemp(prefix=f".{self.folder.name}.qconv-push-", dir=self.folder.parent)
+            )
+        except OSError:
+            self.path = Path(tempfile.mkdtemp(prefix="qconv-push-"))
+        for f in self.files:
+            target = self.path / f.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(f.path, target)
+            except OSError:
+                shutil.copyfile(f.path, target)
+        (self.path / CARD_NAME).write_bytes(self.card)
+        return self.path
+
+    def __exit__(self, *exc) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _upload(
+    result: PushResult,
+    staging: Path,
+    files: list[UploadFile],
+    card: bytes,
+    private: bool,
+    token: str,
+    message: str,
+) -> None:
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    wanted = {f.name: (f.sha256, f.path) for f in files}
+    wanted[CARD_NAME] = (hashlib.sha256(card).hexdigest(), staging / CARD_NAME)
+    failed_before = False
+    for attempt in range(1, RETRY_ATTEMPTS + 1):
+        result.attempts = attempt
+        try:
+            if attempt == 1:
+                api.create_repo(result.repo, private=private, exist_ok=True, repo_type="model")
+                if result.revision != "main":
+                    api.create_branch(result.repo, branch=result.revision, exist_ok=True, repo_type="model")
+            head, remote = _remote_files(api, result.repo, result.revision)
+            if _matches(remote, wanted):
+                # After a failure, a match means the failed attempt's commit did land.
+                result.status = "committed" if failed_before else "unchanged"
+                result.commit_sha = head
+                result.url = f"{api.endpoint}/{result.repo}/commit/{head}"
+                return
+            info = api.upload_folder(
+                repo_id=result.repo,
+                folder_path=str(staging),
+                revision=result.revision,
+                commit_message=message,
+                delete_patterns=DELETE_PATTERNS,
+                parent_commit=head,
+                repo_type="model",
+            )
+        except Exception as exc:  # noqa: BLE001 - classified below; anything else is re-raised
+            if not _retryable(exc) or attempt == RETRY_ATTEMPTS:
+                raise HubError(_describe(exc, result.repo, token, attempt)) from None
+            result.errors.append(_describe(exc, result.repo, token, attempt))
+            failed_before = True
+            time.sleep(RETRY_BACKOFF_S * 2 ** (attempt - 1))
+            continue
+        head, remote = _remote_files(api, result.repo, result.revision)
+        if head != info.oid or not _matches(remote, wanted):
+            raise HubError(
+                f"{result.repo}: after the commit {info.oid}, the remote files differ from the artifact"
+            )
+        result.status = "committed"
+        result.commit_sha = info.oid
+        result.url = f"{api.endpoint}/{result.repo}/commit/{info.oid}"
+        return
+
+
+def _remote_files(api, repo: str, revision: str) -> tuple[str, dict[str, tuple[str | None, str | None]]]:
+    """The head commit of ``revision`` and ``{path: (lfs sha256 or None, git blob id)}``."""
+    info = api.model_info(repo, revision=revision, files_metadata=True)
+    files = {}
+    for sibling in info.siblings or []:
+        lfs = sibling.lfs.sha256 if sibling.lfs is not None else None
+        files[sibling.rfilename] = (lfs, sibling.blob_id)
+    return info.sha, files
+
+
+def _matches(remote: dict, wanted: dict[str, tuple[str, Path]]) -> bool:
+    stale = [
+        name for name in remote if name not in wanted and any(Path(name).match(p) for p in DELETE_PATTERNS)
+    ]
+    if stale:
+        return False
+    for name, (sha256, path) in wanted.items():
+        if name not in remote:
+            return False
+        lfs, blob_id = remote[name]
+        if lfs is not None:
+            if lfs != sha256:
+                return False
+        elif blob_id != _git_blob_sha1(path):
+            return False
+    return True
+
+
+def _git_blob_sha1(path: Path) -> str:
+    digest = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _status(exc: BaseException) -> int | None:
+    response = getattr(exc, "response", None)
+    return getattr(response, "status_code", None)
+
+
+def _retryable(exc: BaseException) -> bool:
+    """HTTP 5xx and conflicts, and transport failures (a dropped connection, a timeout) from
+    whichever HTTP library this huggingface_hub uses (httpx in 1.x, httpx2 in 2.x)."""
+    status = _status(exc)
+    if status is not None:
+        return status >= 500 or status in RETRYABLE_STATUS
+    for cause in (exc, exc.__cause__, exc.__context__):
+        if cause is None:
+            continue
+        if isinstance(cause, (ConnectionError, TimeoutError)):
+            return True
+        if type(cause).__module__.split(".")[0] in (
+            "httpx",
+            "httpx2",
+            "httpcore",
+            "h11",
+            "urllib3",
+            "requests",
+        ):
+            return True
+    return False
+
+
+def _describe(exc: BaseException, repo: str, token: str, attempt: int) -> str:
+    """One line, without the token or any Authorization header value."""
+    status = _status(exc)
+    if status is not None:
+        server = getattr(exc, "server_message", None) or ""
+        hint = " (the token was refused: check HF_TOKEN or `hf auth login`)" if status in (401, 403) else ""
+        text = f"{repo}: the Hub answered HTTP {status}{hint}" + (f": {server}" if server else "")
+    else:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        text = f"{repo}: {type(exc).__name__}" + (f": {detail}" if detail else "")
+    if attempt > 1:
+        text += f" (attempt {attempt})"
+    return scrub(text, token)
+
+
+def scrub(text: str, token: str | None) -> str:
+    if token:
+        text = text.replace(token, "***")
+    return re.sub(r"(?i)(bearer\s+)\S+", r"\1***", text).splitlines()[0] if text else text

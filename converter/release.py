@@ -1,0 +1,423 @@
+"""``qconv release PLAN.toml``: convert -> verify -> eval -> gate -> push, for every recipe of a plan.
+
+A plan (see examples/release-smollm2.toml) names a base model, a matrix of recipes, gates and a
+repo-name template. Each entry runs on its own: a failure (bad options, a failed verification, a
+gate, the Hub) is reported and the next entry runs. Running the plan again is how to resume:
+
+- an entry whose artifact (same source files, same recipe) was already pushed to the same repo and
+  revision is skipped, with no conversion and no request to the Hub;
+- an entry whose verified artifact exists (converted, not yet pushed: a crash or a failed push)
+  resumes from that artifact instead of converting again.
+
+The source is opened once and pinned: a Hub base is resolved to one commit for every entry.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qconv.errors import QconvError, UsageError
+from qconv.formats import get_format
+
+ENTRY_KEYS = {"label", "method", "options", "skip", "gates"}
+GATE_KEYS = {"max_layer_error", "max_ppl_increase"}
+EVAL_DEFAULTS = {"text": None, "seqlen": 2048, "max_windows": 8}
+
+
+@dataclass
+class Entry:
+    label: str
+    method: str
+    options: dict[str, Any]
+    skip: list[str]
+    gates: dict[str, float]
+    repo: str = ""
+    output: Path = Path()
+
+
+@dataclass
+class ReleasePlan:
+    path: Path
+    base: str
+    namespace: str
+    repo_template: str
+    output_dir: Path
+    device: str
+    private: bool
+    revision: str
+    gates: dict[str, float]
+    eval: dict[str, Any]
+    entries: list[Entry]
+
+
+@dataclass
+class EntryResult:
+    label: str
+    repo: str
+    recipe: dict[str, Any] = field(default_factory=dict)
+    status: str = "pending"  # released | unchanged | skipped | failed | would-run | would-resume | would-skip
+    stage: str | None = None  # where it failed
+    message: str = ""
+    artifact_id: str | None = None
+    path: str | None = None
+    resumed: bool = False
+    commit_sha: str | None = None
+    url: str | None = None
+    worst_layer_error: float | None = None
+    ppl: float | None = None
+    ppl_source: float | None = None
+    ppl_increase: float | None = None
+
+
+@dataclass
+class ReleaseReport:
+    plan: str
+    base: str
+    source_kind: str
+    source_revision: str | None
+    entries: list[EntryResult]
+
+    @property
+    def failed(self) -> list[EntryResult]:
+        return [e for e in self.entries if e.status == "failed"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "plan": self.plan,
+            "base": self.base,
+            "source_kind": self.source_kind,
+            "source_revision": self.source_revision,
+            "entries": [asdict(e) for e in self.entries],
+            "failed": len(self.failed),
+        }
+
+
+# -- the plan ---------------------------------------------------------------------------------
+def load_plan(path: str | Path) -> ReleasePlan:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        raise UsageError("qconv release needs Python 3.11 or later (tomllib)") from None
+    path = Path(path).expanduser()
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read the plan ({exc.strerror or exc})") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path}: not valid TOML ({exc})") from None
+    where = str(path)
+
+    def need(key: str, kind=str):
+        value = doc.get(key)
+        if not isinstance(value, kind) or (kind is str and not value):
+            raise UsageError(f"{where}: '{key}' is required ({kind.__name__})")
+        return value
+
+    base = need("base")
+    local = (path.parent / base).expanduser()
+    if not Path(base).is_absolute() and local.exists():
+        base = str(local)  # a relative path is relative to the plan
+    namespace = need("namespace")
+    template = doc.get("repo", "{namespace}/{base_name}-{label}")
+    gates = _gates(doc.get("gates", {}), f"{where}: [gates]")
+    settings = {**EVAL_DEFAULTS, **doc.get("eval", {})}
+    unknown = set(settings) - set(EVAL_DEFAULTS)
+    if unknown:
+        raise UsageError(f"{where}: [eval] has unknown key {sorted(unknown)[0]!r}")
+    if settings["text"]:
+        settings["text"] = str((path.parent / settings["text"]).expanduser())
+    output_dir = (path.parent / doc.get("output_dir", "release-out")).expanduser()
+    matrix = doc.get("matrix")
+    if not isinstance(matrix, list) or not matrix:
+        raise UsageError(f"{where}: at least one [[matrix]] entry is needed")
+    base_name = base_name_of(base)
+    entries, seen = [], set()
+    for index, raw in enumerate(matrix, 1):
+        here = f"{where}: [[matrix]] entry {index}"
+        if not isinstance(raw, dict) or not raw.get("method") or not raw.get("label"):
+            raise UsageError(f"{here}: 'label' and 'method' are required")
+        unknown = set(raw) - ENTRY_KEYS
+        if unknown:
+            raise UsageError(f"{here}: unknown key {sorted(unknown)[0]!r}")
+        if raw["label"] in seen:
+            raise UsageError(f"{here}: label {raw['label']!r} is used twice")
+        seen.add(raw["label"])
+        entry = Entry(
+            label=raw["label"],
+            method=raw["method"],
+            options=dict(raw.get("options", {})),
+            skip=list(raw.get("skip", [])),
+            gates={**gates, **_gates(raw.get("gates", {}), here)},
+        )
+        fields = {
+            "namespace": namespace,
+            "base_name": base_name,
+            "label": entry.label,
+            "method": entry.method,
+        }
+        fields["bits"] = entry.options.get("bits", "")
+        try:
+            entry.repo = template.format(**fields)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise UsageError(f"{where}: repo template {template!r}: unknown field {exc}") from None
+        entry.output = output_dir / entry.repo.split("/")[-1]
+        entries.append(entry)
+    return ReleasePlan(
+        path=path,
+        base=base,
+        namespace=namespace,
+        repo_template=template,
+        output_dir=output_dir,
+        device=doc.get("device", "auto"),
+        private=bool(doc.get("private", False)),
+        revision=doc.get("revision", "main"),
+        gates=gates,
+        eval=settings,
+        entries=entries,
+    )
+
+
+def _gates(raw: Any, where: str) -> dict[str, float]:
+    if not isinstance(raw, dict):
+        raise UsageError(f"{where}: gates must be a table")
+    unknown = set(raw) - GATE_KEYS
+    if unknown:
+        raise UsageError(
+            f"{where}: unknown gate {sorted(unknown)[0]!r} (known: {', '.join(sorted(GATE_KEYS))})"
+        )
+    for key, value in raw.items():
+        if not isinstance(value, (int, float)) or value < 0:
+            raise UsageError(f"{where}: {key} must be a number >= 0")
+    return {k: float(v) for k, v in raw.items()}
+
+
+def base_name_of(base: str) -> str:
+    from qconv.source_hub import parse_hub_ref
+
+    hub = parse_hub_ref(base) if not Path(base).exists() else None
+    if hub is not None:
+        return hub[0].split("/")[-1]
+    path = Path(base)
+    return path.stem if path.suffix == ".gguf" else path.name
+
+
+# -- running it -------------------------------------------------------------------------------
+def release(plan: ReleasePlan, *, registry, dry_run: bool = False, on_entry=None) -> ReleaseReport:
+    """Run every entry of ``plan``; ``on_entry(result)`` is called as each one ends."""
+    from qconv.sources import open_source
+
+    with open_source(plan.base) as source:
+        kind, revision = source.kind, source.revision
+        source_files = source.file_hashes()
+        # a Hub base is pinned to the commit it resolved to now, for every entry
+        convert_ref = f"{source.ref}@{revision}" if kind == "hub" else plan.base
+    report = ReleaseReport(str(plan.path), plan.base, kind, revision, [])
+    evaluator = Evaluator(plan, convert_ref)
+    for entry in plan.entries:
+        result = EntryResult(entry.label, entry.repo)
+        try:
+            _run_entry(plan, entry, result, registry, source_files, convert_ref, evaluator, dry_run)
+        except QconvError as exc:
+            result.status, result.message = "failed", str(exc).strip().splitlines()[0]
+        except Exception as exc:  # noqa: BLE001 - one entry's crash must not stop the others
+            result.status = "failed"
+            result.message = (
+                f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            )
+        report.entries.append(result)
+        if on_entry:
+            on_entry(result)
+    return report
+
+
+def _run_entry(plan, entry, result, registry, source_files, convert_ref, evaluator, dry_run) -> None:
+    from qconv.hub import push
+    from qconv.pipeline import convert
+
+    result.stage = "plan"
+    fmt = get_format(entry.method)
+    made = fmt.make_recipe(dict(entry.options))
+    result.recipe = made
+    released, reusable = _find(registry, entry, made, source_files, plan.revision)
+    if released is not None:
+        result.status = "would-skip" if dry_run else "skipped"
+        result.stage = None
+        result.artifact_id, result.path = released["id"], released["path"]
+        result.commit_sha, result.url = released["push"]["commit_sha"], released["push"]["url"]
+        result.message = "already released from this source and recipe"
+        return
+    if dry_run:
+        result.status, result.stage = ("would-resume" if reusable else "would-run"), None
+        result.artifact_id = reusable["id"] if reusable else None
+        return
+
+    if reusable is not None:
+        result.resumed = True
+        result.artifact_id, result.path = reusable["id"], reusable["path"]
+        manifest = reusable["manifest"]
+    else:
+        result.stage = "convert"
+        converted = convert(
+            convert_ref,
+            entry.output,
+            entry.method,
+            entry.options,
+            skip=entry.skip,
+            device=plan.device,
+            force=True,
+            verify=True,
+            registry=registry,
+        )
+        result.artifact_id, result.path, manifest = (
+            converted.artifact_id,
+            str(converted.path),
+            converted.manifest,
+        )
+        result.stage = "verify"
+        if converted.report is None or not converted.report.passed:
+            failed = [c for c in converted.report.checks if not c["passed"]] if converted.report else []
+            detail = f"{failed[0]['name']}: {failed[0]['detail']}" if failed else "not run"
+            raise QconvError(f"verification failed ({detail})")
+    result.recipe = manifest["recipe"]
+
+    result.stage = "gate"
+    worst = manifest["summary"].get("worst_rel_error")
+    result.worst_layer_error = worst
+    limit = entry.gates.get("max_layer_error")
+    if limit is not None and (worst is None or worst > limit):
+        raise QconvError(f"worst layer error {worst:.4g} > max_layer_error {limit:g}")
+
+    result.stage = "eval"
+    metrics = evaluator.metrics(result.path, manifest)
+    result.ppl, result.ppl_source = metrics["perplexity"], metrics["perplexity_source"]
+    result.ppl_increase = metrics["perplexity_increase"]
+    rows = evaluator.metric_rows(metrics)
+    _record_metrics(registry, result.artifact_id, rows)
+
+    result.stage = "gate"
+    limit = entry.gates.get("max_ppl_increase")
+    if limit is not None and not result.ppl_increase <= limit:
+        raise QconvError(f"perplexity increase {result.ppl_increase:.2%} > max_ppl_increase {limit:.2%}")
+
+    result.stage = "push"
+    pushed = push(
+        result.artifact_id,
+        entry.repo,
+        registry=registry,
+        revision=plan.revision,
+        private=plan.private,
+        metrics=rows,
+    )
+    result.stage = None
+    result.status = "released" if pushed.status == "committed" else "unchanged"
+    result.commit_sha, result.url = pushed.commit_sha, pushed.url
+
+
+def _find(registry, entry: Entry, made: dict, source_files: dict, revision: str):
+    """(an artifact of this source and recipe already pushed to the entry's repo and revision,
+    else None; a verified one still on disk to resume from, else None), from the registry."""
+    released = reusable = None
+    for row in registry.list_artifacts(method=entry.method):
+        record = registry.get_artifact(row["id"])
+        recipe = record["recipe"] or {}
+        if any(recipe.get(k) != v for k, v in made.items()) or list(recipe.get("skip") or []) != entry.skip:
+            continue
+        if record["source_files"] != source_files:
+            continue
+        pushes = [p for p in record["pushes"] if p["repo"] == entry.repo and p["revision"] == revision]
+        if pushes and released is None:
+            released = {**record, "push": pushes[-1]}
+        if record["verified"] and Path(record["path"]).is_dir() and reusable is None:
+            reusable = record
+    return released, reusable
+
+
+def _record_metrics(registry, artifact_id: str, rows: list[dict]) -> None:
+    """Into the registry's metrics table, once ``Registry.record_metric`` exists (qconv eval's
+    branch adds it); the card gets the same rows either way."""
+    record_metric = getattr(registry, "record_metric", None)
+    if record_metric is None:
+        return
+    for row in rows:
+        record_metric(artifact_id, row["name"], row["value"], row["protocol"])
+
+
+class Evaluator:
+    """Perplexity of an artifact and of the source on the same token ids (the source's once).
+    The one place to swap for ``qconv eval``'s library call."""
+
+    def __init__(self, plan: ReleasePlan, source_ref: str):
+        self.plan, self.source_ref = plan, source_ref
+        self._ids = None
+        self._source_ppl: dict[str, float] = {}
+
+    def _token_ids(self, folder: str, vocab_size: int):
+        import torch
+
+        if self._ids is None:
+            settings = self.plan.eval
+            if settings["text"]:
+                from transformers import AutoTokenizer
+
+                from qconv.perplexity import tokenize_text
+
+                self._ids = tokenize_text(AutoTokenizer.from_pretrained(folder), settings["text"])
+            else:
+                # no text: fixed random ids, enough to compare an artifact with its source
+                generator = torch.Generator().manual_seed(0)
+                count = settings["seqlen"] * (settings["max_windows"] or 1)
+                self._ids = torch.randint(0, vocab_size, (count,), generator=generator)
+        return self._ids
+
+    def metrics(self, folder: str, manifest: dict) -> dict[str, Any]:
+        import torch
+
+        from qconv import load_model
+        from qconv.environment import resolve_device
+        from qconv.perplexity import perplexity
+        from qconv.sources import open_source
+        from qconv.verify import source_model
+
+        settings = self.plan.eval
+        device = resolve_device(self.plan.device)
+        dtype = manifest["recipe"].get("dtype", "bfloat16")
+        model = load_model(folder, device=str(device), dtype=torch.float32)
+        ids = self._token_ids(folder, model.config.vocab_size)
+        result = perplexity(model, ids, window=settings["seqlen"], max_windows=settings["max_windows"])
+        del model
+        if dtype not in self._source_ppl:
+            with open_source(self.source_ref) as source:
+                reference = source_model(source, device, getattr(torch, dtype))
+            self._source_ppl[dtype] = perplexity(
+                reference, ids, window=settings["seqlen"], max_windows=settings["max_windows"]
+            )["ppl"]
+            del reference
+        source_ppl = self._source_ppl[dtype]
+        return {
+            "perplexity": result["ppl"],
+            "perplexity_source": source_ppl,
+            "perplexity_increase": result["ppl"] / source_ppl - 1,
+            "protocol": {
+                "protocol": result["protocol"],
+                "window": result["window"],
+                "windows": result["windows"],
+                "predicted_tokens": result["predicted_tokens"],
+                "text": Path(settings["text"]).name if settings["text"] else "random token ids (seed 0)",
+                "compute_dtype": "float32",
+            },
+        }
+
+    @staticmethod
+    def metric_rows(metrics: dict) -> list[dict]:
+        protocol = metrics["protocol"]
+        return [
+            {"name": "perplexity", "value": metrics["perplexity"], "protocol": protocol},
+            {"name": "perplexity (source)", "value": metrics["perplexity_source"], "protocol": protocol},
+        ]
+
+
+def report_json(report: ReleaseReport) -> str:
+    return json.dumps(report.to_dict(), indent=2, default=str)

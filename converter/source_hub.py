@@ -1,0 +1,163 @@
+"""A Hub model as a source: ``ORG/NAME[@REVISION]``.
+
+The revision (default ``main``) is resolved to a commit sha first, then the files a conversion
+needs (config, tokenizer and generation files, the model card for its licence, the safetensors
+index and shards) are fetched one by one with ``hf_hub_download`` at that sha into
+huggingface_hub's cache, and the snapshot folder is read like any local folder. The manifest
+records kind ``hub``, the repo id and the commit sha. With ``HF_HUB_OFFLINE=1`` the revision is
+resolved and the files read from the cache alone.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from qconv.errors import SourceError, SourceNotFoundError
+from qconv.sources import HFFolderSource
+
+HUB_REF = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[\w./-]+))?$")
+# Files beside the weights that a conversion copies or reads (others are not fetched).
+SUPPORT_FILES = {
+    "config.json",
+    "generation_config.json",
+    "README.md",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.json",
+    "chat_template.jinja",
+}
+INDEX = "model.safetensors.index.json"
+
+
+def parse_hub_ref(ref: str) -> tuple[str, str | None] | None:
+    """``(repo_id, revision or None)`` for ``ORG/NAME[@REVISION]``, else None."""
+    match = HUB_REF.match(ref)
+    if match is None or match["repo"].endswith((".gguf", ".safetensors")):
+        return None
+    return match["repo"], match["revision"]
+
+
+def is_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+class HubSource(HFFolderSource):
+    kind = "hub"
+
+    def __init__(self, repo_id: str, revision: str | None = None):
+        self.requested = f"{repo_id}@{revision}" if revision else repo_id
+        folder = _from_cache(repo_id, revision) if is_offline() else _download(repo_id, revision)
+        super().__init__(folder)
+        self.ref = repo_id
+        self.revision = folder.name  # the snapshot folder is named after the commit sha
+
+
+def _wanted(names: list[str], repo: str) -> list[str]:
+    top = [n for n in names if "/" not in n]
+    weights = [n for n in top if n.endswith(".safetensors")]
+    if not weights:
+        other = [n for n in top if n.endswith((".bin", ".pt", ".pth", ".gguf"))]
+        extra = f" (only {other[0]}...; qconv reads safetensors only)" if other else ""
+        raise SourceError(f"{repo}: no safetensors weights in the repo{extra}")
+    support = [n for n in top if n in SUPPORT_FILES or n.endswith(".jinja")]
+    if "config.json" not in support:
+        raise SourceError(f"{repo}: no config.json (not a transformers model repo)")
+    return sorted(support) + ([INDEX] if INDEX in top else [])
+
+
+def _download(repo_id: str, revision: str | None) -> Path:
+    import json
+
+    from huggingface_hub import HfApi, hf_hub_download
+
+    where = f"{repo_id}@{revision}" if revision else repo_id
+    with _hub_errors(where):
+        # config.json at the requested revision first: its path names the commit, and the cache
+        # records revision -> commit, which offline mode resolves later.
+        config = Path(hf_hub_download(repo_id, "config.json", revision=revision))
+        sha = config.parent.name
+        info = HfApi().model_info(repo_id, revision=sha)
+        names = [s.rfilename for s in info.siblings or []]
+        wanted = _wanted(names, where)
+        for name in wanted:
+            hf_hub_download(repo_id, name, revision=sha)
+        folder = config.parent
+        if (folder / INDEX).is_file():
+            try:
+                shards = sorted(set(json.loads((folder / INDEX).read_text())["weight_map"].values()))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise SourceError(f"{where}: {INDEX} is not a valid safetensors index") from exc
+        else:
+            shards = (
+                ["model.safetensors"]
+                if "model.safetensors" in names
+                else [n for n in names if "/" not in n and n.endswith(".safetensors")]
+            )
+        for name in shards:
+            hf_hub_download(repo_id, name, revision=sha)
+    return folder
+
+
+def _from_cache(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import try_to_load_from_cache
+
+    where = f"{repo_id}@{revision}" if revision else repo_id
+    cached = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    if not isinstance(cached, str):
+        raise SourceNotFoundError(
+            f"{where}: not in the Hugging Face cache, and HF_HUB_OFFLINE is set (no download)"
+        )
+    return Path(cached).parent
+
+
+class _hub_errors:
+    """huggingface_hub's errors as qconv's one-line ones (without the token)."""
+
+    def __init__(self, where: str):
+        self.where = where
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if exc is None or isinstance(exc, SourceError):
+            return False
+        from huggingface_hub.errors import (
+            EntryNotFoundError,
+            HfHubHTTPError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
+
+        from qconv.hub import _retryable, scrub
+
+        where = self.where
+        if isinstance(exc, RevisionNotFoundError):
+            raise SourceNotFoundError(f"{where}: no such revision in the repo") from None
+        if isinstance(exc, RepositoryNotFoundError):
+            raise SourceNotFoundError(
+                f"{where}: no such model repo on the Hub (or no access to it)"
+            ) from None
+        if isinstance(exc, EntryNotFoundError):
+            raise SourceError(f"{where}: no config.json (not a transformers model repo)") from None
+        if isinstance(exc, HfHubHTTPError):
+            status = getattr(getattr(exc, "response", None), "status_code", "?")
+            raise SourceError(scrub(f"{where}: the Hub answered HTTP {status}", _token())) from None
+        if _retryable(exc):
+            raise SourceError(f"{where}: cannot reach the Hub ({type(exc).__name__})") from None
+        return False
+
+
+def _token() -> str | None:
+    from huggingface_hub import get_token
+
+    return get_token()

@@ -1,0 +1,93 @@
+"""`qconv convert ORG/NAME[@REVISION]`: a Hub model as the source, through the loopback Hub."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SOURCE = "tiny-org/tiny-llama"
+CARD = b"---\nlicense: apache-2.0\nlanguage: en\n---\n# tiny\n"
+
+
+def model_files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+@pytest.fixture
+def hub_model(hub, tiny_llama):
+    return hub.add_model(SOURCE, {**model_files(tiny_llama), "README.md": CARD})
+
+
+def test_convert_from_the_hub_records_the_commit(cli, hub, hub_model, tiny_llama, tmp_path):
+    _, doc = cli.json("convert", SOURCE, "-o", tmp_path / "out", "--method", "hqq", "--device", "cpu")
+    assert doc["verify"]["passed"]
+    import json
+
+    manifest = json.loads((tmp_path / "out" / "qconv.json").read_text())
+    assert manifest["source"]["kind"] == "hub" and manifest["source"]["ref"] == SOURCE
+    assert manifest["source"]["revision"] == hub_model
+    assert manifest["source"]["license"] == "apache-2.0"
+    assert set(manifest["source"]["files"]) == {"config.json", "generation_config.json", "model.safetensors"}
+    downloads = sorted(
+        r.path.rsplit("/", 1)[-1] for r in hub.requests if r.op == "resolve" and r.method == "GET"
+    )
+    assert downloads == ["README.md", "config.json", "generation_config.json", "model.safetensors"]
+    _, rows = cli.json("ls")
+    assert rows[0]["base_model"] == SOURCE and rows[0]["source_ref"] == SOURCE
+
+
+def test_a_revision_is_resolved_to_its_commit(cli, hub, hub_model, tiny_llama, tmp_path):
+    files = model_files(tiny_llama)
+    newer = hub.add_model(SOURCE, {**files, "config.json": files["config.json"].replace(b"  ", b"   ")})
+    assert newer != hub_model
+    import json
+
+    cli("convert", f"{SOURCE}@{hub_model}", "-o", tmp_path / "old", "--method", "bnb", "--device", "cpu")
+    cli("convert", f"{SOURCE}@main", "-o", tmp_path / "new", "--method", "bnb", "--device", "cpu")
+    old = json.loads((tmp_path / "old" / "qconv.json").read_text())["source"]
+    new = json.loads((tmp_path / "new" / "qconv.json").read_text())["source"]
+    assert (old["revision"], new["revision"]) == (hub_model, newer)
+
+
+def test_offline_works_from_the_cache(cli, hub, hub_model, tmp_path, monkeypatch):
+    import huggingface_hub.constants as constants
+
+    cli("convert", SOURCE, "-o", tmp_path / "a", "--method", "bnb", "--device", "cpu")
+    hub.requests.clear()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    _, doc = cli.json("convert", SOURCE, "-o", tmp_path / "b", "--method", "bnb", "--device", "cpu")
+    assert hub.requests == [] and doc["verify"]["passed"]
+    import json
+
+    assert json.loads((tmp_path / "b" / "qconv.json").read_text())["source"]["revision"] == hub_model
+
+
+def test_offline_and_not_cached(cli, hub, tmp_path, monkeypatch):
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    result = cli("convert", "nobody/nothing", "-o", tmp_path / "x", "--method", "bnb", ok=False)
+    assert result.exit_code == 2
+    assert result.stderr == (
+        "Error: nobody/nothing: not in the Hugging Face cache, and HF_HUB_OFFLINE is set (no download)\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "ref,message",
+    [
+        ("nobody/nothing", "nobody/nothing: no such model repo on the Hub (or no access to it)"),
+        (f"{SOURCE}@nope", f"{SOURCE}@nope: no such revision in the repo"),
+        (
+            "tiny-org/pickles",
+            "tiny-org/pickles: no safetensors weights in the repo (only pytorch_model.bin...; "
+            "qconv reads safetensors only)",
+        ),
+    ],
+)
+def test_hub_source_errors(cli, hub, hub_model, tmp_path, ref, message):
+    hub.add_model("tiny-org/pickles", {"config.json": b"{}", "pytorch_model.bin": b"x"})
+    result = cli("convert", ref, "-o", tmp_path / "x", "--method", "bnb", ok=False)
+    assert result.exit_code == 2
+    assert result.stderr == f"Error: {message}\n"
