@@ -49,10 +49,15 @@ lint: $(STAMP)
 # HQQ_GGUF and HQQ_TEXT: the SmolLM2 gguf and the wikitext-2 test text for the perplexity part.
 HQQ_GGUF ?= /tmp/m/smol.gguf
 HQQ_TEXT ?= ../shared/data/wikitext2-test.txt
+# the authors' AQLM repository (Vahe1994/AQLM): the folder holding its aq_engine.py and src/
+AQLM_REFERENCE ?= .dev/aqlm_ref
 bench:
 	python3 bench/run_bench.py --out bench/results
 	python3 bench/run_hqq.py --out bench/results --part quantizer
 	python3 bench/run_hqq.py --out bench/results --part smollm2 --gguf $(HQQ_GGUF) --text $(HQQ_TEXT)
+	python3 bench/run_eetq.py --out bench/results --gguf $(HQQ_GGUF) --text $(HQQ_TEXT)
+	python3 bench/run_aqlm.py --out bench/results --part layer --gguf $(HQQ_GGUF) --reference $(AQLM_REFERENCE) --name aqlm_layer
+	python3 bench/run_aqlm.py --out bench/results --part smollm2 --gguf $(HQQ_GGUF) --text $(HQQ_TEXT) --name aqlm_smollm2
 	python3 bench/report.py
 
 clean:
