@@ -179,3 +179,14 @@ def test_eval_kl_without_the_source(cli, source, tmp_path):
 
 def _manifest_of(folder):
     return json.loads((folder / "qconv.json").read_text())
+
+
+@pytest.mark.parametrize("method", [["--method", "eetq"], ["--method", "hqq", "--bits", "4"]])
+def test_eval_runs_formats_loaded_by_qconv(cli, source, tmp_path, method):
+    """EETQ and HQQ load through qconv.load_model (no stock loader): eval and --kl run on them."""
+    out = tmp_path / "artifact"
+    _, converted = cli.json("convert", source, "-o", out, *method, "--device", "cpu", "--no-verify")
+    _, doc = cli.json("eval", out, "--max-windows", "1", "--seqlen", str(SEQLEN), "--kl", "--device", "cpu")
+    assert doc["recorded"] is True and doc["id"] == converted["id"]
+    assert math.isfinite(doc["metrics"]["ppl"]) and doc["metrics"]["ppl"] > 1
+    assert 0 <= doc["metrics"]["kl"] < 0.05 and doc["metrics"]["top1"] > 0.8
