@@ -50,6 +50,7 @@ def layer_inputs(gguf: str, layer: str, tokens: int, device: torch.device):
     """H = X^T X / n of ``layer``'s inputs on the calibration text, with the source blocks run
     up to its block, and the layer's weight (float32)."""
     from qconv.calibration import BlockRunner, load_calibration
+    from qconv.formats.aqlm_calibrated import InputStatistics
     from qconv.sources import open_source
 
     source = open_source(gguf)
@@ -61,22 +62,18 @@ def layer_inputs(gguf: str, layer: str, tokens: int, device: torch.device):
     for i in range(index):
         hidden = BlockRunner.run(runner.load_block(i), hidden, kwargs[i])
     block = runner.load_block(index)
-    linear = block.get_submodule(layer[len(runner.block_name(index)) + 1 :])
-    state = {"xtx": None, "n": 0}
-
-    def hook(module, args):
-        x = args[0].reshape(-1, args[0].shape[-1]).double()
-        state["xtx"] = x.t() @ x if state["xtx"] is None else state["xtx"] + x.t() @ x
-        state["n"] += x.shape[0]
-
-    linear.register_forward_pre_hook(hook)
+    block_prefix = runner.block_name(index) + "."
+    statistics = InputStatistics(block, block_prefix, [layer])  # as the conversion gathers it
     BlockRunner.run(block, hidden, kwargs[index])
-    return linear.weight.detach().float(), (state["xtx"] / state["n"]).float(), calib.fingerprint
+    statistics.stop()
+    weight = block.get_submodule(layer[len(block_prefix) :]).weight.detach().float()
+    return weight, statistics.pop(layer), calib.fingerprint
 
 
 def part_layer(args, out: dict) -> None:
     from qconv.formats import get_format
     from qconv.formats.aqlm_solver import quantize_layer
+    from qconv.formats.format_aqlm import stored_tensors
 
     device = torch.device("cuda", 0)  # the reference compares devices with ==: name the index
     weight, xtx, fingerprint = layer_inputs(args.gguf, args.layer, args.calib_tokens, device)
@@ -90,11 +87,8 @@ def part_layer(args, out: dict) -> None:
     solved = quantize_layer(weight, xtx, recipe, torch.Generator().manual_seed(0))
     sync()
     seconds = time.perf_counter() - start
-    stored = solved.state.weight().half()  # what the artifact holds is float16
-    from qconv.formats.aqlm_solver import decode
-
-    books = solved.state.codebooks.half().float()
-    stored = decode(solved.state.codes, books, solved.state.scales.half().float())
+    aqlm = get_format("aqlm")  # the error of what the artifact stores (float16 codebooks and scales)
+    stored = aqlm.dequantize(stored_tensors(solved.state, recipe["nbits_per_codebook"]), recipe)
     result["cases"]["qconv"] = {
         "seconds": seconds,
         "epochs": solved.epochs,

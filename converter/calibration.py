@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from qconv.errors import SourceError, UsageError
+from qconv.loader import assign_parameter, parameters_on_meta
 from qconv.sources import FLOAT_DTYPES, Source
 
 DEFAULT_TEXT = "wikitext2-validation"
@@ -112,8 +113,6 @@ class BlockRunner:
     def __init__(self, source: Source, device: torch.device) -> None:
         from transformers import AutoModelForCausalLM
 
-        from qconv.loader import parameters_on_meta
-
         self.source, self.device = source, device
         config = source.hf_config()
         config.use_cache = False
@@ -125,6 +124,10 @@ class BlockRunner:
                     f"{source.ref}: transformers cannot build a causal LM of it ({exc})"
                 ) from None
         self.model.eval()
+        for module in self.model.modules():  # rotary frequencies and other real (small) buffers
+            for name, buffer in list(module._buffers.items()):
+                if buffer is not None and not buffer.is_meta:
+                    module._buffers[name] = buffer.to(device)
         self.prefix, self.blocks = self._find_blocks()
         self.names = {t.name for t in source.tensors()}
 
@@ -147,11 +150,9 @@ class BlockRunner:
         return f"{self.prefix}.{index}"
 
     def _materialise(self, module: nn.Module, prefix: str) -> None:
-        """Read ``module``'s parameters from the source (float32, on the device); buffers too."""
+        """Read ``module``'s parameters from the source (float32, on the device)."""
         for name, param in list(module.named_parameters(recurse=True)):
             key = f"{prefix}.{name}" if prefix else name
-            owner_name, _, attr = name.rpartition(".")
-            owner = module.get_submodule(owner_name) if owner_name else module
             if key not in self.names:
                 raise SourceError(f"{self.source.ref}: tensor {key!r} is missing")
             value = self.source.read(key)
@@ -160,11 +161,7 @@ class BlockRunner:
                     f"{self.source.ref}: tensor {key!r} is {list(value.shape)}, expected {list(param.shape)}"
                 )
             value = value.to(self.device, torch.float32 if value.dtype in FLOAT_DTYPES else value.dtype)
-            owner._parameters[attr] = nn.Parameter(value, requires_grad=False)
-        for sub in module.modules():
-            for name, buffer in list(sub._buffers.items()):
-                if buffer is not None and not buffer.is_meta:
-                    sub._buffers[name] = buffer.to(self.device)
+            assign_parameter(module, name, value)
 
     @torch.no_grad()
     def first_inputs(self, ids: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
@@ -173,10 +170,6 @@ class BlockRunner:
         embeddings = self.model.get_input_embeddings()
         embedding_name = next(n for n, m in self.model.named_modules() if m is embeddings)
         self._materialise(embeddings, embedding_name)
-        for sub in self.model.modules():  # rotary frequencies and other real buffers
-            for name, buffer in list(sub._buffers.items()):
-                if buffer is not None and not buffer.is_meta:
-                    sub._buffers[name] = buffer.to(self.device)
         originals = list(self.blocks)
         hidden = []
         kwargs_per_block: list[dict] = []

@@ -111,6 +111,13 @@ def parameters_on_meta():
         nn.Module.register_parameter = original
 
 
+def assign_parameter(root: nn.Module, key: str, value: torch.Tensor) -> None:
+    """Put ``value`` in place of the parameter ``key`` (a dotted name under ``root``), frozen."""
+    module_name, _, attr = key.rpartition(".")
+    owner = root.get_submodule(module_name) if module_name else root
+    setattr(owner, attr, nn.Parameter(value, requires_grad=False))
+
+
 class SafetensorsFolder:
     """The tensors of a model folder (one file or an index of shards), read one at a time."""
 
@@ -201,8 +208,7 @@ def load_with_runtime_modules(folder: str | Path, fmt, device: torch.device, dty
             module = build(layer_tensors, bias)
         except ArtifactError as exc:
             raise ArtifactError(f"{folder}: layer {name}: {exc}") from None
-        parent_name, _, child = name.rpartition(".")
-        setattr(modules[parent_name] if parent_name else model, child, module)
+        model.set_submodule(name, module)
         used.update(own.values())
         if bias_key:
             used.add(bias_key)
@@ -221,9 +227,7 @@ def load_with_runtime_modules(folder: str | Path, fmt, device: torch.device, dty
             )
         if value.dtype.is_floating_point:
             value = value.to(dtype)
-        module_name, _, attr = key.rpartition(".")
-        owner = model.get_submodule(module_name) if module_name else model
-        setattr(owner, attr, nn.Parameter(value, requires_grad=False))
+        assign_parameter(model, key, value)
         used.add(key)
     if missing:
         model.tie_weights()  # a tied lm_head is not in the files; it shares the embedding

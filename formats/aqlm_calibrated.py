@@ -34,6 +34,8 @@ from qconv.calibration import BlockRunner, call_block, load_calibration
 from qconv.errors import UsageError
 from qconv.formats.aqlm_solver import LayerCodes, decode, quantize_layer
 from qconv.formats.base import Prepared
+from qconv.loader import assign_parameter
+from qconv.writer import fsync_path
 
 STATE_FILE = "state.json"
 FINETUNE_BETAS = (0.9, 0.95)  # the reference's --finetune_adam_beta1/2 defaults
@@ -59,27 +61,17 @@ class AQLMLinear(nn.Module):
         self.scales.copy_(self.scales.half().float())
 
     def stored(self, nbits: int) -> dict[str, torch.Tensor]:
-        from qconv.formats.format_aqlm import OUT_GROUP_SIZE, wrap_codes
+        from qconv.formats.format_aqlm import stored_tensors
 
-        books = self.codebooks.detach()
-        num_codebooks, size, width = books.shape
-        return {
-            "codes": wrap_codes(self.codes, nbits).cpu(),
-            "codebooks": books.half().reshape(num_codebooks, size, OUT_GROUP_SIZE, width).cpu(),
-            "scales": self.scales.detach().half().reshape(-1, 1, 1, 1).cpu(),
-        }
+        state = LayerCodes(self.codes, self.codebooks.detach(), self.scales.detach())
+        return {k: v.cpu().contiguous() for k, v in stored_tensors(state, nbits).items()}
 
     @classmethod
     def from_stored(cls, tensors: dict[str, torch.Tensor], bias, nbits: int, device) -> AQLMLinear:
-        from qconv.formats.format_aqlm import unwrap_codes
+        from qconv.formats.format_aqlm import solver_state
 
-        books = tensors["codebooks"].float()
-        state = LayerCodes(
-            unwrap_codes(tensors["codes"], nbits).to(device),
-            books.reshape(books.shape[0], books.shape[1], -1).to(device),
-            tensors["scales"].float().reshape(-1).to(device),
-        )
-        return cls(state, bias)
+        state = solver_state(tensors, nbits)
+        return cls(LayerCodes(*(t.to(device) for t in (state.codes, state.codebooks, state.scales))), bias)
 
 
 class CalibratedAQLM(Prepared):
@@ -89,8 +81,9 @@ class CalibratedAQLM(Prepared):
     def __init__(
         self, folder: Path, calibration: dict[str, Any], where: dict[str, int], layers: dict
     ) -> None:
+        # where: the block index holding each quantized module's tensors and each tuned norm;
+        # layers: per quantized module its fitting statistics (so its keys are those modules)
         self.folder, self.calibration, self._where, self.layers = folder, calibration, where, layers
-        self.blocks_quantized = {m for m in where if m in layers}
         self._cache: tuple[int, dict[str, torch.Tensor]] | None = None
 
     def _block(self, index: int) -> dict[str, torch.Tensor]:
@@ -101,14 +94,14 @@ class CalibratedAQLM(Prepared):
     def packed(self, module: str) -> dict[str, torch.Tensor] | None:
         """The stored tensors of ``module``; None for a Linear outside the decoder blocks (the
         format quantizes those without calibration data)."""
-        if module not in self.blocks_quantized:
+        if module not in self.layers:
             return None
         tensors = self._block(self._where[module])
         return {s: tensors[f"{module}.{s}"] for s in ("codes", "codebooks", "scales")}
 
     def replacement(self, name: str) -> torch.Tensor | None:
-        index = self._where.get(name)
-        return None if index is None or name in self.blocks_quantized else self._block(index)[name]
+        index = self._where.get(name)  # tensor names never equal module names: no clash
+        return None if index is None else self._block(index)[name]
 
     def layer_stats(self, module: str) -> dict[str, Any]:
         return self.layers.get(module, {})
@@ -132,8 +125,7 @@ def checkpoint_key(source, recipe: dict, calibration: dict) -> str:
 def _write_atomic(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
+    fsync_path(tmp)
     os.replace(tmp, path)
 
 
@@ -209,24 +201,35 @@ def _open_checkpoint(folder: Path, key: str, resume: bool) -> dict:
     return state
 
 
-def _linear_inputs(block: nn.Module, prefix: str, names: list[str]) -> tuple[dict, list]:
-    """Forward hooks that accumulate X^T X (float64) for each quantized Linear of the block."""
-    xtx: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    hooks = []
-    for name in names:
-        module = block.get_submodule(name[len(prefix) :])
+class InputStatistics:
+    """``H = X^T X / tokens`` of the inputs of Linears of ``block`` (``names`` under ``prefix``),
+    accumulated in float64 by forward pre-hooks from construction until :meth:`stop`."""
 
-        def hook(mod, args, name=name):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
-            if name not in xtx:
-                xtx[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
-                counts[name] = 0
-            xtx[name].addmm_(x.t(), x)
-            counts[name] += x.shape[0]
+    def __init__(self, block: nn.Module, prefix: str, names: list[str]) -> None:
+        self._sums: dict[str, torch.Tensor] = {}
+        self._tokens: dict[str, int] = {}
+        self._hooks = [
+            block.get_submodule(name[len(prefix) :]).register_forward_pre_hook(
+                lambda module, args, name=name: self._add(name, args[0])
+            )
+            for name in names
+        ]
 
-        hooks.append(module.register_forward_pre_hook(hook))
-    return {"xtx": xtx, "counts": counts}, hooks
+    def _add(self, name: str, inputs: torch.Tensor) -> None:
+        x = inputs.detach().reshape(-1, inputs.shape[-1]).to(torch.float64)
+        if name not in self._sums:
+            self._sums[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+            self._tokens[name] = 0
+        self._sums[name].addmm_(x.t(), x)
+        self._tokens[name] += x.shape[0]
+
+    def stop(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+    def pop(self, name: str) -> torch.Tensor:
+        """``H`` of ``name`` in float32 (its float64 sum is released)."""
+        return (self._sums.pop(name) / self._tokens[name]).to(torch.float32)
 
 
 def _quantize_block(
@@ -234,28 +237,25 @@ def _quantize_block(
 ) -> dict[str, torch.Tensor]:
     """Steps 1-3 of the module doc; returns the tensors to store for the block."""
     clock = time.perf_counter()
-    stats, hooks = _linear_inputs(block, prefix, names)
+    statistics = InputStatistics(block, prefix, names)
     with torch.no_grad():
         BlockRunner.run(block, hidden, kwargs, out=target)  # the source block's outputs
-    for hook in hooks:
-        hook.remove()
+    statistics.stop()
     modules: dict[str, AQLMLinear] = {}
     for name in names:
         linear = block.get_submodule(name[len(prefix) :])
-        xtx = (stats["xtx"].pop(name) / stats["counts"][name]).to(torch.float32)
+        xtx = statistics.pop(name)
         generator = torch.Generator().manual_seed(_layer_seed(recipe["seed"], name))
         result = quantize_layer(linear.weight.detach(), xtx, recipe, generator)
         del xtx
         layers[name] = {
             "epochs": result.epochs,
-            "rel_output_error_init": result.initial_loss / result.reference_energy
-            if result.reference_energy
-            else 0.0,
+            "rel_output_error_init": result.relative_initial_loss,
             "rel_output_error": result.relative_loss,
         }
         bias = None if linear.bias is None else linear.bias.detach()
         modules[name] = AQLMLinear(result.state, bias)
-        _set_submodule(block, name[len(prefix) :], modules[name])
+        block.set_submodule(name[len(prefix) :], modules[name])
     norms = _norm_parameters(block, modules)
     timing = {"quantize_s": round(time.perf_counter() - clock, 3)}
     clock = time.perf_counter()
@@ -264,20 +264,17 @@ def _quantize_block(
         blocks[prefix[:-1]] = {"rel_error_before_finetune": before, "rel_error": after}
         timing["finetune_s"] = round(time.perf_counter() - clock, 3)
     blocks.setdefault(prefix[:-1], {}).update(timing)
-    for module in modules.values():
+    stored: dict[str, torch.Tensor] = {}
+    for name, module in modules.items():
         module.round_to_storage()
+        for suffix, value in module.stored(recipe["nbits_per_codebook"]).items():
+            stored[f"{name}.{suffix}"] = value
     if recipe["finetune"]:
         working = getattr(torch, recipe.get("dtype") or "float32")
         with torch.no_grad():  # the artifact stores the norms in the working dtype: compute with that
-            for param in norms.values():
+            for local, param in norms.items():
                 param.copy_(param.to(working).float())
-    stored: dict[str, torch.Tensor] = {}
-    for name, module in modules.items():
-        for suffix, value in module.stored(recipe["nbits_per_codebook"]).items():
-            stored[f"{name}.{suffix}"] = value.contiguous()
-    if recipe["finetune"]:
-        for local, param in norms.items():
-            stored[prefix + local] = param.detach().float().cpu().contiguous()
+                stored[prefix + local] = param.detach().cpu().contiguous()
     return stored
 
 
@@ -287,14 +284,10 @@ def _install_stored(block, prefix, names, stored, nbits, device) -> None:
         linear = block.get_submodule(name[len(prefix) :])
         tensors = {s: stored[f"{name}.{s}"] for s in ("codes", "codebooks", "scales")}
         bias = None if linear.bias is None else linear.bias.detach()
-        _set_submodule(block, name[len(prefix) :], AQLMLinear.from_stored(tensors, bias, nbits, device))
+        block.set_submodule(name[len(prefix) :], AQLMLinear.from_stored(tensors, bias, nbits, device))
     for key, value in stored.items():
-        if key.rsplit(".", 1)[0] in names:
-            continue
-        local = key[len(prefix) :]
-        owner_name, _, attr = local.rpartition(".")
-        owner = block.get_submodule(owner_name) if owner_name else block
-        owner._parameters[attr] = nn.Parameter(value.to(device), requires_grad=False)
+        if key.rsplit(".", 1)[0] not in names:  # a fine-tuned norm
+            assign_parameter(block, key[len(prefix) :], value.to(device))
 
 
 def _norm_parameters(block: nn.Module, modules: dict[str, AQLMLinear]) -> dict[str, nn.Parameter]:
@@ -365,11 +358,6 @@ def _finetune_block(block, modules, norms, hidden, kwargs, target, recipe, index
     for param in params:
         param.requires_grad_(False)
     return before, best
-
-
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
 
 
 def _layer_seed(seed: int, name: str) -> int:

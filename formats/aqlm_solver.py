@@ -151,12 +151,18 @@ def initialise(weight: torch.Tensor, recipe: dict, generator: torch.Generator) -
 
     codes = torch.stack(indices, dim=1).reshape(out_features, in_features // group, num_codebooks)
     books = torch.stack(codebooks)
-    decoded = decode(codes, books, torch.ones(out_features, device=weight.device))
-    # least-squares scale per row: argmin_s |w - s d|^2
+    return LayerCodes(codes, books, least_squares_scales(weight, codes, books, scales[:, 0]))
+
+
+def least_squares_scales(
+    weight: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, fallback: torch.Tensor
+) -> torch.Tensor:
+    """Per row ``argmin_s |w - s d|^2`` for the row ``d`` the codes decode to unscaled; a row that
+    decodes to zero keeps its ``fallback`` scale."""
+    decoded = decode(codes, codebooks, torch.ones_like(fallback))
     energy = decoded.square().sum(1)
     fitted = (weight * decoded).sum(1) / energy.clamp_min(1e-30)
-    scales = torch.where(energy > 0, fitted, scales[:, 0])
-    return LayerCodes(codes, books, scales)
+    return torch.where(energy > 0, fitted, fallback)
 
 
 # -- code search --------------------------------------------------------------------------------
@@ -221,6 +227,10 @@ class LayerResult:
     @property
     def relative_loss(self) -> float:
         return self.loss / self.reference_energy if self.reference_energy > 0 else 0.0
+
+    @property
+    def relative_initial_loss(self) -> float:
+        return self.initial_loss / self.reference_energy if self.reference_energy > 0 else 0.0
 
 
 def _mean_loss(weight, xtx, state: LayerCodes) -> torch.Tensor:

@@ -30,7 +30,7 @@ import torch
 
 from qconv.calibration import DEFAULT_SEQLEN, DEFAULT_TEXT, DEFAULT_TOKENS
 from qconv.errors import ArtifactError, UsageError
-from qconv.formats.aqlm_solver import decode, quantize_layer
+from qconv.formats.aqlm_solver import LayerCodes, least_squares_scales, quantize_layer
 from qconv.formats.base import (
     Option,
     PrepareContext,
@@ -80,6 +80,27 @@ def wrap_codes(indices: torch.Tensor, nbits: int) -> torch.Tensor:
 
 def unwrap_codes(codes: torch.Tensor, nbits: int) -> torch.Tensor:
     return codes.to(torch.int64) % (2**nbits)
+
+
+def stored_tensors(state: LayerCodes, nbits: int) -> dict[str, torch.Tensor]:
+    """The solver's state (unsigned codes, ``[books, size, g]`` codebooks, ``[out]`` scales) as
+    the artifact stores it: wrapped codes, float16 codebooks and scales in aqlm's shapes."""
+    num_codebooks, size, group = state.codebooks.shape
+    return {
+        "codes": wrap_codes(state.codes, nbits),
+        "codebooks": state.codebooks.half().reshape(num_codebooks, size, OUT_GROUP_SIZE, group),
+        "scales": state.scales.half().reshape(-1, 1, 1, 1),
+    }
+
+
+def solver_state(tensors: dict[str, torch.Tensor], nbits: int) -> LayerCodes:
+    """The inverse of :func:`stored_tensors` (float32 codebooks and scales)."""
+    books = tensors["codebooks"].float()
+    return LayerCodes(
+        unwrap_codes(tensors["codes"], nbits),
+        books.reshape(books.shape[0], books.shape[1], -1),
+        tensors["scales"].float().reshape(-1),
+    )
 
 
 def dequantize_layer(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -226,19 +247,9 @@ class AQLMFormat(QuantFormat):
             raise UsageError("the weight has NaN or infinite values")
         generator = torch.Generator().manual_seed(int(recipe["seed"]))
         state = quantize_layer(weight, None, recipe, generator).state
-        nbits = recipe["nbits_per_codebook"]
-        books = state.codebooks.to(torch.float16)
-        # least-squares scale per row for the float16 codebooks: argmin_s |w - s d|^2
-        w = weight.to(torch.float32)
-        decoded = decode(state.codes, books.float(), torch.ones_like(state.scales))
-        energy = decoded.square().sum(1)
-        scales = torch.where(energy > 0, (w * decoded).sum(1) / energy.clamp_min(1e-30), state.scales)
-        num_codebooks, size, group = books.shape
-        return {
-            "codes": wrap_codes(state.codes, nbits),
-            "codebooks": books.reshape(num_codebooks, size, OUT_GROUP_SIZE, group),
-            "scales": scales.reshape(-1, 1, 1, 1).to(torch.float16),
-        }
+        books = state.codebooks.half().float()  # the scales are fitted to the codebooks as stored
+        scales = least_squares_scales(weight.to(torch.float32), state.codes, books, state.scales)
+        return stored_tensors(LayerCodes(state.codes, books, scales), recipe["nbits_per_codebook"])
 
     def dequantize(self, tensors: dict[str, torch.Tensor], recipe: dict) -> torch.Tensor:
         return dequantize_layer(tensors["codes"], tensors["codebooks"], tensors["scales"])
