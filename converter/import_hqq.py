@@ -36,13 +36,11 @@ import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from qconv import __version__
 from qconv.artifact import Artifact
 from qconv.environment import environment, peak_rss_bytes, resolve_device
 from qconv.errors import ArtifactError, SourceError, UsageError
@@ -60,7 +58,6 @@ from qconv.formats.format_hqq import (
     parse_layer,
     unpack,
 )
-from qconv.model_card import model_card
 from qconv.pipeline import (
     DTYPES,
     LOGITS_CHECK_AUTO_MAX_PARAMS,
@@ -70,6 +67,9 @@ from qconv.pipeline import (
     _write_manifest,
     check_destination,
     dtype_name,
+    new_manifest,
+    seal_artifact,
+    write_config_and_support,
 )
 from qconv.plan import linear_modules
 from qconv.progress import NO_PROGRESS, ProgressSink
@@ -82,7 +82,7 @@ from qconv.sources import (
     TensorInfo,
 )
 from qconv.verify import VerifyReport, check_decodes, check_files, check_runs
-from qconv.writer import PlannedTensor, SafetensorsShardWriter, parse_size, sha256_file
+from qconv.writer import PlannedTensor, SafetensorsShardWriter, parse_size
 
 QMODEL_NAME = "qmodel.pt"
 QMODEL = "hqq-qmodel.pt"
@@ -589,29 +589,17 @@ def _import_into(
     import_s = time.perf_counter() - t0
     source_files = source.file_hashes()
 
-    config = source.config_dict()
-    config["quantization_config"] = fmt.quantization_config(plan.recipe, sorted(plan.skipped))
-    config["dtype"] = dtype_name(plan.working_dtype)
-    if "torch_dtype" in config:
-        config["torch_dtype"] = dtype_name(plan.working_dtype)
-    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    support = source.write_support_files(tmp)
-    manifest: dict[str, Any] = {
-        "qconv": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "source": {
-            "kind": source.kind,
-            "ref": source.ref,
-            "revision": source.revision,
-            "architecture": plan.architecture,
-            "files": source_files,
-        },
-        "recipe": plan.recipe,
-        "calibration": None,
-        "environment": environment(device, fmt.libraries),
-        "layers": layers,
-        "skipped": plan.skipped,
-        "summary": {
+    quantization_config = fmt.quantization_config(plan.recipe, sorted(plan.skipped))
+    support = write_config_and_support(tmp, source, quantization_config, plan.working_dtype)
+    manifest = new_manifest(
+        source,
+        plan,
+        source_files,
+        plan.recipe,
+        None,
+        environment(device, fmt.libraries),
+        layers,
+        {
             "quantized_params": quantized_params,
             "total_params": total_params,
             "quantized_layers": len(layers),
@@ -619,14 +607,8 @@ def _import_into(
             "worst_layer": None,
             "worst_rel_error": None,
         },
-        "files": {},
-        "verify": None,
-    }
-    (tmp / "README.md").write_text(model_card(manifest))
-    for name in ["config.json", "README.md", *support]:
-        files[name] = {"sha256": sha256_file(tmp / name), "size": (tmp / name).stat().st_size}
-    manifest["files"] = dict(sorted(files.items()))
-    _write_manifest(tmp, manifest)
+    )
+    seal_artifact(tmp, manifest, files, support)
 
     report = None
     t1 = time.perf_counter()

@@ -345,34 +345,20 @@ def _convert_into(
     source_file_hashes = source.file_hashes()
     source_hash_wait_s = time.perf_counter() - t0 - convert_s
 
-    config = source.config_dict()
-    config["quantization_config"] = fmt.quantization_config(
+    quantization_config = fmt.quantization_config(
         recipe, sorted(plan.skipped), embeddings=tuple(plan.embeddings)
     )
-    config["dtype"] = dtype_name(working_dtype)
-    if "torch_dtype" in config:
-        config["torch_dtype"] = dtype_name(working_dtype)
-    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    support = source.write_support_files(tmp)
-    env = environment(device, fmt.libraries)
+    support = write_config_and_support(tmp, source, quantization_config, working_dtype)
     worst = max(layers.items(), key=lambda kv: kv[1]["rel_error"])
-    manifest: dict[str, Any] = {
-        "qconv": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "source": {
-            "kind": source.kind,
-            "ref": source.ref,
-            "revision": source.revision,
-            "license": source.license,
-            "architecture": plan.architecture,
-            "files": source_file_hashes,
-        },
-        "recipe": recipe,
-        "calibration": prepared.calibration if prepared is not None else None,
-        "environment": env,
-        "layers": layers,
-        "skipped": plan.skipped,
-        "summary": {
+    manifest = new_manifest(
+        source,
+        plan,
+        source_file_hashes,
+        recipe,
+        prepared.calibration if prepared is not None else None,
+        environment(device, fmt.libraries),
+        layers,
+        {
             "quantized_params": quantized_params,
             "total_params": total_params,
             "quantized_layers": len(layers),
@@ -380,14 +366,8 @@ def _convert_into(
             "worst_layer": worst[0],
             "worst_rel_error": worst[1]["rel_error"],
         },
-        "files": {},
-        "verify": None,
-    }
-    (tmp / "README.md").write_text(model_card(manifest))
-    for name in ["config.json", "README.md", *support]:
-        files[name] = {"sha256": sha256_file(tmp / name), "size": (tmp / name).stat().st_size}
-    manifest["files"] = dict(sorted(files.items()))
-    _write_manifest(tmp, manifest)
+    )
+    seal_artifact(tmp, manifest, files, support)
 
     report = None
     t1 = time.perf_counter()
@@ -413,6 +393,63 @@ def _convert_into(
         "peak_gpu_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
     }
     return ConvertResult(path=tmp, manifest=_finite(manifest), report=report, stats=stats)
+
+
+def write_config_and_support(
+    folder: Path, source: Source, quantization_config: dict, working_dtype: torch.dtype
+) -> list[str]:
+    """``config.json`` (the source's, with the method's quantization_config and the working dtype)
+    and the source's tokenizer and generation files; returns the support files' names."""
+    config = source.config_dict()
+    config["quantization_config"] = quantization_config
+    config["dtype"] = dtype_name(working_dtype)
+    if "torch_dtype" in config:
+        config["torch_dtype"] = dtype_name(working_dtype)
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return source.write_support_files(folder)
+
+
+def new_manifest(
+    source: Source,
+    plan,
+    source_files: dict,
+    recipe: dict,
+    calibration: dict | None,
+    env: dict,
+    layers: dict,
+    summary: dict,
+) -> dict[str, Any]:
+    """The artifact's ``qconv.json`` before its files are listed and it is verified."""
+    return {
+        "qconv": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source": {
+            "kind": source.kind,
+            "ref": source.ref,
+            "revision": source.revision,
+            "license": source.license,
+            "architecture": plan.architecture,
+            "files": source_files,
+        },
+        "recipe": recipe,
+        "calibration": calibration,
+        "environment": env,
+        "layers": layers,
+        "skipped": plan.skipped,
+        "summary": summary,
+        "files": {},
+        "verify": None,
+    }
+
+
+def seal_artifact(folder: Path, manifest: dict, files: dict, support: list[str]) -> None:
+    """Write the model card, list every file with its sha256 (the shards' ``files`` are hashed
+    already, while written) and write the manifest."""
+    (folder / "README.md").write_text(model_card(manifest))
+    for name in ["config.json", "README.md", *support]:
+        files[name] = {"sha256": sha256_file(folder / name), "size": (folder / name).stat().st_size}
+    manifest["files"] = dict(sorted(files.items()))
+    _write_manifest(folder, manifest)
 
 
 def _write_manifest(folder: Path, manifest: dict) -> None:
