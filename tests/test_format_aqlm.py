@@ -399,3 +399,20 @@ def test_killed_conversion_resumes_to_the_same_bytes(cli, tiny_llama_text, tmp_p
     for name in shards:
         assert (whole / name).read_bytes() == (out / name).read_bytes(), name
     assert not checkpoint.exists()
+
+
+def test_an_unreadable_checkpoint_is_refused_and_force_starts_over(cli, tiny_llama_text, tmp_path):
+    out = tmp_path / "out"
+    checkpoint = tmp_path / ".out.qconv-checkpoint"
+    checkpoint.mkdir()
+    (checkpoint / "state.json").write_text("{not json")
+    result = cli("convert", tiny_llama_text, "-o", out, *CALIBRATED, "--resume", "--no-record", ok=None)
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines()[-1] == (
+        f"Error: {checkpoint}: the checkpoint's state.json is unreadable; delete the folder"
+    )
+    assert not out.exists() and (checkpoint / "state.json").read_text() == "{not json"
+
+    forced = cli("convert", tiny_llama_text, "-o", out, *CALIBRATED, "--force", "--no-verify", "--no-record")
+    assert forced.exit_code == 0, forced.output
+    assert (out / "qconv.json").is_file() and not checkpoint.exists()
