@@ -8,6 +8,9 @@ layer    one real SmolLM2-135M layer (``--layer``, default block 15's gate_proj,
          steps an epoch, beam 1, stop under 1% gain; k-means init 100 iterations in the
          reference, ``kmeans_iters`` in qconv's recipe). Time with synchronisation; error as the
          relative output error ``tr(dW H dW^T) / tr(W H W^T)`` of the float16-stored result.
+         Both run once untimed first, then the median of ``--repeats`` / ``--reference-repeats``.
+resume   a conversion killed (SIGKILL) after ``--kill-after`` blocks and resumed, against an
+         uninterrupted one: every layer's error and the artifact bytes compared (GPU).
 smollm2  ``qconv.pipeline.convert`` of the SmolLM2 gguf on the GPU for 1x16 and 2x8, with and
          without block fine-tuning, end to end (calibration, quantization, writing, verify);
          then wikitext-2 test perplexity (qconv/perplexity.py) through stock transformers +
@@ -15,6 +18,7 @@ smollm2  ``qconv.pipeline.convert`` of the SmolLM2 gguf on the GPU for 1x16 and 
          (recorded as ``ppl_model``).
 
   python bench/run_aqlm.py --out DIR --part layer --gguf /tmp/m/smol.gguf --reference .dev/aqlm_ref
+      [--save-inputs F]   keep the layer's weight and X^T X; later runs take --inputs F, no gguf
   python bench/run_aqlm.py --out DIR --part smollm2 --gguf /tmp/m/smol.gguf --text .dev/data/wikitext2-test.txt
 """
 
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import sys
 import time
 import traceback
@@ -71,28 +76,48 @@ def layer_inputs(gguf: str, layer: str, tokens: int, device: torch.device):
 
 
 def part_layer(args, out: dict) -> None:
+    """qconv's quantize_layer and the reference's AQEngine on the same layer and H. Each is run
+    once untimed first (Triton compilation, cuBLAS and CUDA-graph set-up, the reference's own
+    first-call costs: paid once per conversion, not per layer), then ``--repeats`` timed runs;
+    the median is compared."""
     from qconv.formats import get_format
     from qconv.formats.aqlm_solver import quantize_layer
     from qconv.formats.format_aqlm import stored_tensors
 
     device = torch.device("cuda", 0)  # the reference compares devices with ==: name the index
-    weight, xtx, fingerprint = layer_inputs(args.gguf, args.layer, args.calib_tokens, device)
+    if args.inputs:  # saved by an earlier run's --save-inputs: skips running the model
+        from safetensors import safe_open
+
+        with safe_open(args.inputs, framework="pt", device="cpu") as f:
+            weight, xtx = f.get_tensor("weight").to(device), f.get_tensor("xtx").to(device)
+            fingerprint = json.loads((f.metadata() or {}).get("calibration", "null"))
+    else:
+        weight, xtx, fingerprint = layer_inputs(args.gguf, args.layer, args.calib_tokens, device)
+    if args.save_inputs:
+        from safetensors.torch import save_file
+
+        tensors = {"weight": weight.contiguous().cpu(), "xtx": xtx.contiguous().cpu()}
+        save_file(tensors, args.save_inputs, metadata={"calibration": json.dumps(fingerprint)})
     result = {"layer": args.layer, "shape": list(weight.shape), "calibration": fingerprint, "cases": {}}
     recipe = get_format("aqlm").make_recipe({"scheme": "1x16"})
-    log("qconv warm-up (Triton compilation)")
-    warm = dict(recipe, max_epochs=1, adam_steps=2, kmeans_iters=1)
-    quantize_layer(weight[:64], xtx, warm, torch.Generator().manual_seed(0))
-    sync()
-    start = time.perf_counter()
-    solved = quantize_layer(weight, xtx, recipe, torch.Generator().manual_seed(0))
-    sync()
-    seconds = time.perf_counter() - start
-    aqlm = get_format("aqlm")  # the error of what the artifact stores (float16 codebooks and scales)
-    stored = aqlm.dequantize(stored_tensors(solved.state, recipe["nbits_per_codebook"]), recipe)
+    aqlm = get_format("aqlm")
+
+    def run_qconv():
+        return quantize_layer(weight, xtx, recipe, torch.Generator().manual_seed(0))
+
+    def qconv_error(solved) -> float:  # of what the artifact stores (float16 codebooks and scales)
+        stored = aqlm.dequantize(stored_tensors(solved.state, recipe["nbits_per_codebook"]), recipe)
+        return relative_output_error(weight, stored, xtx)
+
+    log("qconv: untimed first run")
+    run_qconv()
+    runs = [timed_run(run_qconv) for _ in range(args.repeats)]
     result["cases"]["qconv"] = {
-        "seconds": seconds,
-        "epochs": solved.epochs,
-        "rel_output_error": relative_output_error(weight, stored, xtx),
+        "seconds": statistics.median(seconds for seconds, _ in runs),
+        "runs_s": [seconds for seconds, _ in runs],
+        "epochs": runs[0][1].epochs,
+        "rel_output_error": qconv_error(runs[0][1]),
+        "rel_output_error_runs": [qconv_error(solved) for _, solved in runs],
         "kmeans_iters": recipe["kmeans_iters"],
     }
     log("qconv", result["cases"]["qconv"])
@@ -103,11 +128,6 @@ def part_layer(args, out: dict) -> None:
 
         from aq_engine import AQEngine
 
-        linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=device)
-        linear.weight.data = weight.clone()
-        engine = AQEngine(linear)
-        engine.XTX = xtx.double().clone()  # the same statistics (add_batch would average X^T X the same way)
-        engine.nsamples = 1
         namespace = Namespace(
             devices=[device],
             num_codebooks=1,
@@ -126,17 +146,28 @@ def part_layer(args, out: dict) -> None:
             steps_per_epoch=100,
             print_frequency=1000,
         )
-        torch.manual_seed(0)
-        sync()
-        start = time.perf_counter()
-        quantized = engine.quantize(args=namespace, verbose=False)
-        sync()
-        seconds = time.perf_counter() - start
-        with torch.no_grad():
-            ref_weight = quantized().half().float()
+
+        def run_reference():
+            linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=device)
+            linear.weight.data = weight.clone()
+            engine = AQEngine(linear)
+            engine.XTX = xtx.double().clone()  # the same statistics (add_batch averages X^T X the same way)
+            engine.nsamples = 1
+            torch.manual_seed(0)
+            return engine.quantize(args=namespace, verbose=False)
+
+        def reference_error(quantized) -> float:
+            with torch.no_grad():
+                return relative_output_error(weight, quantized().half().float(), xtx)
+
+        log("reference: untimed first run")
+        run_reference()
+        runs = [timed_run(run_reference) for _ in range(args.reference_repeats)]
         result["cases"]["reference"] = {
-            "seconds": seconds,
-            "rel_output_error": relative_output_error(weight, ref_weight, xtx),
+            "seconds": statistics.median(seconds for seconds, _ in runs),
+            "runs_s": [seconds for seconds, _ in runs],
+            "rel_output_error": reference_error(runs[0][1]),
+            "rel_output_error_runs": [reference_error(quantized) for _, quantized in runs],
             "kmeans_iters": args.reference_kmeans_iters,
         }
         log("reference", result["cases"]["reference"])
@@ -144,6 +175,14 @@ def part_layer(args, out: dict) -> None:
         result["speedup"] = r["seconds"] / q["seconds"]
         result["error_ratio"] = q["rel_output_error"] / r["rel_output_error"]
     out["layer"] = result
+
+
+def timed_run(fn):
+    sync()
+    start = time.perf_counter()
+    value = fn()
+    sync()
+    return time.perf_counter() - start, value
 
 
 def perplexity_of(folder: Path, text: str, max_windows: int | None, source_gguf: str) -> dict:
@@ -215,21 +254,97 @@ def part_smollm2(args, out: dict) -> None:
         write(args, out)  # after every case: a later case running out of time loses nothing
 
 
+def part_resume(args, out: dict) -> None:
+    """Issue 5's GPU resume check: an uninterrupted conversion, then one killed (SIGKILL) after
+    ``--kill-after`` blocks' checkpoints and finished with --resume; compares every layer's
+    error and the artifact bytes. Same recipe (``--resume-case``), same seed, same GPU."""
+    import os
+    import signal
+    import subprocess
+
+    scheme, _, ft = args.resume_case.partition(":")
+    options = ["--method", "aqlm", "--scheme", scheme, "--finetune" if ft == "ft" else "--no-finetune"]
+    options += ["--device", "cuda", "--no-verify", "--no-record"]
+    if args.calib_tokens:
+        options += ["--calib-tokens", str(args.calib_tokens)]
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    whole, resumed = work / "resume-whole", work / "resume-resumed"
+    checkpoint = work / f".{resumed.name}.qconv-checkpoint"
+    command = [sys.executable, "-m", "qconv", "convert", args.gguf]
+    for folder in (whole, resumed):
+        subprocess.run(["rm", "-rf", str(folder), str(work / f".{folder.name}.qconv-checkpoint")], check=True)
+    env = dict(os.environ)
+    log("resume: uninterrupted run")
+    started = time.perf_counter()
+    subprocess.run([*command, "-o", str(whole), *options], check=True, env=env)
+    whole_s = time.perf_counter() - started
+    log("resume: run to be killed")
+    process = subprocess.Popen([*command, "-o", str(resumed), *options], env=env)
+    marker = checkpoint / f"block-{args.kill_after - 1:05d}.safetensors"
+    while not marker.exists():
+        if process.poll() is not None:
+            raise RuntimeError("the conversion ended before it could be killed")
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    state = json.loads((checkpoint / "state.json").read_text())
+    log("resume: killed with", state["blocks_done"], "blocks done; resuming")
+    subprocess.run([*command, "-o", str(resumed), *options, "--resume"], check=True, env=env)
+
+    def layer_errors(folder: Path) -> dict:
+        manifest = json.loads((folder / "qconv.json").read_text())
+        # the weight error convert measures, and the output error the solver reached
+        return {
+            name: (layer["rel_error"], layer.get("rel_output_error"))
+            for name, layer in manifest["layers"].items()
+        }
+
+    first, second = layer_errors(whole), layer_errors(resumed)
+    differing = [name for name in first if first[name] != second.get(name)]
+    shards = sorted(p.name for p in whole.glob("*.safetensors"))
+    same_bytes = shards == sorted(p.name for p in resumed.glob("*.safetensors")) and all(
+        (whole / name).read_bytes() == (resumed / name).read_bytes() for name in shards
+    )
+    out["resume"] = {
+        "case": args.resume_case,
+        "uninterrupted_s": whole_s,
+        "killed_after_blocks": state["blocks_done"],
+        "layers": len(first),
+        "layers_with_a_different_error": differing,
+        "largest_error_difference": max(
+            (abs(a - b) for n in first for a, b in zip(first[n], second[n], strict=True) if a is not None),
+            default=0.0,
+        ),
+        "errors": first,
+        "same_bytes": same_bytes,
+    }
+    log("resume", out["resume"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    parser.add_argument("--part", action="append", choices=["layer", "smollm2"], required=True)
-    parser.add_argument("--gguf", required=True)
+    parser.add_argument("--part", action="append", choices=["layer", "smollm2", "resume"], required=True)
+    parser.add_argument("--gguf", default=None)
     parser.add_argument("--text", default=".dev/data/wikitext2-test.txt")
     parser.add_argument("--layer", default="model.layers.15.mlp.gate_proj")
     parser.add_argument("--reference", default=None, help="folder with the reference's aq_engine.py and src/")
     parser.add_argument("--reference-kmeans-iters", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs of qconv's layer quantizer")
+    parser.add_argument("--reference-repeats", type=int, default=3, help="timed runs of the reference")
+    parser.add_argument("--inputs", default=None, help="a layer's weight and X^T X saved by --save-inputs")
+    parser.add_argument("--save-inputs", default=None, help="save the layer's weight and X^T X here")
     parser.add_argument("--calib-tokens", type=int, default=None)
     parser.add_argument("--cases", default="1x16:ft,1x16:noft,2x8:ft,2x8:noft")
     parser.add_argument("--max-windows", type=int, default=None)
+    parser.add_argument("--resume-case", default="1x16:noft", help="scheme:ft|noft for --part resume")
+    parser.add_argument("--kill-after", type=int, default=10, help="blocks checkpointed before the kill")
     parser.add_argument("--work", default="/tmp/aqlm-bench")
     parser.add_argument("--name", default="aqlm")
     args = parser.parse_args()
+    if not args.gguf and not (args.part == ["layer"] and args.inputs):
+        parser.error("--gguf is needed (only --part layer with --inputs runs without it)")
     out = {
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "torch": torch.__version__,
@@ -240,7 +355,7 @@ def main() -> None:
         args.calib_tokens = 131_072
     for part in args.part:
         try:
-            {"layer": part_layer, "smollm2": part_smollm2}[part](args, out)
+            {"layer": part_layer, "smollm2": part_smollm2, "resume": part_resume}[part](args, out)
         except Exception as exc:  # noqa: BLE001 - keep what the other parts measured
             out[f"{part}_error"] = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
             log(out[f"{part}_error"])

@@ -38,9 +38,44 @@ SEARCH_CHUNK_ELEMENTS = 1 << 24
 SEARCH_CHUNK_ELEMENTS_CUDA = 1 << 27
 # Adam on codebooks and scales, as the reference's AQEngine.quantize: betas (0, 0.95), amsgrad
 ADAM_BETAS = (0.0, 0.95)
+# k-means stops early once an iteration lowers the squared error by less than this fraction (the
+# reference instead runs a fixed 100 iterations; on a real layer 5 gave the same final error as 25)
+KMEANS_TOLERANCE = 1e-3
 
 
 # -- search and k-means -------------------------------------------------------------------------
+class SortedCodes:
+    """Per-codeword sums of vectors (k-means' centroids, the gradient of a codebook: per codeword
+    the sum over the groups using it), deterministic on the GPU as well: once the codes are
+    sorted, a sum is a difference of float64 prefix sums. No atomics (index_add_ on CUDA adds in
+    any order), and no sort per call (autograd's embedding backward sorts at every step, while
+    Adam's codes change only between runs). The tensors keep their storage across ``update``
+    calls: a CUDA graph reads them."""
+
+    def __init__(self, count: int, size: int, width: int, device: torch.device) -> None:
+        self.count, self.size, self.width = count, size, width
+        self.order = torch.zeros(count, dtype=torch.int64, device=device)
+        self.lower = torch.zeros(size, width, dtype=torch.int64, device=device)
+        self.upper = torch.zeros(size, width, dtype=torch.int64, device=device)
+
+    def update(self, codes: torch.Tensor) -> None:
+        """``codes`` [count]: each group's codeword in this codebook."""
+        self.order.copy_(torch.argsort(codes, stable=True))
+        counts = torch.bincount(codes, minlength=self.size)
+        ends = counts.cumsum(0)
+        starts = ends - counts
+        # the sorted values are laid out one column (of `width`) after another: column d at d*count
+        column = torch.arange(self.width, device=codes.device) * self.count
+        self.lower.copy_(starts[:, None] + column)
+        self.upper.copy_(ends[:, None] + column)
+
+    def sums(self, values: torch.Tensor) -> torch.Tensor:
+        """Per codeword the sum of ``values [count, width]`` over its entries, ``[size, width]``."""
+        ordered = values.index_select(0, self.order).t().reshape(-1).to(torch.float64)
+        prefix = torch.cat([ordered.new_zeros(1), ordered.cumsum(0)])
+        return (prefix[self.upper] - prefix[self.lower]).to(values.dtype)
+
+
 def nearest_codewords(
     vectors: torch.Tensor, codebook: torch.Tensor, norms: torch.Tensor | None = None, exact: bool = True
 ) -> torch.Tensor:
@@ -65,9 +100,14 @@ def nearest_codewords(
 
 
 def centroids(vectors: torch.Tensor, assignment: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
-    """Mean of the vectors assigned to each codeword; an empty codeword keeps its place."""
-    sums = torch.zeros_like(previous).index_add_(0, assignment, vectors)
-    counts = torch.bincount(assignment, minlength=previous.shape[0]).to(vectors.dtype)
+    """Mean of the vectors assigned to each codeword; an empty codeword keeps its place. The sums
+    are deterministic on the GPU too (index_add_'s atomics are not), so that a resumed
+    conversion repeats the same layer errors."""
+    size, width = previous.shape
+    grouped = SortedCodes(vectors.shape[0], size, width, vectors.device)
+    grouped.update(assignment)
+    sums = grouped.sums(vectors)
+    counts = torch.bincount(assignment, minlength=size).to(vectors.dtype)
     return torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], previous)
 
 
@@ -85,9 +125,17 @@ def kmeans(
         assignment[order] = torch.arange(count, device=vectors.device)
         return torch.cat([vectors[order], vectors[extra]]), assignment
     codebook = vectors[order[:size]].clone()
+    previous = float("inf")
     for _ in range(iters):
-        codebook = centroids(vectors, nearest_codewords(vectors, codebook, exact=False), codebook)
-    return codebook, nearest_codewords(vectors, codebook)
+        assignment = nearest_codewords(vectors, codebook, exact=False)
+        error = float((vectors - codebook[assignment]).square().sum())
+        if error >= previous * (1 - KMEANS_TOLERANCE):
+            break  # converged: the last update gained (almost) nothing
+        previous = error
+        codebook = centroids(vectors, assignment, codebook)
+    # TF32 here too: a near-tie going the other way costs nothing measurable, and the calibrated
+    # path's code search re-picks every code exactly anyway
+    return codebook, nearest_codewords(vectors, codebook, exact=False)
 
 
 # -- the layer's state --------------------------------------------------------------------------
@@ -176,6 +224,12 @@ def beam_search(weight: torch.Tensor, xtx: torch.Tensor, state: LayerCodes, beam
     size, width = books.shape[1], books.shape[2]
     s = torch.where(scales.abs() > 1e-20, scales, torch.full_like(scales, 1e-20))  # [out]
     residual = weight - decode(codes, books, scales)
+    if beam_size == 1 and weight.is_cuda and triton_available():
+        from qconv.formats.aqlm_triton import greedy_pass
+
+        codes = codes.clone()
+        greedy_pass(residual @ xtx, codes, books.contiguous(), s.contiguous(), xtx.contiguous())
+        return LayerCodes(codes, books, scales)
     beams_codes = codes[None].clone()  # [beams, out, groups, books]
     beams_rh = (residual @ xtx)[None]  # [beams, out, in]: (W - W_hat) H per beam
     beams_loss = (beams_rh[0] * residual).sum(1)[None]  # [beams, out]
@@ -276,15 +330,29 @@ def quantize_layer(
 
 
 class AdamSteps:
-    """Adam on codebooks and scales with the codes fixed. On CUDA one step (forward, backward,
-    fused Adam update) is captured once as a CUDA graph and replayed: a step on a small layer
-    is a few dozen tiny kernels, whose launch cost would otherwise be most of the time."""
+    """Adam on codebooks and scales with the codes fixed, on the mean output loss. Its gradient
+    is written out rather than left to autograd: for ``D = s * U - W`` (U the unscaled decoded
+    weight) it is ``G = D (H + H^T) / out``, the scales' ``sum_j G U`` per row and a codeword's
+    the sum of ``s G`` over the groups using it (``SortedCodes``). On CUDA one step (gradient
+    and fused Adam update) is captured once as a CUDA graph and replayed: a step on a small
+    layer is a few dozen tiny kernels, whose launch cost would otherwise be most of the time."""
 
     EAGER_STEPS = 3  # before capture (the allocator and fused Adam's state settle); real steps
 
     def __init__(self, weight, xtx, codes, codebooks, scales, lr: float) -> None:
-        self.weight, self.xtx, self.codes = weight, xtx, codes
+        self.negative_weight, self.codes = -weight, codes
+        self.gradient_h = (xtx + xtx.t()) / weight.shape[0]
         self.params = (codebooks, scales)
+        out_features, groups, num_codebooks = codes.shape
+        size, width = codebooks.shape[1], codebooks.shape[2]
+        self.columns = torch.empty(
+            num_codebooks, out_features * groups, dtype=codes.dtype, device=codes.device
+        )
+        self.sorted = [
+            SortedCodes(out_features * groups, size, width, codes.device) for _ in range(num_codebooks)
+        ]
+        for p in self.params:
+            p.grad = torch.zeros_like(p)
         cuda = weight.is_cuda
         self.optimizer = torch.optim.Adam(
             self.params, lr=lr, betas=ADAM_BETAS, amsgrad=True, fused=cuda or None, capturable=cuda
@@ -292,33 +360,39 @@ class AdamSteps:
         self.graph = None
         self.pending_eager = self.EAGER_STEPS if cuda else None
 
+    @torch.no_grad()
     def _step(self) -> None:
         codebooks, scales = self.params
-        with torch.enable_grad():
-            loss = output_loss(decode(self.codes, codebooks, scales) - self.weight, self.xtx).mean()
-            loss.backward()
+        out_features, groups, num_codebooks = self.codes.shape
+        width = codebooks.shape[2]
+        embed = torch.nn.functional.embedding
+        unscaled = sum(embed(self.columns[c], codebooks[c]) for c in range(num_codebooks))
+        unscaled = unscaled.reshape(out_features, -1)
+        delta = torch.addcmul(self.negative_weight, unscaled, scales[:, None])  # W_hat - W
+        gradient = delta @ self.gradient_h  # [out, in]: d loss / d W_hat
+        scales.grad.copy_((gradient * unscaled).sum(1))
+        per_group = (gradient * scales[:, None]).reshape(-1, width)
+        for c in range(num_codebooks):
+            codebooks.grad[c].copy_(self.sorted[c].sums(per_group))
         self.optimizer.step()
 
     def run(self, steps: int) -> None:
+        """``steps`` Adam steps from the current codes (which may have changed since the last run)."""
+        for c in range(self.codes.shape[2]):
+            self.columns[c].copy_(self.codes[:, :, c].reshape(-1))
+            self.sorted[c].update(self.columns[c])
         if self.pending_eager is None:  # CPU: plain steps
             for _ in range(steps):
-                self.optimizer.zero_grad(set_to_none=True)
                 self._step()
             return
         while steps > 0 and self.pending_eager > 0:
-            self.optimizer.zero_grad(set_to_none=False)
             self._step()
             steps, self.pending_eager = steps - 1, self.pending_eager - 1
         if steps == 0:
             return
         if self.graph is None:
-            for p in self.params:
-                p.grad.zero_()
             self.graph = torch.cuda.CUDAGraph()
-            # the captured step zeroes the gradients first, so each replay is one whole step
             with torch.cuda.graph(self.graph):
-                for p in self.params:
-                    p.grad.zero_()
                 self._step()
             steps -= 1  # capturing does not run the step: replay it
             self.graph.replay()

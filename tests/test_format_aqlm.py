@@ -206,6 +206,62 @@ print("ok")
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
 
 
+@pytest.mark.skipif(
+    not torch.cuda.is_available() and os.environ.get("QCONV_TEST_TRITON_INTERPRET") != "1",
+    reason="the fused code search needs CUDA (or QCONV_TEST_TRITON_INTERPRET=1 with triton installed)",
+)
+def test_fused_greedy_pass_equals_the_beam_search_with_one_beam():
+    """The fused pass (three kernels a step) against the torch beam search with beam 1, on
+    integer-valued problems whose every float32 sum is exact: the same codes, and the running
+    (W - W_hat) H equal to the one recomputed from them."""
+    script = r"""
+import torch
+from qconv.formats.aqlm_solver import LayerCodes, beam_search, decode
+from qconv.formats.aqlm_triton import greedy_pass
+device = "cuda" if torch.cuda.is_available() else "cpu"
+torch.manual_seed(0)
+for out, inputs, books, size, width in [(70, 32, 1, 256, 8), (33, 24, 2, 64, 8), (20, 16, 1, 300, 4)]:
+    weight = torch.randint(-6, 7, (out, inputs)).float()
+    x = torch.randint(-2, 3, (64, inputs)).float()
+    xtx = x.t() @ x
+    codebooks = torch.randint(-3, 4, (books, size, width)).float()
+    codes = torch.randint(0, size, (out, inputs // width, books))
+    scales = torch.ones(out)
+    expected = beam_search(weight, xtx, LayerCodes(codes, codebooks, scales), 1).codes  # torch path
+    got = codes.clone().to(device)
+    residual_h = ((weight - decode(codes, codebooks, scales)) @ xtx).to(device)
+    greedy_pass(residual_h, got, codebooks.to(device), scales.to(device), xtx.to(device))
+    assert torch.equal(got.cpu(), expected), (out, inputs, books)
+    assert torch.equal(residual_h.cpu(), (weight - decode(got.cpu(), codebooks, scales)) @ xtx)
+print("ok")
+"""
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+
+
+def test_adam_gradient_is_autograds():
+    """The written-out gradient (sorted prefix sums for the codebooks) equals autograd's."""
+    from qconv.formats.aqlm_solver import AdamSteps, decode, output_loss
+
+    weight, xtx = _random_problem(out=40, inputs=32)
+    generator = torch.Generator().manual_seed(2)
+    codes = torch.randint(0, 64, (40, 4, 2), generator=generator)
+    codes[:20, :, 0] = 5  # a codeword used by many groups, and many codewords by none
+    codebooks = torch.nn.Parameter(torch.randn(2, 64, 8, generator=generator))
+    scales = torch.nn.Parameter(torch.rand(40, generator=generator) + 0.5)
+    output_loss(decode(codes, codebooks, scales) - weight, xtx).mean().backward()
+    mine_books = torch.nn.Parameter(codebooks.detach().clone())
+    mine_scales = torch.nn.Parameter(scales.detach().clone())
+    steps = AdamSteps(weight, xtx, codes, mine_books, mine_scales, lr=0.0)  # lr 0: the step moves nothing
+    steps.run(1)
+    torch.testing.assert_close(mine_books.grad, codebooks.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(mine_scales.grad, scales.grad, rtol=1e-4, atol=1e-5)
+    assert torch.equal(mine_books, codebooks)
+
+
 # -- the solver ---------------------------------------------------------------------------------
 def _random_problem(out=48, inputs=64, seed=0):
     generator = torch.Generator().manual_seed(seed)
