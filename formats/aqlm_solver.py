@@ -44,16 +44,33 @@ KMEANS_TOLERANCE = 1e-3
 
 
 # -- search and k-means -------------------------------------------------------------------------
+SCAN_TILE = 1024
+
+
+def scan_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Inclusive prefix sums along the last dimension of a 2-D tensor, in an order that does not
+    depend on timing. torch's CUDA cumsum sends a tensor whose elements all lie along the scanned
+    dimension to CUB's single-pass scan, whose decoupled look-back adds tile totals in whatever
+    order the tiles finish (floats then differ run to run in the last bits); with two or more
+    rows it runs one block per row in a fixed order. So a single row gets a zero row beside it."""
+    if rows.shape[0] == 1:
+        return torch.cat([rows, torch.zeros_like(rows)]).cumsum(1)[:1]
+    return rows.cumsum(1)
+
+
 class SortedCodes:
     """Per-codeword sums of vectors (k-means' centroids, the gradient of a codebook: per codeword
     the sum over the groups using it), deterministic on the GPU as well: once the codes are
-    sorted, a sum is a difference of float64 prefix sums. No atomics (index_add_ on CUDA adds in
-    any order), and no sort per call (autograd's embedding backward sorts at every step, while
-    Adam's codes change only between runs). The tensors keep their storage across ``update``
-    calls: a CUDA graph reads them."""
+    sorted, a sum is a difference of float64 prefix sums, scanned in tiles of ``SCAN_TILE`` (see
+    :func:`scan_rows`). No atomics (index_add_ on CUDA adds in any order), and no sort per call
+    (autograd's embedding backward sorts at every step, while Adam's codes change only between
+    runs). The tensors keep their storage across ``update`` calls: a CUDA graph reads them."""
 
     def __init__(self, count: int, size: int, width: int, device: torch.device) -> None:
         self.count, self.size, self.width = count, size, width
+        self.tiles = -(-count // SCAN_TILE)
+        # one column's prefix sums: a leading zero, then one per (padded) entry
+        self.stride = self.tiles * SCAN_TILE + 1
         self.order = torch.zeros(count, dtype=torch.int64, device=device)
         self.lower = torch.zeros(size, width, dtype=torch.int64, device=device)
         self.upper = torch.zeros(size, width, dtype=torch.int64, device=device)
@@ -62,18 +79,22 @@ class SortedCodes:
         """``codes`` [count]: each group's codeword in this codebook."""
         self.order.copy_(torch.argsort(codes, stable=True))
         counts = torch.bincount(codes, minlength=self.size)
-        ends = counts.cumsum(0)
+        ends = counts.cumsum(0)  # integers: exact in any order
         starts = ends - counts
-        # the sorted values are laid out one column (of `width`) after another: column d at d*count
-        column = torch.arange(self.width, device=codes.device) * self.count
+        column = torch.arange(self.width, device=codes.device) * self.stride
         self.lower.copy_(starts[:, None] + column)
         self.upper.copy_(ends[:, None] + column)
 
     def sums(self, values: torch.Tensor) -> torch.Tensor:
         """Per codeword the sum of ``values [count, width]`` over its entries, ``[size, width]``."""
-        ordered = values.index_select(0, self.order).t().reshape(-1).to(torch.float64)
-        prefix = torch.cat([ordered.new_zeros(1), ordered.cumsum(0)])
-        return (prefix[self.upper] - prefix[self.lower]).to(values.dtype)
+        ordered = values.index_select(0, self.order).t().to(torch.float64)  # [width, count]
+        padded = torch.nn.functional.pad(ordered, (0, self.tiles * SCAN_TILE - self.count))
+        within = scan_rows(padded.reshape(-1, SCAN_TILE)).view(self.width, self.tiles, SCAN_TILE)
+        totals = within[:, :, -1]
+        before = scan_rows(totals) - totals  # what the tiles before each tile add up to
+        prefix = torch.nn.functional.pad((within + before[:, :, None]).reshape(self.width, -1), (1, 0))
+        flat = prefix.reshape(-1)
+        return (flat[self.upper] - flat[self.lower]).to(values.dtype)
 
 
 def nearest_codewords(

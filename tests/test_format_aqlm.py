@@ -242,6 +242,21 @@ print("ok")
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
 
 
+@pytest.mark.parametrize(("count", "size", "width"), [(1, 3, 2), (5, 16, 1), (1024, 7, 8), (3000, 256, 8)])
+def test_codeword_sums_equal_a_direct_sum(count, size, width):
+    """Sorted prefix sums (tiled: one row, a whole tile, a ragged last tile) give each codeword
+    the sum of its entries; unused codewords get zero."""
+    from qconv.formats.aqlm_solver import SortedCodes
+
+    generator = torch.Generator().manual_seed(count)
+    codes = torch.randint(0, size, (count,), generator=generator)
+    values = torch.randn(count, width, generator=generator)
+    grouped = SortedCodes(count, size, width, torch.device("cpu"))
+    grouped.update(codes)
+    expected = torch.zeros(size, width, dtype=torch.float64).index_add_(0, codes, values.double())
+    torch.testing.assert_close(grouped.sums(values), expected.float(), rtol=1e-6, atol=1e-6)
+
+
 def test_adam_gradient_is_autograds():
     """The written-out gradient (sorted prefix sums for the codebooks) equals autograd's."""
     from qconv.formats.aqlm_solver import AdamSteps, decode, output_loss
