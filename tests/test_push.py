@@ -109,7 +109,10 @@ def test_connection_dropped_mid_lfs_upload(cli, hub, artifacts):
     hub.drop_connection_next("lfs_put")
     _, doc = cli.json("push", artifacts["verified"], "--repo", REPO)
     assert doc["status"] == "committed" and doc["attempts"] == 1  # the client retried the PUT itself
-    assert [r.status for r in hub.requests if r.op == "lfs_put"][0] is None
+    # one PUT was cut off; the order in which the server threads log requests is not the order
+    # the client sent them (its retry can finish before the dropped handler logs)
+    statuses = [r.status for r in hub.requests if r.op == "lfs_put"]
+    assert statuses.count(None) == 1 and set(statuses) == {None, 200}
     assert len(hub.commits(REPO)) == 2 and len(pushes()) == 1
 
 
