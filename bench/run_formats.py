@@ -50,12 +50,12 @@ FORMATS = {
     "nf4": {
         "method": "bnb",
         "options": {"bits": 4, "quant_type": "nf4", "double_quant": True},
-        "reference": "bnb",
+        "reference_path": "bnb",
     },
     "fp4": {
         "method": "bnb",
         "options": {"bits": 4, "quant_type": "fp4", "double_quant": False},
-        "reference": "bnb",
+        "reference_path": "bnb",
     },
     "int8": {"method": "bnb", "options": {"bits": 8}, "reference_path": "bnb"},
     "hqq4": {"method": "hqq", "options": {"bits": 4, "group_size": 64}, "reference_path": "hqq"},
