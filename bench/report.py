@@ -416,6 +416,7 @@ def plot(rows: list[dict], bf16: float | None, png: Path) -> bool:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import ScalarFormatter
     except ImportError:
         print("report: matplotlib is not installed (pip install '.[bench]'); no plot drawn", file=sys.stderr)
         return False
@@ -457,6 +458,9 @@ def plot(rows: list[dict], bf16: float | None, png: Path) -> bool:
     if bf16 is not None:
         axes.axhline(bf16, color="grey", linestyle="--", linewidth=1, label=f"bf16 ({bf16:.2f})")
     axes.set_yscale("log")
+    axes.yaxis.set_major_formatter(ScalarFormatter())  # 21.6, not 2.16 x 10^1
+    axes.yaxis.set_minor_formatter(ScalarFormatter())
+    axes.margins(x=0.2)  # room for the labels of the rightmost points
     axes.set_xlabel("bits per quantized weight (codebooks, scales and zeros included)")
     axes.set_ylabel("wikitext-2 test perplexity (log)")
     axes.set_title("SmolLM2-135M-Instruct: perplexity against size")
