@@ -85,7 +85,8 @@ def label(key: str) -> str:
 
 # -- the cases, each run as `python run_formats.py --case NAME --device D SPEC` (SPEC: JSON) ------
 def case_bf16(spec: str, device: str = "cuda") -> dict:
-    """Perplexity of the bf16 folder, by qconv eval's protocol."""
+    """Perplexity of the bf16 folder, by qconv eval's protocol (in bf16: a plain folder would
+    otherwise load in its config's dtype, float32 for one written from the gguf)."""
     from qconv.evaluate import evaluate
 
     args = json.loads(spec)
@@ -96,6 +97,7 @@ def case_bf16(spec: str, device: str = "cuda") -> dict:
         seqlen=args["seqlen"],
         max_windows=args["max_windows"],
         device=device,
+        dtype="bfloat16",
     )
     return {**result.metrics, "protocol": result.protocol, "eval_s": time.perf_counter() - start}
 
