@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -448,11 +449,19 @@ def plot(rows: list[dict], bf16: float | None, png: Path) -> bool:
                 zorder=2,
             )
         for r in mine:
+            near = sum(  # earlier points whose label would sit on this one's
+                abs(o["bits_per_weight"] - r["bits_per_weight"]) < 1.5
+                and abs(math.log(o["qconv_ppl"] / r["qconv_ppl"])) < 0.08
+                for o in points[: points.index(r)]
+            )
             axes.annotate(
                 r["label"],
                 (r["bits_per_weight"], r["qconv_ppl"]),
                 fontsize=7,
-                xytext=(4, 4),
+                # a point close to earlier ones takes the other side for its label, then a lower line
+                xytext=(-6 if near % 2 else 6, -10 * (near // 2)),
+                ha="right" if near % 2 else "left",
+                va="center",
                 textcoords="offset points",
             )
     if bf16 is not None:
