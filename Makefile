@@ -45,14 +45,15 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check converter formats registry tests bench
 
 # Run on the GPU machine (see bench/README.md); writes JSON under bench/results/, then renders
-# docs/bench.md and the README table from it.
+# docs/bench.md, docs/bench.png (with the `bench` extra: matplotlib) and the README table from it.
 # HQQ_GGUF and HQQ_TEXT: the SmolLM2 gguf and the wikitext-2 test text for the perplexity part.
 HQQ_GGUF ?= /tmp/m/smol.gguf
 HQQ_TEXT ?= ../shared/data/wikitext2-test.txt
 # the authors' AQLM repository (Vahe1994/AQLM): the folder holding its aq_engine.py and src/
 AQLM_REFERENCE ?= .dev/aqlm_ref
 bench:
-	python3 bench/run_bench.py --out bench/results
+	python3 bench/run_bench.py --out bench/results --parts convert,load
+	python3 bench/run_formats.py --out bench/results --gguf $(HQQ_GGUF) --text $(HQQ_TEXT)
 	python3 bench/run_hqq.py --out bench/results --part quantizer
 	python3 bench/run_hqq.py --out bench/results --part smollm2 --gguf $(HQQ_GGUF) --text $(HQQ_TEXT)
 	python3 bench/run_eetq.py --out bench/results --gguf $(HQQ_GGUF) --text $(HQQ_TEXT)

@@ -1,11 +1,19 @@
-"""Render bench/results/*.json as the markdown tables quoted in README (docs/bench.md).
+"""Render bench/results/*.json as the markdown tables quoted in README (docs/bench.md), and the
+plot docs/bench.png (perplexity against bits per weight; needs matplotlib, the ``bench`` extra).
 
-python bench/report.py            # writes docs/bench.md and prints it
+python bench/report.py            # writes docs/bench.md, docs/bench.png, README's block; prints the page
+python bench/report.py --results DIR --docs DIR --readme none --root DIR   # elsewhere (tests)
+
+A missing JSON only leaves its table out; one that cannot be rendered leaves a note in its place.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
+import os
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -16,9 +24,8 @@ def gb(n: float) -> str:
     return f"{n / 1e9:.1f} GB"
 
 
-def convert_table(path: Path, link_prefix: str) -> list[str]:
+def convert_table(path: Path, rel: str) -> list[str]:
     r = json.loads(path.read_text())
-    rel = link_prefix + str(path.relative_to(ROOT))
     runs = [r[k] for k in ("qconv", "qconv_again") if "total_s" in r.get(k, {})]
     best = min(runs, key=lambda x: x["total_s"])
     each = ", ".join(f"{x['total_s']:.1f} s" for x in runs)
@@ -49,9 +56,8 @@ def convert_table(path: Path, link_prefix: str) -> list[str]:
     return lines
 
 
-def smollm2_lines(path: Path, link_prefix: str) -> list[str]:
+def smollm2_lines(path: Path, rel: str) -> list[str]:
     r = json.loads(path.read_text())
-    rel = link_prefix + str(path.relative_to(ROOT))
     return [
         f"SmolLM2-135M-Instruct (Q4_1 gguf) to nf4 on the GPU ([raw JSON]({rel})): packed bytes equal "
         f"bitsandbytes' own functions on the same GPU in all {r['layers']} layers: "
@@ -61,9 +67,8 @@ def smollm2_lines(path: Path, link_prefix: str) -> list[str]:
     ]
 
 
-def hqq_quantizer_table(path: Path, link_prefix: str) -> list[str]:
+def hqq_quantizer_table(path: Path, rel: str) -> list[str]:
     r = json.loads(path.read_text())
-    rel = link_prefix + str(path.relative_to(ROOT))
     shapes = ", ".join("x".join(map(str, s)) for s in r["shapes"])
     lines = [
         f"HQQ quantizer, group 64, axis 1, on bf16 matrices of Llama-3-8B's shapes ({shapes}; "
@@ -85,9 +90,8 @@ def hqq_quantizer_table(path: Path, link_prefix: str) -> list[str]:
     return lines
 
 
-def hqq_smollm2_table(path: Path, link_prefix: str) -> list[str]:
+def hqq_smollm2_table(path: Path, rel: str) -> list[str]:
     r = json.loads(path.read_text())
-    rel = link_prefix + str(path.relative_to(ROOT))
     rows = {row["model"]: row for row in r["rows"]}
     base = rows["bf16"]
     lines = [
@@ -117,9 +121,8 @@ def hqq_smollm2_table(path: Path, link_prefix: str) -> list[str]:
     return lines
 
 
-def eetq_smollm2_table(path: Path, link_prefix: str) -> list[str]:
+def eetq_smollm2_table(path: Path, rel: str) -> list[str]:
     r = json.loads(path.read_text())
-    rel = link_prefix + str(path.relative_to(ROOT))
     rows = {row["model"]: row for row in r["rows"]}
     base = rows["bf16"]
     lines = [
@@ -143,45 +146,428 @@ def eetq_smollm2_table(path: Path, link_prefix: str) -> list[str]:
     return lines
 
 
-def tables(link_prefix: str) -> list[str]:
+def load_table(path: Path, rel: str) -> list[str]:
+    r = json.loads(path.read_text())
+    source, machine = r["source"], r["machine"]
+    where = machine.get("gpu") or machine.get("device", "?")
+    lines = [
+        f"Load time of a pre-quantized qconv artifact against transformers' load-time quantization of the "
+        f"bf16 source, on a synthetic {source.get('shapes', 'Llama-3-8B')}-shaped model ({source['layers']} "
+        f"layers, {gb(source['bytes'])} bf16), {where}; each row a fresh process with a cold page cache, "
+        f"timed until every weight is on the device; `{r['call']}` ([raw JSON]({rel})). Bytes read: "
+        "the process's `read_bytes` (/proc/self/io), else the system's `pgpgin` where marked.",
+        "",
+        "| scheme | path | load time | vs pre-quantized | on disk | bytes read | peak host RSS | "
+        "peak GPU memory | logits finite |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    names = {"nf4": "nf4 + double quant", "int8": "int8 (LLM.int8)"}
+    paths = {
+        "prequantized": "qconv artifact, pre-quantized",
+        "load_quantize": "bf16 source, `BitsAndBytesConfig` at load",
+    }
+    for scheme, entry in r.get("schemes", {}).items():
+        pre = entry.get("prequantized", {}).get("load_s")
+        for how, text in paths.items():
+            case = entry.get(how)
+            if case is None:
+                continue
+            head = f"| {names.get(scheme, scheme)} | {text} |"
+            if "load_s" not in case:
+                lines.append(f"{head} failed | - | - | - | - | - | - |")
+                continue
+            ratio = f"{case['load_s'] / pre:.2f}x" if pre else "-"
+            read = gb(case["bytes_read"]) if "bytes_read" in case else "-"
+            if case.get("bytes_read_counter") not in (None, "read_bytes"):
+                read += f" ({case['bytes_read_counter'].removeprefix('system_').removesuffix('_bytes')})"
+            gpu = case.get("peak_gpu_bytes")
+            lines.append(
+                f"{head} {case['load_s']:.1f} s | {ratio} | {gb(case['folder_bytes'])} | {read} | "
+                f"{gb(case['peak_rss_bytes'])} | {gb(gpu) if gpu is not None else '-'} | "
+                f"{'yes' if case.get('logits_finite') else 'no'} |"
+            )
+    return lines
+
+
+# -- one table of every format, from every results file that holds a part of it ----------------
+FAMILIES = ("bnb", "hqq", "eetq", "aqlm")  # the table's order; within one, more bits first
+AQLM_CASES = {"ft": "fine-tuned", "noft": "no fine-tuning"}
+GROUP_HQQ = 64  # run_hqq.py's GROUP
+
+
+def short_gpu(name: str | None) -> str:
+    return (name or "cpu").removeprefix("NVIDIA ")
+
+
+def speed(gbps: float | None) -> str:
+    if gbps is None:
+        return "-"
+    return f"{gbps:.1f} GB/s" if gbps >= 1 else f"{gbps:.2f} GB/s"
+
+
+def perplexity_text(value) -> str:
+    if isinstance(value, str):
+        return value
+    if value is None:
+        return "-"
+    return f"{value:,.2f}" if value < 1000 else f"{value:,.0f}"
+
+
+def _row(family: str, label: str, bits: int, **fields) -> dict:
+    row = {
+        "family": family,
+        "label": label,
+        "nominal_bits": bits,
+        "bits_per_weight": None,
+        "qconv_speed": "-",
+        "reference_speed": "-",
+        "speedup": None,
+        "qconv_ppl": None,
+        "reference_ppl": None,
+        "peak_gpu_bytes": None,
+        "peak_rss_bytes": None,
+        "sources": [],
+    }
+    row.update(fields)
+    return row
+
+
+def _ppl_of(entry: dict | None):
+    """A perplexity, or why there is none."""
+    if not entry:
+        return None
+    if "ppl" in entry:
+        return entry["ppl"]
+    if "unavailable" in entry:
+        return "n/a"
+    return "failed" if "error" in entry else None
+
+
+def _hqq_throughput(quantizer: list[tuple[Path, dict]], bits: int) -> dict:
+    for path, doc in quantizer:
+        for result in doc.get("results", []):
+            if result.get("bits") == bits:
+                return {
+                    "qconv_speed": speed(result["qconv_GBps"]),
+                    "reference_speed": speed(result["hqq_GBps"]) + " (`Quantizer`)",
+                    "speedup": result["speedup"],
+                    "extra_source": (short_gpu(doc["environment"].get("gpu")), path),
+                }
+    return {}
+
+
+def _load_all(results: Path, pattern: str) -> list[tuple[Path, dict]]:
+    """Every non-quick results file matching ``pattern``, parsed; unreadable ones are skipped."""
+    found = []
+    for path in sorted(results.glob(pattern)):
+        if "_quick" in path.name:
+            continue
+        try:
+            found.append((path, json.loads(path.read_text())))
+        except (OSError, ValueError) as exc:
+            print(f"report: {path.name} skipped ({exc})", file=sys.stderr)
+    return found
+
+
+def format_rows(results: Path) -> tuple[list[dict], float | None]:
+    """The summary rows and the bf16 perplexity. Later files (by name) replace earlier rows of
+    the same format, so a repeated measurement shows once."""
+    rows: dict[str, dict] = {}
+    bf16 = None
+    quantizer = _load_all(results, "hqq_quantizer_*.json")
+    for path, doc in _load_all(results, "formats_*.json"):
+        gpu = short_gpu(doc.get("environment", {}).get("gpu"))
+        bf16 = (doc.get("bf16") or {}).get("ppl", bf16)
+        throughput = (doc.get("throughput") or {}).get("results", {})
+        for key, entry in doc.get("formats", {}).items():
+            convert = entry.get("convert") or {}
+            row = _row(
+                entry["method"],
+                entry.get("label", key),
+                entry["options"].get("bits", 8),
+                bits_per_weight=(convert.get("summary") or {}).get("bits_per_weight"),
+                qconv_ppl=_ppl_of(entry.get("ppl")),
+                reference_ppl=_ppl_of(entry.get("reference")),
+                peak_gpu_bytes=convert.get("peak_gpu_bytes"),
+                peak_rss_bytes=convert.get("peak_rss_bytes"),
+                sources=[(gpu, path)],
+            )
+            speeds = throughput.get(key) or {}
+            if "qconv_GBps" in speeds:
+                row["qconv_speed"] = speed(speeds["qconv_GBps"])
+                if speeds.get("reference_GBps") is not None:
+                    row["reference_speed"] = speed(speeds["reference_GBps"])
+                    row["speedup"] = speeds["speedup"]
+                elif speeds.get("reference_unavailable"):
+                    row["reference_speed"] = "n/a"
+            elif entry["method"] == "hqq":
+                found = _hqq_throughput(quantizer, entry["options"]["bits"])
+                if found:
+                    row["sources"].append(found.pop("extra_source"))
+                    row.update(found)
+            rows[row["label"]] = row
+    for path, doc in _load_all(results, "hqq_smollm2_*.json"):
+        by_model = {r["model"]: r for r in doc.get("rows", [])}
+        bf16 = bf16 if bf16 is not None else by_model.get("bf16", {}).get("ppl")
+        for bits in sorted({r["bits"] for r in doc.get("rows", []) if "bits" in r}, reverse=True):
+            label = f"hqq {bits}-bit g{GROUP_HQQ}"
+            if label in rows:
+                continue
+            row = _row(
+                "hqq",
+                label,
+                bits,
+                qconv_ppl=_ppl_of(by_model.get(f"qconv hqq {bits}-bit g64 (solver qconv)")),
+                reference_ppl=_ppl_of(by_model.get(f"hqq AutoHQQHFModel {bits}-bit g64 (compute bfloat16)")),
+                sources=[(short_gpu(doc.get("environment", {}).get("gpu")), path)],
+            )
+            found = _hqq_throughput(quantizer, bits)
+            if found:
+                row["sources"].append(found.pop("extra_source"))
+                row.update(found)
+            rows[label] = row
+    for path, doc in _load_all(results, "eetq_smollm2_*.json"):
+        if any(r["family"] == "eetq" for r in rows.values()):
+            break
+        qconv = [r for r in doc.get("rows", []) if r["model"].startswith("qconv eetq") and "ppl" in r]
+        if qconv:
+            first = qconv[0]
+            label = first["model"].removeprefix("qconv ").split(" (")[0]
+            rows[label] = _row(
+                "eetq",
+                label,
+                8,
+                bits_per_weight=first.get("bits_per_weight"),
+                qconv_ppl=first["ppl"],
+                reference_ppl="n/a",
+                sources=[(short_gpu(doc.get("environment", {}).get("gpu")), path)],
+            )
+    layer = {}
+    for path, doc in _load_all(results, "aqlm_layer_*.json"):
+        cases = (doc.get("layer") or {}).get("cases", {})
+        if "qconv" in cases:
+            layer = {"path": path, "gpu": short_gpu(doc.get("gpu")), **doc["layer"]}
+    for path, doc in _load_all(results, "aqlm_smollm2_*.json"):
+        for case, entry in (doc.get("smollm2") or {}).items():
+            if "summary" not in entry:
+                continue
+            scheme, _, ft = case.partition(":")
+            label = f"aqlm {scheme} ({AQLM_CASES.get(ft, ft)})"
+            stats = entry.get("stats", {})
+            row = _row(
+                "aqlm",
+                label,
+                16 if scheme == "1x16" else 8,
+                bits_per_weight=entry["summary"]["bits_per_weight"],
+                qconv_ppl=_ppl_of(entry.get("ppl")),
+                peak_gpu_bytes=stats.get("peak_gpu_bytes"),
+                peak_rss_bytes=stats.get("peak_rss_bytes"),
+                sources=[(short_gpu(doc.get("gpu")), path)],
+            )
+            if scheme == "1x16" and layer:  # the layer comparison is of the 1x16 scheme
+                q, ref = layer["cases"]["qconv"], layer["cases"].get("reference")
+                row["qconv_speed"] = f"{q['seconds']:.2f} s a layer"
+                if ref:
+                    row["reference_speed"] = f"{ref['seconds']:.2f} s (`AQEngine`)"
+                    row["speedup"] = ref["seconds"] / q["seconds"]
+                row["sources"].append((layer["gpu"], layer["path"]))
+            rows[label] = row
+    ordered = sorted(rows.values(), key=lambda r: (FAMILIES.index(r["family"]), -r["nominal_bits"]))
+    return ordered, bf16
+
+
+def formats_table(rows: list[dict], bf16: float | None, link_prefix: str, root: Path) -> list[str]:
+    if not rows:
+        return []
+    lines = [
+        "Every format against its reference. SmolLM2-135M-Instruct (bf16 from the Q4_1 gguf"
+        + (f", perplexity **{bf16:.2f}**" if bf16 is not None else "")
+        + "), wikitext-2 test perplexity by `qconv eval`'s protocol (non-overlapping windows of 2048 "
+        "tokens, remainder dropped). Quantize: source bytes / median time on Llama-3-8B-shaped bf16 "
+        "matrices after a warm-up (bnb against `bitsandbytes.functional`, hqq against hqq's `Quantizer`), "
+        "for AQLM one real SmolLM2 layer against the authors' `AQEngine`. Reference perplexity: "
+        "transformers' `BitsAndBytesConfig` at load time (bnb), hqq's `AutoHQQHFModel` in bf16 (hqq); "
+        "EETQ has none that installs (n/a). Peak memory: qconv's conversion of SmolLM2. Rows from "
+        "different runs; each links the JSON it comes from (the GPU named).",
+        "",
+        "| format | bits/weight | qconv quantize | reference | speed-up | qconv ppl | reference ppl | "
+        "peak GPU | peak RSS | raw JSON |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        bits = f"{r['bits_per_weight']:.3f}" if r["bits_per_weight"] is not None else "-"
+        up = f"**{r['speedup']:.1f}x**" if r["speedup"] is not None else "-"
+        gpu = gb(r["peak_gpu_bytes"]) if r["peak_gpu_bytes"] is not None else "-"
+        rss = gb(r["peak_rss_bytes"]) if r["peak_rss_bytes"] is not None else "-"
+        links = ", ".join(
+            f"[{name}]({link_prefix}{path.relative_to(root).as_posix()})" for name, path in r["sources"]
+        )
+        lines.append(
+            f"| {r['label']} | {bits} | {r['qconv_speed']} | {r['reference_speed']} | {up} | "
+            f"{perplexity_text(r['qconv_ppl'])} | {perplexity_text(r['reference_ppl'])} | {gpu} | {rss} | {links} |"
+        )
+    return lines
+
+
+def plot(rows: list[dict], bf16: float | None, png: Path) -> bool:
+    """Perplexity against bits per weight, log scale: qconv filled, the reference hollow. Needs
+    matplotlib (the ``bench`` extra); without it nothing is drawn and False is returned."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import ScalarFormatter
+    except ImportError:
+        print("report: matplotlib is not installed (pip install '.[bench]'); no plot drawn", file=sys.stderr)
+        return False
+    points = [r for r in rows if r["bits_per_weight"] is not None and isinstance(r["qconv_ppl"], float)]
+    if not points:
+        return False
+    figure, axes = plt.subplots(figsize=(8, 5), dpi=120)
+    colours = dict(zip(FAMILIES, ("tab:blue", "tab:orange", "tab:green", "tab:red"), strict=True))
+    for family in FAMILIES:
+        mine = [r for r in points if r["family"] == family]
+        if not mine:
+            continue
+        axes.scatter(
+            [r["bits_per_weight"] for r in mine],
+            [r["qconv_ppl"] for r in mine],
+            color=colours[family],
+            label=f"qconv {family}",
+            zorder=3,
+        )
+        refs = [r for r in mine if isinstance(r["reference_ppl"], float)]
+        if refs:
+            axes.scatter(
+                [r["bits_per_weight"] for r in refs],
+                [r["reference_ppl"] for r in refs],
+                facecolors="none",
+                edgecolors=colours[family],
+                s=90,
+                label=f"reference {family}",
+                zorder=2,
+            )
+        for r in mine:
+            near = sum(  # earlier points whose label would sit on this one's
+                abs(o["bits_per_weight"] - r["bits_per_weight"]) < 1.5
+                and abs(math.log(o["qconv_ppl"] / r["qconv_ppl"])) < 0.08
+                for o in points[: points.index(r)]
+            )
+            axes.annotate(
+                r["label"],
+                (r["bits_per_weight"], r["qconv_ppl"]),
+                fontsize=7,
+                # a point close to earlier ones takes the other side for its label, then a lower line
+                xytext=(-6 if near % 2 else 6, -10 * (near // 2)),
+                ha="right" if near % 2 else "left",
+                va="center",
+                textcoords="offset points",
+            )
+    if bf16 is not None:
+        axes.axhline(bf16, color="grey", linestyle="--", linewidth=1, label=f"bf16 ({bf16:.2f})")
+    axes.set_yscale("log")
+    axes.yaxis.set_major_formatter(ScalarFormatter())  # 21.6, not 2.16 x 10^1
+    axes.yaxis.set_minor_formatter(ScalarFormatter())
+    axes.margins(x=0.2)  # room for the labels of the rightmost points
+    axes.set_xlabel("bits per quantized weight (codebooks, scales and zeros included)")
+    axes.set_ylabel("wikitext-2 test perplexity (log)")
+    axes.set_title("SmolLM2-135M-Instruct: perplexity against size")
+    axes.grid(True, which="both", linewidth=0.3)
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(png)
+    plt.close(figure)
+    return True
+
+
+def _rendered(render, path: Path, rel: str) -> list[str]:
+    """One file's lines, or a note saying why it could not be rendered (a partial or failed run
+    must not stop the report)."""
+    try:
+        return render(path, rel) + [""]
+    except (OSError, ValueError, KeyError, TypeError, IndexError, ZeroDivisionError) as exc:
+        print(f"report: {path.name} not rendered ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return [f"_{path.name}: not rendered ({type(exc).__name__}: {exc})_", ""]
+
+
+PER_FILE = (
+    ("convert_nf4_8b_*.json", convert_table),
+    ("load_8b_*.json", load_table),
+    ("smollm2_nf4_gpu_*.json", smollm2_lines),
+    ("hqq_quantizer_*.json", hqq_quantizer_table),
+    ("hqq_smollm2_*.json", hqq_smollm2_table),
+    ("eetq_smollm2_*.json", eetq_smollm2_table),
+)
+
+
+def tables(results: Path, link_prefix: str, root: Path, image: str | None = None) -> list[str]:
+    """Every table, as markdown lines. Links are ``link_prefix`` + the file's path under
+    ``root``; ``image``, when given, is the plot's link, shown under the summary table."""
     lines: list[str] = []
-    for path in sorted(RESULTS.glob("convert_nf4_8b_*.json")):
-        lines += convert_table(path, link_prefix) + [""]
-    for path in sorted(RESULTS.glob("smollm2_nf4_gpu_*.json")):
-        lines += smollm2_lines(path, link_prefix) + [""]
-    for path in sorted(RESULTS.glob("hqq_quantizer_*.json")):
-        if "_quick" not in path.name:
-            lines += hqq_quantizer_table(path, link_prefix) + [""]
-    for path in sorted(RESULTS.glob("hqq_smollm2_*.json")):
-        if "_quick" not in path.name:
-            lines += hqq_smollm2_table(path, link_prefix) + [""]
-    for path in sorted(RESULTS.glob("eetq_smollm2_*.json")):
-        if "_quick" not in path.name:
-            lines += eetq_smollm2_table(path, link_prefix) + [""]
+    try:
+        rows, bf16 = format_rows(results)
+        summary = formats_table(rows, bf16, link_prefix, root)
+    except (ValueError, KeyError, TypeError, IndexError, ZeroDivisionError) as exc:
+        print(f"report: the format summary not rendered ({type(exc).__name__}: {exc})", file=sys.stderr)
+        summary = [f"_format summary: not rendered ({type(exc).__name__}: {exc})_"]
+    if summary:
+        lines += summary + [""]
+        if image:
+            lines += [f"![perplexity against bits per weight]({image})", ""]
+    for pattern, render in PER_FILE:
+        for path in sorted(results.glob(pattern)):
+            if "_quick" not in path.name:
+                lines += _rendered(render, path, link_prefix + path.relative_to(root).as_posix())
     return lines
 
 
 START, END = "<!-- bench:start (bench/report.py) -->", "<!-- bench:end -->"
 
 
-def main() -> None:
+def _prefix(root: Path, page_folder: Path) -> str:
+    """What links from a page in ``page_folder`` start with to reach ``root``: ``../`` or ``""``."""
+    relative = Path(os.path.relpath(root, page_folder)).as_posix()
+    return "" if relative == "." else relative + "/"
+
+
+def write_report(results: Path, docs: Path, readme: Path | None, root: Path) -> str:
+    """docs/bench.md (and docs/bench.png where matplotlib is installed) and README's block
+    between START and END; returns the page's text."""
+    rows, bf16 = format_rows(results)
+    drawn = plot(rows, bf16, docs / "bench.png")
     head = [
         "# Benchmarks",
         "",
         "Produced by `make bench` on the GPU machine; rendered by `python bench/report.py`.",
         "",
     ]
-    text = "\n".join(head + tables("../"))
-    (ROOT / "docs").mkdir(exist_ok=True)
-    (ROOT / "docs" / "bench.md").write_text(text)
-    readme = ROOT / "README.md"
-    if readme.is_file():
+    text = "\n".join(head + tables(results, _prefix(root, docs), root, "bench.png" if drawn else None))
+    docs.mkdir(parents=True, exist_ok=True)
+    (docs / "bench.md").write_text(text)
+    if readme is not None and readme.is_file():
         content = readme.read_text()
         if START in content and END in content:
             before, rest = content.split(START, 1)
             after = rest.split(END, 1)[1]
-            readme.write_text(before + START + "\n" + "\n".join(tables("")) + END + after)
-    print(text)
+            image = Path(os.path.relpath(docs / "bench.png", readme.parent)).as_posix() if drawn else None
+            block = "\n".join(tables(results, _prefix(root, readme.parent), root, image))
+            readme.write_text(before + START + "\n" + block + END + after)
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the JSON")
+    parser.add_argument("--docs", type=Path, default=ROOT / "docs", help="where bench.md and bench.png go")
+    parser.add_argument("--readme", type=Path, default=ROOT / "README.md", help="'none': leave it alone")
+    parser.add_argument("--root", type=Path, default=ROOT, help="links are relative to this folder")
+    args = parser.parse_args()
+    readme = None if str(args.readme) == "none" else args.readme
+    print(write_report(args.results, args.docs, readme, args.root))
 
 
 if __name__ == "__main__":

@@ -164,9 +164,26 @@ def smollm2_folder(gguf: Path, folder: Path) -> Path:
     return folder
 
 
-def part_smollm2(device: str, gguf: Path, text: Path, work: Path, max_windows: int | None, bits_list) -> dict:
+def hqq_reference_model(folder: Path, bits: int, compute_dtype: torch.dtype, device: str):
+    """hqq's own path on a bf16 model folder: ``AutoHQQHFModel.quantize_model`` at ``bits``, group
+    64; returns (the model in eval mode, seconds the quantization took, synchronised)."""
     from hqq.core.quantize import BaseQuantizeConfig
     from hqq.models.hf.base import AutoHQQHFModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=compute_dtype)
+    start = time.perf_counter()
+    AutoHQQHFModel.quantize_model(
+        model,
+        quant_config=BaseQuantizeConfig(nbits=bits, group_size=GROUP),
+        compute_dtype=compute_dtype,
+        device=device,
+    )
+    sync(device)
+    return model.eval(), time.perf_counter() - start
+
+
+def part_smollm2(device: str, gguf: Path, text: Path, work: Path, max_windows: int | None, bits_list) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import qconv
@@ -229,17 +246,8 @@ def part_smollm2(device: str, gguf: Path, text: Path, work: Path, max_windows: i
         for compute_dtype in (torch.bfloat16, torch.float16):
             name = f"hqq AutoHQQHFModel {bits}-bit g64 (compute {str(compute_dtype).removeprefix('torch.')})"
             try:
-                model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=compute_dtype)
-                start = time.perf_counter()
-                AutoHQQHFModel.quantize_model(
-                    model,
-                    quant_config=BaseQuantizeConfig(nbits=bits, group_size=GROUP),
-                    compute_dtype=compute_dtype,
-                    device=device,
-                )
-                sync(device)
-                quantize_s = time.perf_counter() - start
-                row = {"model": name, "bits": bits, **evaluate(model.eval()), "quantize_s": quantize_s}
+                model, quantize_s = hqq_reference_model(folder, bits, compute_dtype, device)
+                row = {"model": name, "bits": bits, **evaluate(model), "quantize_s": quantize_s}
                 del model
             except Exception as exc:  # noqa: BLE001
                 row = {"model": name, "error": repr(exc), "traceback": traceback.format_exc()[-2000:]}

@@ -1,0 +1,227 @@
+"""bench/report.py renders the benchmark JSON into markdown: small fixture files in a temporary
+results folder, exact lines expected, and a missing or broken file never stops the report."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+REPORT_PY = Path(__file__).resolve().parent.parent / "bench" / "report.py"
+
+
+@pytest.fixture(scope="module")
+def report():
+    spec = importlib.util.spec_from_file_location("bench_report", REPORT_PY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write(folder: Path, name: str, doc: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def load_case(how: str, seconds: float, on_disk: float, read: float, counter: str = "read_bytes") -> dict:
+    return {
+        "how": how,
+        "load_s": seconds,
+        "bytes_read": read,
+        "bytes_read_counter": counter,
+        "folder_bytes": on_disk,
+        "peak_rss_bytes": 2.5e9,
+        "peak_gpu_bytes": 6.0e9,
+        "logits_finite": True,
+    }
+
+
+LOAD = {
+    "machine": {"gpu": "NVIDIA H200", "device": "cuda"},
+    "source": {"bytes": 16.06e9, "layers": 32, "shapes": "Llama-3-8B"},
+    "call": 'AutoModelForCausalLM.from_pretrained(folder, device_map="cuda:0")',
+    "schemes": {
+        "nf4": {
+            "prequantized": load_case("prequantized", 5.3, 5.7e9, 5.7e9),
+            "load_quantize": load_case("load_quantize", 12.1, 16.06e9, 16.1e9),
+        },
+        "int8": {
+            "prequantized": load_case("prequantized", 8.6, 8.6e9, 8.6e9, "system_pgpgin_bytes"),
+            "load_quantize": {"error": "Traceback ... OutOfMemoryError"},
+        },
+    },
+}
+
+
+def formats_doc() -> dict:
+    def convert(bits: float) -> dict:
+        return {"summary": {"bits_per_weight": bits}, "peak_gpu_bytes": 0.6e9, "peak_rss_bytes": 2.8e9}
+
+    return {
+        "environment": {"gpu": "NVIDIA H200"},
+        "bf16": {"ppl": 21.6136},
+        "formats": {
+            "nf4": {
+                "method": "bnb",
+                "options": {"bits": 4, "quant_type": "nf4", "double_quant": True},
+                "label": "bnb nf4+dq",
+                "convert": convert(4.1469),
+                "ppl": {"ppl": 27.758},
+                "reference": {"ppl": 27.761},
+            },
+            "hqq4": {
+                "method": "hqq",
+                "options": {"bits": 4, "group_size": 64},
+                "label": "hqq 4-bit g64",
+                "convert": convert(4.5),
+                "ppl": {"ppl": 26.612},
+                "reference": {"error": "boom"},
+            },
+            "eetq": {
+                "method": "eetq",
+                "options": {"arch": "sm80"},
+                "label": "eetq int8 sm80",
+                "convert": convert(8.0234),
+                "ppl": {"ppl": 21.678},
+                "reference": {"unavailable": "no EETQ reference"},
+            },
+        },
+        "throughput": {
+            "results": {
+                "nf4": {"qconv_GBps": 120.0, "reference_GBps": 100.0, "speedup": 1.2},
+                "eetq": {"qconv_GBps": 0.5, "reference": None, "reference_unavailable": "none"},
+                "hqq4": {"see": "hqq_quantizer_*.json"},
+            }
+        },
+    }
+
+
+HQQ_QUANTIZER = {
+    "environment": {"gpu": "NVIDIA H100 80GB HBM3"},
+    "results": [{"bits": 4, "qconv_GBps": 110.6, "hqq_GBps": 2.66, "speedup": 41.6}],
+}
+AQLM_LAYER = {
+    "gpu": "NVIDIA H100 80GB HBM3",
+    "layer": {"cases": {"qconv": {"seconds": 1.0}, "reference": {"seconds": 4.45}}},
+}
+AQLM_SMOLLM2 = {
+    "gpu": "NVIDIA H100 80GB HBM3",
+    "smollm2": {
+        "1x16:noft": {
+            "summary": {"bits_per_weight": 18.616},
+            "stats": {"peak_gpu_bytes": 0.79e9, "peak_rss_bytes": 3.7e9},
+            "ppl": {"ppl": 24.394},
+        },
+        "2x8:ft": {"error": "RuntimeError: out of time"},
+    },
+}
+
+
+def test_load_table_exact(report, tmp_path):
+    path = write(tmp_path / "bench" / "results", "load_8b_nvidia-h200.json", LOAD)
+    lines = report.load_table(path, "bench/results/load_8b_nvidia-h200.json")
+    assert lines[0].startswith("Load time of a pre-quantized qconv artifact")
+    assert "([raw JSON](bench/results/load_8b_nvidia-h200.json))" in lines[0]
+    assert lines[2:] == [
+        "| scheme | path | load time | vs pre-quantized | on disk | bytes read | peak host RSS | "
+        "peak GPU memory | logits finite |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+        "| nf4 + double quant | qconv artifact, pre-quantized | 5.3 s | 1.00x | 5.7 GB | 5.7 GB | 2.5 GB | "
+        "6.0 GB | yes |",
+        "| nf4 + double quant | bf16 source, `BitsAndBytesConfig` at load | 12.1 s | 2.28x | 16.1 GB | 16.1 GB | "
+        "2.5 GB | 6.0 GB | yes |",
+        "| int8 (LLM.int8) | qconv artifact, pre-quantized | 8.6 s | 1.00x | 8.6 GB | 8.6 GB (pgpgin) | 2.5 GB | "
+        "6.0 GB | yes |",
+        "| int8 (LLM.int8) | bf16 source, `BitsAndBytesConfig` at load | failed | - | - | - | - | - | - |",
+    ]
+
+
+def test_format_summary_exact(report, tmp_path):
+    results = tmp_path / "bench" / "results"
+    write(results, "formats_smollm2_nvidia-h200.json", formats_doc())
+    write(results, "hqq_quantizer_nvidia-h100-80gb-hbm3.json", HQQ_QUANTIZER)
+    write(results, "aqlm_layer_nvidia-h100-80gb-hbm3.json", AQLM_LAYER)
+    write(results, "aqlm_smollm2_1x16noft_nvidia-h100-80gb-hbm3.json", AQLM_SMOLLM2)
+    write(results, "formats_smollm2_cpu_quick.json", {"formats": {"nf4": {"broken": True}}})  # left out
+    rows, bf16 = report.format_rows(results)
+    assert bf16 == 21.6136
+    lines = report.formats_table(rows, bf16, "", tmp_path)
+    assert "perplexity **21.61**" in lines[0]
+    formats = "[H200](bench/results/formats_smollm2_nvidia-h200.json)"
+    assert lines[2:] == [
+        "| format | bits/weight | qconv quantize | reference | speed-up | qconv ppl | reference ppl | "
+        "peak GPU | peak RSS | raw JSON |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        f"| bnb nf4+dq | 4.147 | 120.0 GB/s | 100.0 GB/s | **1.2x** | 27.76 | 27.76 | 0.6 GB | 2.8 GB | {formats} |",
+        "| hqq 4-bit g64 | 4.500 | 110.6 GB/s | 2.7 GB/s (`Quantizer`) | **41.6x** | 26.61 | failed | 0.6 GB | "
+        f"2.8 GB | {formats}, [H100 80GB HBM3](bench/results/hqq_quantizer_nvidia-h100-80gb-hbm3.json) |",
+        f"| eetq int8 sm80 | 8.023 | 0.50 GB/s | n/a | - | 21.68 | n/a | 0.6 GB | 2.8 GB | {formats} |",
+        "| aqlm 1x16 (no fine-tuning) | 18.616 | 1.00 s a layer | 4.45 s (`AQEngine`) | **4.5x** | 24.39 | - | "
+        "0.8 GB | 3.7 GB | [H100 80GB HBM3](bench/results/aqlm_smollm2_1x16noft_nvidia-h100-80gb-hbm3.json), "
+        "[H100 80GB HBM3](bench/results/aqlm_layer_nvidia-h100-80gb-hbm3.json) |",
+    ]
+
+
+def test_hqq_rows_fall_back_to_the_hqq_perplexity_run(report, tmp_path):
+    results = tmp_path / "bench" / "results"
+    rows = [
+        {"model": "bf16", "ppl": 21.61},
+        {"model": "qconv hqq 3-bit g64 (solver qconv)", "bits": 3, "ppl": 186.27},
+        {"model": "hqq AutoHQQHFModel 3-bit g64 (compute bfloat16)", "bits": 3, "ppl": 178.71},
+        {"model": "qconv hqq 2-bit g64 (solver qconv)", "bits": 2, "ppl": 540712.9},
+    ]
+    write(
+        results,
+        "hqq_smollm2_nvidia-h100-80gb-hbm3.json",
+        {"environment": {"gpu": "NVIDIA H100"}, "rows": rows},
+    )
+    found, bf16 = report.format_rows(results)
+    lines = report.formats_table(found, bf16, "../", tmp_path)
+    link = "[H100](../bench/results/hqq_smollm2_nvidia-h100-80gb-hbm3.json)"
+    assert lines[4:] == [
+        f"| hqq 3-bit g64 | - | - | - | - | 186.27 | 178.71 | - | - | {link} |",
+        f"| hqq 2-bit g64 | - | - | - | - | 540,713 | - | - | - | {link} |",
+    ]
+
+
+def test_missing_results_render_nothing_and_do_not_crash(report, tmp_path):
+    docs = tmp_path / "docs"
+    text = report.write_report(tmp_path / "bench" / "results", docs, None, tmp_path)
+    assert (
+        text
+        == "# Benchmarks\n\nProduced by `make bench` on the GPU machine; rendered by `python bench/report.py`.\n"
+    )
+    assert (docs / "bench.md").read_text() == text
+    assert not (docs / "bench.png").exists()
+
+
+def test_broken_and_partial_files_leave_a_note(report, tmp_path, capsys):
+    results = tmp_path / "bench" / "results"
+    write(results, "load_8b_nvidia-h200.json", {"machine": {}})  # cut off before it had a source
+    (results / "formats_smollm2_nvidia-h200.json").write_text("{not json")
+    write(results, "eetq_smollm2_nvidia-h100.json", {"rows": [{"model": "bf16", "ppl": 21.6}]})
+    lines = report.tables(results, "", tmp_path)
+    assert "_load_8b_nvidia-h200.json: not rendered (KeyError: 'source')_" in lines
+    assert any(line.startswith("_eetq_smollm2_nvidia-h100.json: not rendered") for line in lines)
+    assert "formats_smollm2_nvidia-h200.json skipped" in capsys.readouterr().err
+
+
+def test_readme_block_is_replaced_and_the_rest_kept(report, tmp_path):
+    results = tmp_path / "bench" / "results"
+    write(results, "load_8b_nvidia-h200.json", LOAD)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"before\n{report.START}\nold table\n{report.END}\nafter\n")
+    report.write_report(results, tmp_path / "docs", readme, tmp_path)
+    content = readme.read_text()
+    assert content.startswith(f"before\n{report.START}\nLoad time of a pre-quantized")
+    assert "old table" not in content
+    assert content.endswith(f"{report.END}\nafter\n")
+    assert "([raw JSON](bench/results/load_8b_nvidia-h200.json))" in content
+    assert (
+        "([raw JSON](../bench/results/load_8b_nvidia-h200.json))"
+        in (tmp_path / "docs" / "bench.md").read_text()
+    )
