@@ -21,7 +21,8 @@ RESULTS = ROOT / "bench" / "results"
 
 
 def gb(n: float) -> str:
-    return f"{n / 1e9:.1f} GB"
+    """Bytes for a table: GB, or MB below 1 GB (a 135M model's conversion peaks at tens of MB)."""
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
 
 
 def convert_table(path: Path, rel: str) -> list[str]:

@@ -156,12 +156,12 @@ def test_format_summary_exact(report, tmp_path):
         "| format | bits/weight | qconv quantize | reference | speed-up | qconv ppl | reference ppl | "
         "peak GPU | peak RSS | raw JSON |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
-        f"| bnb nf4+dq | 4.147 | 120.0 GB/s | 100.0 GB/s | **1.2x** | 27.76 | 27.76 | 0.6 GB | 2.8 GB | {formats} |",
-        "| hqq 4-bit g64 | 4.500 | 110.6 GB/s | 2.7 GB/s (`Quantizer`) | **41.6x** | 26.61 | failed | 0.6 GB | "
+        f"| bnb nf4+dq | 4.147 | 120.0 GB/s | 100.0 GB/s | **1.2x** | 27.76 | 27.76 | 600 MB | 2.8 GB | {formats} |",
+        "| hqq 4-bit g64 | 4.500 | 110.6 GB/s | 2.7 GB/s (`Quantizer`) | **41.6x** | 26.61 | failed | 600 MB | "
         f"2.8 GB | {formats}, [H100 80GB HBM3](bench/results/hqq_quantizer_nvidia-h100-80gb-hbm3.json) |",
-        f"| eetq int8 sm80 | 8.023 | 0.50 GB/s | n/a | - | 21.68 | n/a | 0.6 GB | 2.8 GB | {formats} |",
+        f"| eetq int8 sm80 | 8.023 | 0.50 GB/s | n/a | - | 21.68 | n/a | 600 MB | 2.8 GB | {formats} |",
         "| aqlm 1x16 (no fine-tuning) | 18.616 | 1.00 s a layer | 4.45 s (`AQEngine`) | **4.5x** | 24.39 | - | "
-        "0.8 GB | 3.7 GB | [H100 80GB HBM3](bench/results/aqlm_smollm2_1x16noft_nvidia-h100-80gb-hbm3.json), "
+        "790 MB | 3.7 GB | [H100 80GB HBM3](bench/results/aqlm_smollm2_1x16noft_nvidia-h100-80gb-hbm3.json), "
         "[H100 80GB HBM3](bench/results/aqlm_layer_nvidia-h100-80gb-hbm3.json) |",
     ]
 
