@@ -39,8 +39,41 @@ stdout = Console(highlight=False, soft_wrap=True, width=_PIPE_WIDTH)
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+# click 8.2 and later answer a bare `qconv` with this error carrying the help; 8.1 prints the help
+# itself and exits (the tuple is then empty: nothing to catch)
+_NO_ARGS_IS_HELP = tuple(e for e in [getattr(click.exceptions, "NoArgsIsHelpError", None)] if e)
+
+
 class QconvGroup(click.Group):
     """Turns qconv's errors (and OS errors such as a full disk) into one line and an exit code."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        """Click answers a usage mistake (an unknown option, a missing argument, a value not among
+        the choices) with the usage, a hint and the error on four lines; qconv's rule is one line
+        naming the mistake (and the JSON document under --json), exit 2."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        argv = list(sys.argv[1:] if args is None else args)
+        try:
+            # not standalone: click returns ctx.exit's code (commands themselves return None)
+            code = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
+        except _NO_ARGS_IS_HELP as exc:  # a bare `qconv`: the help, as before
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.UsageError as exc:
+            message = exc.format_message().strip().splitlines()[0]
+            hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+            if "--json" in argv:
+                click.echo(json.dumps({"error": message, "exit_code": exc.exit_code}))
+            click.echo(f"Error: {message}{hint}", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:

@@ -213,16 +213,29 @@ def source_model(source: Source, device: torch.device, working_dtype: torch.dtyp
 
     config = source.hf_config()
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    state = {}
-    for info in source.tensors():
-        tensor = source.read(info.name)
-        if tensor.is_floating_point():
-            tensor = tensor.to(working_dtype)
-        state[info.name] = tensor.to(torch.float32)
-    result = model.load_state_dict(state, strict=False)
-    del state
+    # The model's own tensors, filled one source tensor at a time: a state dict built first would
+    # hold a second float32 copy of the whole model.
+    targets = model.state_dict()
+    filled = set()
+    with torch.no_grad():
+        for info in source.tensors():
+            target = targets.get(info.name)
+            if target is None:  # a tensor the architecture does not use (as strict=False skipped)
+                continue
+            tensor = source.read(info.name)
+            if tensor.is_floating_point():
+                tensor = tensor.to(working_dtype)
+            if tuple(tensor.shape) != tuple(target.shape):
+                raise SourceError(
+                    f"{source.ref}: tensor {info.name!r} has shape {list(tensor.shape)}, the "
+                    f"architecture expects {list(target.shape)}"
+                )
+            target.copy_(tensor)
+            filled.add(info.name)
     model.tie_weights()
-    missing = [k for k in result.missing_keys if not _is_tied(model, k)]
+    # persistent buffers (rare in decoders) are the model's own, made by its constructor
+    known = filled | {name for name, _ in model.named_buffers()}
+    missing = [k for k in targets if k not in known and not _is_tied(model, k)]
     if missing:
         raise SourceError(f"{source.ref}: the source lacks tensor {missing[0]!r} the architecture needs")
     return model.to(device).eval()

@@ -123,7 +123,7 @@ class Cli:
     def __call__(self, *args: str, ok: bool | None = True):
         from qconv.cli import main
 
-        result = self.runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
+        result = self.runner.invoke(main, [str(a) for a in args], prog_name="qconv", catch_exceptions=False)
         if ok is True:
             assert result.exit_code == 0, (
                 f"exit {result.exit_code}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"

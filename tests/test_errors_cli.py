@@ -217,3 +217,78 @@ def test_broken_registry_fails_before_any_work(cli, tiny_llama, tmp_path, qconv_
     got = run_error(cli, "convert", tiny_llama, "-o", out, "--method", "bnb", "--device", "cpu")
     assert got.startswith(f"Error: {qconv_home / 'registry.db'}: not a qconv registry")
     assert not out.exists() and not [p for p in tmp_path.iterdir() if "qconv-tmp" in p.name]
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (
+            ["ls", "--bogus"],
+            "Error: No such option '--bogus'. (Did you mean one of: '--base', '--bits'?) (see 'qconv ls --help')",
+        ),
+        (["convert"], "Error: Missing argument 'SOURCE'. (see 'qconv convert --help')"),
+        (["rm", "abc", "--nope"], "Error: No such option '--nope'. (see 'qconv rm --help')"),
+        (["frobnicate"], "Error: No such command 'frobnicate'. (see 'qconv --help')"),
+    ],
+)
+def test_usage_mistakes_are_one_line(cli, args, expected):
+    """Click's own answer (usage, hint, blank line, error) is folded into one line, exit 2."""
+    assert run_error(cli, *args) == expected
+
+
+def test_usage_mistake_with_json_prints_the_error_document(cli):
+    result = cli("ls", "--sort", "size-ish", "--json", ok=None)
+    assert result.exit_code == 2
+    document = json.loads(result.stdout)
+    assert document["exit_code"] == 2 and document["error"].startswith(
+        "Invalid value for '--sort': 'size-ish'"
+    )
+    assert result.stderr.count("\n") == 1
+
+
+def _rewrite_weights(folder: Path, change) -> None:
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "model.safetensors"
+    tensors = load_file(str(path))
+    change(tensors)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def test_source_model_is_the_sources_weights(tiny_llama):
+    """verify's float32 source model, filled tensor by tensor, holds the source's values."""
+    from safetensors.torch import load_file
+
+    from qconv.sources import open_source
+    from qconv.verify import source_model
+
+    expected = load_file(str(tiny_llama / "model.safetensors"))
+    with open_source(str(tiny_llama)) as source:
+        model = source_model(source, torch.device("cpu"), torch.float32)
+    state = model.state_dict()
+    for name, tensor in expected.items():
+        assert torch.equal(state[name], tensor.float()), name
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda t: t.pop("model.layers.0.mlp.up_proj.weight"),
+            "the source lacks tensor 'model.layers.0.mlp.up_proj.weight' the architecture needs",
+        ),
+        (
+            lambda t: t.update({"model.norm.weight": torch.ones(3)}),
+            "tensor 'model.norm.weight' has shape [3], the architecture expects [128]",
+        ),
+    ],
+)
+def test_source_model_refuses_a_source_that_does_not_fit(source_copy, change, message):
+    from qconv.errors import SourceError
+    from qconv.sources import open_source
+    from qconv.verify import source_model
+
+    _rewrite_weights(source_copy, change)
+    with open_source(str(source_copy)) as source, pytest.raises(SourceError) as error:
+        source_model(source, torch.device("cpu"), torch.float32)
+    assert str(error.value) == f"{source_copy}: {message}"
