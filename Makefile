@@ -57,7 +57,7 @@ bench:
 	python3 bench/run_hqq.py --out bench/results --part quantizer
 	python3 bench/run_hqq.py --out bench/results --part smollm2 --gguf $(HQQ_GGUF) --text $(HQQ_TEXT)
 	python3 bench/run_eetq.py --out bench/results --gguf $(HQQ_GGUF) --text $(HQQ_TEXT)
-	python3 bench/run_aqlm.py --out bench/results --part layer --gguf $(HQQ_GGUF) --reference $(AQLM_REFERENCE) --name aqlm_layer
+	python3 bench/run_aqlm.py --out bench/results --part layer --part resume --gguf $(HQQ_GGUF) --reference $(AQLM_REFERENCE) --name aqlm_layer_resume
 	python3 bench/run_aqlm.py --out bench/results --part smollm2 --gguf $(HQQ_GGUF) --text $(HQQ_TEXT) --name aqlm_smollm2
 	python3 bench/report.py
 
