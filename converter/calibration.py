@@ -154,7 +154,12 @@ class BlockRunner:
         for name, param in list(module.named_parameters(recurse=True)):
             key = f"{prefix}.{name}" if prefix else name
             if key not in self.names:
-                raise SourceError(f"{self.source.ref}: tensor {key!r} is missing")
+                # e.g. Mixtral saved with one Linear per expert, which transformers fuses at load
+                raise SourceError(
+                    f"{self.source.ref}: no tensor {key!r}, which the block needs (checkpoints laid "
+                    "out as an earlier transformers saved them are not mapped for calibration; "
+                    "--calibration none works)"
+                )
             value = self.source.read(key)
             if tuple(value.shape) != tuple(param.shape):
                 raise SourceError(

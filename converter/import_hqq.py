@@ -354,7 +354,7 @@ def plan_import(source: Source, kind: str, fmt, dtype: str) -> ImportPlan:
             items.append(by_module[module])
         by_module[module].fields[field] = name
 
-    linears, outputs, architecture, _ = linear_modules(source)
+    linears, outputs, architecture, _, _ = linear_modules(source)
     styles: Counter = Counter()
     compute_dtypes: Counter = Counter()
     for item in by_module.values():

@@ -189,6 +189,7 @@ def load_with_runtime_modules(folder: str | Path, fmt, device: torch.device, dty
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
 
     modules = dict(model.named_modules())
+    layers: dict[str, nn.Module] = {}
     used: set[str] = set()
     for name in quantized:
         if not isinstance(modules.get(name), nn.Linear):
@@ -205,13 +206,24 @@ def load_with_runtime_modules(folder: str | Path, fmt, device: torch.device, dty
         layer_tensors = {suffix: tensors.read(key) for suffix, key in own.items()}
         bias = tensors.read(bias_key).to(dtype) if bias_key else None
         try:
-            module = build(layer_tensors, bias)
+            layers[name] = build(layer_tensors, bias)
         except ArtifactError as exc:
             raise ArtifactError(f"{folder}: layer {name}: {exc}") from None
-        model.set_submodule(name, module)
         used.update(own.values())
         if bias_key:
             used.add(bias_key)
+
+    parameters = {key for key, _ in model.named_parameters(remove_duplicate=False)}
+    if not set(tensors.keys()) - used <= parameters:
+        # The checkpoint names (or splits) tensors as an earlier transformers did, which the
+        # current one renames and fuses while loading (GPT-NeoX's embed_out, Mixtral's Linear per
+        # expert): only transformers' loader knows where they go. It loads the unquantized
+        # tensors; the quantized layers it builds in full precision are then swapped out.
+        model = _load_renamed_checkpoint(folder, config, dtype, used)
+    for name, module in layers.items():
+        model.set_submodule(name, module)
+    if all(not p.is_meta for p in model.parameters()):
+        return model.to(device)
 
     missing = []
     for key, param in list(model.named_parameters(remove_duplicate=False)):
@@ -238,3 +250,26 @@ def load_with_runtime_modules(folder: str | Path, fmt, device: torch.device, dty
     if unused:
         raise ArtifactError(f"{folder}: tensor {unused[0]!r} belongs to no module of the model")
     return model.to(device)
+
+
+def _load_renamed_checkpoint(folder: Path, config, dtype: torch.dtype, quantized_keys: set[str]):
+    """The model of ``folder`` loaded by transformers (its key renaming and fusing included), the
+    quantized layers' own tensors left out (they are swapped in by the caller)."""
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(
+        str(folder), config=config, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True
+    )
+    for key, found, expected in info.get("mismatched_keys", ()):
+        if key not in quantized_keys:  # a quantized layer's weight (EETQ's int8) is not the Linear's
+            raise ArtifactError(
+                f"{folder}: tensor {key!r} is {list(found)}, the model expects {list(expected)}"
+            )
+    quantized_layers = {key.rsplit(".", 1)[0] for key in quantized_keys}
+    unexpected = sorted(k for k in info.get("unexpected_keys", ()) if k not in quantized_keys)
+    if unexpected:
+        raise ArtifactError(f"{folder}: tensor {unexpected[0]!r} belongs to no module of the model")
+    missing = sorted(k for k in info.get("missing_keys", ()) if k.rsplit(".", 1)[0] not in quantized_layers)
+    if missing:
+        raise ArtifactError(f"{folder}: tensor {missing[0]!r} is missing")
+    return model

@@ -63,9 +63,12 @@ def _matches(module: str, patterns: list[re.Pattern]) -> bool:
     return any(p.fullmatch(module) or p.fullmatch(module.rsplit(".", 1)[-1]) for p in patterns)
 
 
-def linear_modules(source: Source) -> tuple[dict[str, tuple[int, int]], set[str], str, list[str]]:
+def linear_modules(
+    source: Source,
+) -> tuple[dict[str, tuple[int, int]], set[str], str, list[str], dict[str, type]]:
     """Names of the ``nn.Linear`` modules (with their ``[out, in]``), the output-embedding
-    modules, the architecture class name, and the embedding weights, from a meta-device instance."""
+    modules, the architecture class name, the embedding weights, and each Linear's class (some
+    models subclass nn.Linear, which not every loader replaces), from a meta-device instance."""
     import transformers
 
     config = source.hf_config()
@@ -100,11 +103,12 @@ def linear_modules(source: Source) -> tuple[dict[str, tuple[int, int]], set[str]
         if output_embeddings is not None and module is output_embeddings:
             outputs.add(name)
     embeddings = [f"{name}.weight" for name, m in model.named_modules() if isinstance(m, torch.nn.Embedding)]
-    return linears, outputs, type(model).__name__, embeddings
+    classes = {name: type(module) for name, module in model.named_modules() if name in linears}
+    return linears, outputs, type(model).__name__, embeddings, classes
 
 
 def make_plan(source: Source, fmt: QuantFormat, recipe: dict, skip: list[str]) -> Plan:
-    linears, outputs, architecture, embeddings = linear_modules(source)
+    linears, outputs, architecture, embeddings, classes = linear_modules(source)
     patterns = compile_skip_patterns(skip)
     plan = Plan(tensors=[], architecture=architecture, embeddings=embeddings)
     for info in source.tensors():
@@ -122,7 +126,9 @@ def make_plan(source: Source, fmt: QuantFormat, recipe: dict, skip: list[str]) -
         elif len(info.shape) != 2 or tuple(info.shape) != linears[module]:
             reason = f"shape {list(info.shape)} is not the Linear's [out, in] {list(linears[module])}"
         else:
-            reason = fmt.skip_reason(module, tuple(info.shape), recipe)
+            reason = fmt.class_skip_reason(classes[module]) or fmt.skip_reason(
+                module, tuple(info.shape), recipe
+            )
         if reason:
             plan.skipped[module] = reason
             plan.tensors.append(TensorPlan(info, "copy", module))
@@ -134,5 +140,8 @@ def make_plan(source: Source, fmt: QuantFormat, recipe: dict, skip: list[str]) -
         if not any(t.module == module for t in plan.tensors):
             plan.skipped[module] = "output embeddings (tied to the input embeddings)"
     if not plan.quantized:
-        raise UsageError(f"{source.ref}: no layer to quantize (every Linear is skipped or absent)")
+        # name one reason (not the output embeddings', which are always kept)
+        why = next(((m, r) for m, r in plan.skipped.items() if m not in outputs), None)
+        example = f"; {why[0]}: {why[1]}" if why else ""
+        raise UsageError(f"{source.ref}: no layer to quantize (every Linear is skipped or absent){example}")
     return plan

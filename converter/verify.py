@@ -206,9 +206,39 @@ def prompt_ids(folder: Path, vocab_size: int) -> list[torch.Tensor]:
 
 
 def source_model(source: Source, device: torch.device, working_dtype: torch.dtype):
-    """The source model computing in float32, built from the same reader the converter read,
-    its weights rounded to the working dtype first (what the artifact's unquantized tensors
-    hold, and what the quantizer was fed)."""
+    """The source model computing in float32, its weights rounded to the working dtype first
+    (what the artifact's unquantized tensors hold, and what the quantizer was fed).
+
+    A model folder is read by transformers itself: checkpoints keep names and layouts of earlier
+    releases (GPT-NeoX's ``embed_out``, Mixtral's one Linear per expert) that transformers renames
+    and fuses while loading, so that only its loader knows where each tensor goes. Other sources
+    (a gguf) are filled from the same reader the converter read, one tensor at a time."""
+    from transformers import AutoModelForCausalLM
+
+    folder = getattr(source, "folder", None)
+    if folder is not None and (Path(folder) / "config.json").is_file():
+        # mismatched sizes are let through, to be named below (transformers raises a generic error)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            str(folder), dtype=torch.float32, output_loading_info=True, ignore_mismatched_sizes=True
+        )
+        for key, found, expected in info.get("mismatched_keys", ()):
+            raise SourceError(
+                f"{source.ref}: tensor {key!r} has shape {list(found)}, the architecture expects {list(expected)}"
+            )
+        missing = [k for k in info.get("missing_keys", ()) if not _is_tied(model, k)]
+        if missing:
+            raise SourceError(
+                f"{source.ref}: the source lacks tensor {sorted(missing)[0]!r} the architecture needs"
+            )
+        with torch.no_grad():
+            for tensor in model.state_dict().values():
+                if tensor.is_floating_point():
+                    tensor.copy_(tensor.to(working_dtype))
+        return model.to(device).eval()
+    return _source_model_streamed(source, device, working_dtype)
+
+
+def _source_model_streamed(source: Source, device: torch.device, working_dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
     config = source.hf_config()

@@ -93,6 +93,11 @@ class QuantFormat:
         """Why this weight cannot take the format (None: it can). Such layers stay unquantized."""
         return None
 
+    def class_skip_reason(self, module_class: type) -> str | None:
+        """Why a Linear of this class (a model may subclass nn.Linear) cannot be stored quantized,
+        because the format's loader would not replace it (None: it can)."""
+        return None
+
     def output_suffixes(self, recipe: dict) -> list[str]:
         """Every key ``quantize`` returns, in the order it returns them."""
         raise NotImplementedError

@@ -116,6 +116,17 @@ class BitsAndBytesFormat(QuantFormat):
         return specs
 
     # -- quantize -----------------------------------------------------------------------------
+    def class_skip_reason(self, module_class: type) -> str | None:
+        # transformers' replace_with_bnb_linear (integrations/bitsandbytes.py) replaces modules whose
+        # type is exactly nn.Linear (or Conv1D): a subclass such as Falcon's FalconLinear keeps its
+        # float weight, and the stock loader refuses the packed one stored under its name.
+        if module_class is not torch.nn.Linear:
+            return (
+                f"a {module_class.__name__} (subclass of nn.Linear), which transformers' bitsandbytes "
+                "loading leaves unquantized"
+            )
+        return None
+
     def quantize(self, weight: torch.Tensor, recipe: dict, device: torch.device) -> dict[str, torch.Tensor]:
         if recipe["bits"] == 8:
             return self._quantize_int8(weight)

@@ -1,0 +1,87 @@
+"""Architectures beyond Llama, through the CLI: checkpoints whose names or layout transformers
+changes while loading (GPT-NeoX's ``embed_out``, Mixtral's one Linear per expert), and models
+whose Linear layers are subclasses of nn.Linear (Falcon), which transformers' bitsandbytes
+loading does not replace."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import qconv
+
+COMMON = dict(vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=2)
+
+
+def _save(folder: Path, config_cls, model_cls, **extra) -> Path:
+    torch.manual_seed(0)
+    model_cls(config_cls(**COMMON, num_attention_heads=4, **extra)).to(torch.bfloat16).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    import transformers as t
+
+    root = tmp_path_factory.mktemp("architectures")
+    return {
+        "gpt_neox": _save(root / "gpt_neox", t.GPTNeoXConfig, t.GPTNeoXForCausalLM),
+        "mixtral": _save(
+            root / "mixtral",
+            t.MixtralConfig,
+            t.MixtralForCausalLM,
+            num_key_value_heads=2,
+            num_local_experts=4,
+        ),
+        "falcon": _save(
+            root / "falcon",
+            t.FalconConfig,
+            t.FalconForCausalLM,
+            new_decoder_architecture=True,
+            num_kv_heads=2,
+        ),
+    }
+
+
+def test_the_checkpoints_use_names_transformers_maps_at_load(models):
+    """The premise: the files name tensors as earlier releases did."""
+    with safe_open(str(models["gpt_neox"] / "model.safetensors"), "pt") as f:
+        assert "embed_out.weight" in f.keys()
+    with safe_open(str(models["mixtral"] / "model.safetensors"), "pt") as f:
+        assert "model.layers.0.block_sparse_moe.experts.0.w1.weight" in f.keys()
+
+
+@pytest.mark.parametrize("arch", ["gpt_neox", "mixtral"])
+@pytest.mark.parametrize("method", [["bnb", "--bits", "4"], ["hqq", "--bits", "4"], ["eetq"]])
+def test_renamed_checkpoints_convert_verify_and_load(cli, models, tmp_path, arch, method):
+    out = tmp_path / "out"
+    _, doc = cli.json("convert", models[arch], "-o", out, "--method", *method, "--device", "cpu")
+    checks = {c["name"]: c for c in doc["verify"]["checks"]}
+    assert checks["loader"]["passed"], checks["loader"]["detail"]
+    assert doc["verify"]["logits"]["loader_rel_diff"] < 1e-3
+    assert doc["verify"]["logits"]["top1_agreement"] > 0.5
+    model = qconv.load_model(out, device="cpu", dtype=torch.float32)
+    logits = model(input_ids=torch.tensor([[1, 5, 9, 200]])).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_bnb_refuses_linear_subclasses_transformers_would_not_replace(cli, models, tmp_path):
+    result = cli("convert", models["falcon"], "-o", tmp_path / "out", "--method", "bnb", ok=None)
+    assert result.exit_code == 2
+    assert result.stderr == (
+        f"Error: {models['falcon']}: no layer to quantize (every Linear is skipped or absent); "
+        "transformer.h.0.mlp.dense_4h_to_h: a FalconLinear (subclass of nn.Linear), which transformers' "
+        "bitsandbytes loading leaves unquantized\n"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_hqq_quantizes_linear_subclasses(cli, models, tmp_path):
+    """qconv's own loader swaps any nn.Linear, subclasses included."""
+    _, doc = cli.json(
+        "convert", models["falcon"], "-o", tmp_path / "out", "--method", "hqq", "--device", "cpu"
+    )
+    assert doc["verify"]["passed"] and doc["summary"]["quantized_layers"] == 8
