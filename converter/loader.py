@@ -223,7 +223,7 @@ def load_with_runtime_modules(folder: str | Path, fmt, device: torch.device, dty
     for name, module in layers.items():
         model.set_submodule(name, module)
     if all(not p.is_meta for p in model.parameters()):
-        return model.to(device)
+        return model.to(device).eval()
 
     missing = []
     for key, param in list(model.named_parameters(remove_duplicate=False)):
@@ -249,7 +249,7 @@ def load_with_runtime_modules(folder: str | Path, fmt, device: torch.device, dty
     unused = sorted(set(tensors.keys()) - used)
     if unused:
         raise ArtifactError(f"{folder}: tensor {unused[0]!r} belongs to no module of the model")
-    return model.to(device)
+    return model.to(device).eval()
 
 
 def _load_renamed_checkpoint(folder: Path, config, dtype: torch.dtype, quantized_keys: set[str]):

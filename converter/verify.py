@@ -300,7 +300,8 @@ def logits_comparison(artifact: Artifact, source: Source, device: torch.device) 
             param.data = artifact.read(name).to(device=device, dtype=torch.float32)
     reference_logits = _logits(model, prompts, device)
     del model, modules
-    loaded = artifact.format.load_pretrained(artifact.folder, device, torch.float32)
+    # eval(): dropout (OPT's 0.1, say) would otherwise perturb the loaded model's logits
+    loaded = artifact.format.load_pretrained(artifact.folder, device, torch.float32).eval()
     loaded_logits = _logits(loaded, prompts, device)
     del loaded
 

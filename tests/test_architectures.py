@@ -1,5 +1,6 @@
 """Architectures beyond Llama, through the CLI: checkpoints whose names or layout transformers
-changes while loading (GPT-NeoX's ``embed_out``, Mixtral's one Linear per expert), and models
+changes while loading (GPT-NeoX's ``embed_out``, Mixtral's one Linear per expert), a model with
+dropout (OPT: a loader that leaves it in training mode gives other logits each call), and models
 whose Linear layers are subclasses of nn.Linear (Falcon), which transformers' bitsandbytes
 loading does not replace."""
 
@@ -36,6 +37,9 @@ def models(tmp_path_factory) -> dict[str, Path]:
             num_key_value_heads=2,
             num_local_experts=4,
         ),
+        "opt": _save(
+            root / "opt", t.OPTConfig, t.OPTForCausalLM, ffn_dim=256, word_embed_proj_dim=128, dropout=0.1
+        ),
         "falcon": _save(
             root / "falcon",
             t.FalconConfig,
@@ -54,9 +58,9 @@ def test_the_checkpoints_use_names_transformers_maps_at_load(models):
         assert "model.layers.0.block_sparse_moe.experts.0.w1.weight" in f.keys()
 
 
-@pytest.mark.parametrize("arch", ["gpt_neox", "mixtral"])
+@pytest.mark.parametrize("arch", ["gpt_neox", "mixtral", "opt"])
 @pytest.mark.parametrize("method", [["bnb", "--bits", "4"], ["hqq", "--bits", "4"], ["eetq"]])
-def test_renamed_checkpoints_convert_verify_and_load(cli, models, tmp_path, arch, method):
+def test_converts_verifies_and_loads(cli, models, tmp_path, arch, method):
     out = tmp_path / "out"
     _, doc = cli.json("convert", models[arch], "-o", out, "--method", *method, "--device", "cpu")
     checks = {c["name"]: c for c in doc["verify"]["checks"]}
