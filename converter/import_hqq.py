@@ -354,7 +354,8 @@ def plan_import(source: Source, kind: str, fmt, dtype: str) -> ImportPlan:
             items.append(by_module[module])
         by_module[module].fields[field] = name
 
-    linears, outputs, architecture, _, _ = linear_modules(source)
+    arch = linear_modules(source)
+    linears, outputs, architecture = arch.linears, arch.outputs, arch.name
     styles: Counter = Counter()
     compute_dtypes: Counter = Counter()
     for item in by_module.values():

@@ -63,12 +63,22 @@ def _matches(module: str, patterns: list[re.Pattern]) -> bool:
     return any(p.fullmatch(module) or p.fullmatch(module.rsplit(".", 1)[-1]) for p in patterns)
 
 
-def linear_modules(
-    source: Source,
-) -> tuple[dict[str, tuple[int, int]], set[str], str, list[str], dict[str, type]]:
-    """Names of the ``nn.Linear`` modules (with their ``[out, in]``), the output-embedding
-    modules, the architecture class name, the embedding weights, and each Linear's class (some
-    models subclass nn.Linear, which not every loader replaces), from a meta-device instance."""
+@dataclass
+class Architecture:
+    """What planning needs to know of the source's architecture, from a meta-device instance."""
+
+    name: str  # the model class
+    linears: dict[str, tuple[int, int]]  # nn.Linear modules and their [out, in]
+    classes: dict[str, type]  # each Linear's class (some models subclass nn.Linear)
+    outputs: set[str]  # the output-embedding modules
+    embeddings: list[str]  # weights of the nn.Embedding modules
+    parameters: dict[str, tuple[int, ...]]  # every parameter's shape, tied ones under each name
+    tied: list[set[str]]  # names that share one parameter
+
+
+def linear_modules(source: Source) -> Architecture:
+    """The source's architecture instantiated on the meta device (no memory): its Linear
+    modules, output embeddings, embeddings and parameter shapes."""
     import transformers
 
     config = source.hf_config()
@@ -104,13 +114,21 @@ def linear_modules(
             outputs.add(name)
     embeddings = [f"{name}.weight" for name, m in model.named_modules() if isinstance(m, torch.nn.Embedding)]
     classes = {name: type(module) for name, module in model.named_modules() if name in linears}
-    return linears, outputs, type(model).__name__, embeddings, classes
+    parameters: dict[str, tuple[int, ...]] = {}
+    sharing: dict[int, set[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        parameters[name] = tuple(param.shape)
+        sharing.setdefault(id(param), set()).add(name)
+    tied = [names for names in sharing.values() if len(names) > 1]
+    return Architecture(type(model).__name__, linears, classes, outputs, embeddings, parameters, tied)
 
 
 def make_plan(source: Source, fmt: QuantFormat, recipe: dict, skip: list[str]) -> Plan:
-    linears, outputs, architecture, embeddings, classes = linear_modules(source)
+    arch = linear_modules(source)
+    linears, outputs, classes = arch.linears, arch.outputs, arch.classes
+    check_tensors_fit(source, arch)
     patterns = compile_skip_patterns(skip)
-    plan = Plan(tensors=[], architecture=architecture, embeddings=embeddings)
+    plan = Plan(tensors=[], architecture=arch.name, embeddings=arch.embeddings)
     for info in source.tensors():
         module = info.name[: -len(".weight")] if info.name.endswith(".weight") else None
         if module not in linears:
@@ -143,5 +161,35 @@ def make_plan(source: Source, fmt: QuantFormat, recipe: dict, skip: list[str]) -
         # name one reason (not the output embeddings', which are always kept)
         why = next(((m, r) for m, r in plan.skipped.items() if m not in outputs), None)
         example = f"; {why[0]}: {why[1]}" if why else ""
+        if not set(linears) - outputs:
+            example = "; the architecture has no nn.Linear besides the output embeddings (Conv1D layers, as in GPT-2, are not supported)"
         raise UsageError(f"{source.ref}: no layer to quantize (every Linear is skipped or absent){example}")
     return plan
+
+
+def check_tensors_fit(source: Source, arch: Architecture) -> None:
+    """Refuse, before anything is written, a source whose tensors cannot be the architecture's: a
+    tensor of a parameter's name with another shape, or (where the checkpoint names every tensor
+    as the model does) a parameter with no tensor. Checkpoints laid out as an earlier transformers
+    saved them (GPT-NeoX's embed_out, Mixtral's Linear per expert) are mapped by transformers
+    while loading; their missing tensors are left to verify, which loads them that way."""
+    infos = list(source.tensors())
+    for info in infos:
+        expected = arch.parameters.get(info.name)
+        if expected is not None and tuple(info.shape) != expected:
+            raise SourceError(
+                f"{source.ref}: tensor {info.name!r} has shape {list(info.shape)}, the architecture "
+                f"({arch.name}) expects {list(expected)}"
+            )
+    names = {info.name for info in infos}
+    if not names <= set(arch.parameters):
+        return
+    present = set(names)
+    for group in arch.tied:  # one tensor serves every name of a tied parameter
+        if group & names:
+            present |= group
+    missing = sorted(set(arch.parameters) - present)
+    if missing:
+        raise SourceError(
+            f"{source.ref}: the source lacks tensor {missing[0]!r} the architecture ({arch.name}) needs"
+        )

@@ -128,6 +128,10 @@ class BitsAndBytesFormat(QuantFormat):
         return None
 
     def quantize(self, weight: torch.Tensor, recipe: dict, device: torch.device) -> dict[str, torch.Tensor]:
+        # bitsandbytes quantizes NaN and inf without complaint (a NaN block's absmax is NaN): the
+        # artifact would load and compute NaN, so the source is refused as the other formats do
+        if not torch.isfinite(weight).all():
+            raise UsageError("the weight has NaN or infinite values")
         if recipe["bits"] == 8:
             return self._quantize_int8(weight)
         return self._quantize_4bit(weight, recipe)

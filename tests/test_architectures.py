@@ -89,3 +89,17 @@ def test_hqq_quantizes_linear_subclasses(cli, models, tmp_path):
         "convert", models["falcon"], "-o", tmp_path / "out", "--method", "hqq", "--device", "cpu"
     )
     assert doc["verify"]["passed"] and doc["summary"]["quantized_layers"] == 8
+
+
+def test_gpt2_conv1d_is_refused_with_the_reason(cli, tmp_path):
+    import transformers as t
+
+    torch.manual_seed(0)
+    config = t.GPT2Config(vocab_size=320, n_embd=64, n_layer=1, n_head=2, n_positions=64)
+    t.GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    result = cli("convert", tmp_path / "gpt2", "-o", tmp_path / "out", "--method", "hqq", ok=None)
+    assert result.exit_code == 2
+    assert result.stderr == (
+        f"Error: {tmp_path / 'gpt2'}: no layer to quantize (every Linear is skipped or absent); the architecture "
+        "has no nn.Linear besides the output embeddings (Conv1D layers, as in GPT-2, are not supported)\n"
+    )

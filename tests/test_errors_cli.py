@@ -292,3 +292,43 @@ def test_source_model_refuses_a_source_that_does_not_fit(source_copy, change, me
     with open_source(str(source_copy)) as source, pytest.raises(SourceError) as error:
         source_model(source, torch.device("cpu"), torch.float32)
     assert str(error.value) == f"{source_copy}: {message}"
+
+
+@pytest.mark.parametrize("method", [["bnb"], ["bnb", "--bits", "8"], ["hqq"], ["eetq"]])
+def test_nan_in_a_weight_is_refused(cli, source_copy, tmp_path, method):
+    def poison(tensors):
+        tensors["model.layers.0.mlp.up_proj.weight"][0, 0] = float("nan")
+
+    _rewrite_weights(source_copy, poison)
+    out = tmp_path / "out"
+    message = run_error(cli, "convert", source_copy, "-o", out, "--method", *method, "--device", "cpu")
+    assert message == "Error: model.layers.0.mlp.up_proj.weight: the weight has NaN or infinite values"
+    nothing_written(tmp_path, out, cli)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda t: t.update(
+                {"model.layers.0.mlp.up_proj.weight": torch.zeros(7, 7, dtype=torch.bfloat16)}
+            ),
+            "tensor 'model.layers.0.mlp.up_proj.weight' has shape [7, 7], the architecture (LlamaForCausalLM) "
+            "expects [256, 128]",
+        ),
+        (
+            lambda t: t.pop("model.norm.weight"),
+            "the source lacks tensor 'model.norm.weight' the architecture (LlamaForCausalLM) needs",
+        ),
+    ],
+)
+def test_a_source_that_does_not_fit_its_architecture_is_refused_before_writing(
+    cli, source_copy, tmp_path, change, message
+):
+    _rewrite_weights(source_copy, change)
+    out = tmp_path / "out"
+    assert (
+        run_error(cli, "convert", source_copy, "-o", out, "--method", "bnb")
+        == f"Error: {source_copy}: {message}"
+    )
+    nothing_written(tmp_path, out, cli)

@@ -112,6 +112,16 @@ def test_int8_refuses_weights_beyond_fp16():
         BNB.quantize(torch.full((4, 4), 1e6), recipe(bits=8), CPU)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_refuses_nan_and_inf(bits, bad):
+    """bitsandbytes itself quantizes them silently (a NaN block's absmax is NaN)."""
+    weight = torch.randn(64, 64)
+    weight[3, 5] = bad
+    with pytest.raises(UsageError, match="^the weight has NaN or infinite values$"):
+        BNB.quantize(weight, recipe(bits=bits), CPU)
+
+
 @pytest.mark.parametrize(
     "options,message",
     [
