@@ -12,12 +12,15 @@ import click
 from rich.table import Table
 
 from qconv.cli import fmt_float, fmt_size, json_option, main, print_json, stdout
+from qconv.formats import all_formats
 
 SORT_CHOICES = ("created", "size", "bits", "error", "ppl", "method", "base")
 
 
 @main.command(name="ls")
-@click.option("--method", default=None, help="Only artifacts of this method.")
+@click.option(
+    "--method", type=click.Choice(sorted(all_formats())), default=None, help="Only artifacts of this method."
+)
 @click.option("--bits", type=int, default=None, help="Only artifacts of this bit width (the recipe's).")
 @click.option("--base", default=None, help="Only artifacts whose base model or source contains this text.")
 @click.option("--pushed/--unpushed", default=None, help="Only artifacts pushed to a hub (or never pushed).")

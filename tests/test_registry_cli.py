@@ -58,6 +58,12 @@ def test_ls_filters_sorts_and_json(cli, recorded):
     assert cli("ls", "--method", "aqlm").stdout.splitlines()[0] == "0 artifacts"
     result = cli("ls", "--sort", "colour", ok=None)
     assert result.exit_code == 2 and "Invalid value for '--sort'" in result.stderr
+    result = cli("ls", "--method", "bnb4", ok=None)  # a typo is an error, not an empty list
+    assert result.exit_code == 2
+    assert result.stderr == (
+        "Error: Invalid value for '--method': 'bnb4' is not one of 'aqlm', 'bnb', 'eetq', 'hqq'. "
+        "(see 'qconv ls --help')\n"
+    )
 
 
 def test_show_by_prefix_and_by_folder(cli, recorded, tmp_path):
