@@ -258,7 +258,12 @@ def _load_renamed_checkpoint(folder: Path, config, dtype: torch.dtype, quantized
     from transformers import AutoModelForCausalLM
 
     model, info = AutoModelForCausalLM.from_pretrained(
-        str(folder), config=config, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True
+        str(folder),
+        config=config,
+        dtype=dtype,
+        output_loading_info=True,
+        ignore_mismatched_sizes=True,
+        use_safetensors=True,
     )
     for key, found, expected in info.get("mismatched_keys", ()):
         if key not in quantized_keys:  # a quantized layer's weight (EETQ's int8) is not the Linear's

@@ -219,7 +219,11 @@ def source_model(source: Source, device: torch.device, working_dtype: torch.dtyp
     if folder is not None and (Path(folder) / "config.json").is_file():
         # mismatched sizes are let through, to be named below (transformers raises a generic error)
         model, info = AutoModelForCausalLM.from_pretrained(
-            str(folder), dtype=torch.float32, output_loading_info=True, ignore_mismatched_sizes=True
+            str(folder),
+            dtype=torch.float32,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,
+            use_safetensors=True,  # never a pickle file beside them
         )
         for key, found, expected in info.get("mismatched_keys", ()):
             raise SourceError(
