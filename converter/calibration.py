@@ -40,6 +40,19 @@ class CalibrationSet:
     fingerprint: dict[str, Any]  # recorded in the manifest: which text, its sha256, how many tokens
 
 
+# config attributes that bound the positions a model can attend to, by architecture family
+CONTEXT_LENGTH_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+
+
+def context_length(config) -> int | None:
+    """The most positions the architecture takes (None where its config does not say)."""
+    for key in CONTEXT_LENGTH_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 1:
+            return value
+    return None
+
+
 def load_calibration(source: Source, text: str | None, tokens: int, seqlen: int) -> CalibrationSet:
     """Tokenize the calibration text with the source's own tokenizer and cut it into
     ``tokens // seqlen`` non-overlapping sequences of ``seqlen`` tokens, evenly spread over the
@@ -149,9 +162,12 @@ class BlockRunner:
     def block_name(self, index: int) -> str:
         return f"{self.prefix}.{index}"
 
-    def _materialise(self, module: nn.Module, prefix: str) -> None:
-        """Read ``module``'s parameters from the source (float32, on the device)."""
+    def _materialise(self, module: nn.Module, prefix: str, only: list[str] | None = None) -> None:
+        """Read ``module``'s parameters (or those named in ``only``) from the source (float32,
+        on the device)."""
         for name, param in list(module.named_parameters(recurse=True)):
+            if only is not None and name not in only:
+                continue
             key = f"{prefix}.{name}" if prefix else name
             if key not in self.names:
                 # e.g. Mixtral saved with one Linear per expert, which transformers fuses at load
@@ -172,9 +188,18 @@ class BlockRunner:
     def first_inputs(self, ids: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
         """The first block's input for every sequence ``[n, seqlen, hidden]`` (float32, on the
         device) and each block's keyword arguments (the same for every sequence: one length)."""
-        embeddings = self.model.get_input_embeddings()
-        embedding_name = next(n for n, m in self.model.named_modules() if m is embeddings)
-        self._materialise(embeddings, embedding_name)
+        # Everything outside the blocks runs before the first one may need (embeddings, OPT's
+        # positional embedding and projection, Bloom's embedding norm), except a separate output
+        # head: read from the source now, dropped again once the inputs are caught.
+        output = self.model.get_output_embeddings()
+        inputs = {id(p) for p in self.model.get_input_embeddings().parameters()}
+        head = {id(p) for p in output.parameters()} - inputs if output is not None else set()
+        before = [
+            name
+            for name, param in self.model.named_parameters()
+            if not name.startswith(self.prefix + ".") and id(param) not in head
+        ]
+        self._materialise(self.model, "", only=before)
         originals = list(self.blocks)
         hidden = []
         kwargs_per_block: list[dict] = []
@@ -195,7 +220,8 @@ class BlockRunner:
         finally:
             for i, block in enumerate(originals):
                 self.blocks[i] = block
-        embeddings.weight = nn.Parameter(embeddings.weight.to("meta"), requires_grad=False)
+        for name in before:
+            assign_parameter(self.model, name, self.model.get_parameter(name).to("meta"))
         return torch.cat(hidden), kwargs_per_block
 
     def load_block(self, index: int) -> nn.Module:

@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from qconv.calibration import BlockRunner, call_block, load_calibration
+from qconv.calibration import BlockRunner, call_block, context_length, load_calibration
 from qconv.errors import UsageError
 from qconv.formats.aqlm_solver import LayerCodes, decode, quantize_layer
 from qconv.formats.base import Prepared
@@ -132,6 +132,11 @@ def _write_atomic(path: Path, write) -> None:
 def prepare(context) -> CalibratedAQLM:
     recipe, device, folder = context.recipe, context.device, context.checkpoint
     calibration_recipe = recipe["calibration"]
+    limit = context_length(context.source.hf_config())
+    if limit and calibration_recipe["seqlen"] > limit:
+        # a model that cannot attend past `limit` positions (learned or tabulated position
+        # embeddings) gets sequences of that length, as many more of them; the manifest says so
+        calibration_recipe["seqlen"] = limit
     calib = load_calibration(
         context.source, calibration_recipe["text"], calibration_recipe["tokens"], calibration_recipe["seqlen"]
     )

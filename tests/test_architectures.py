@@ -103,3 +103,33 @@ def test_gpt2_conv1d_is_refused_with_the_reason(cli, tmp_path):
         f"Error: {tmp_path / 'gpt2'}: no layer to quantize (every Linear is skipped or absent); the architecture "
         "has no nn.Linear besides the output embeddings (Conv1D layers, as in GPT-2, are not supported)\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("arch", "config", "model", "extra"),
+    [
+        # learned positions (256 of them, fewer than the default 2,048-token sequences) and
+        # a projection before the first block
+        (
+            "opt",
+            "OPTConfig",
+            "OPTForCausalLM",
+            dict(ffn_dim=256, word_embed_proj_dim=64, max_position_embeddings=256),
+        ),
+        # a LayerNorm on the embeddings before the first block
+        ("bloom", "BloomConfig", "BloomForCausalLM", dict(n_layer=2, n_head=4)),
+    ],
+)
+def test_calibrated_aqlm_runs_what_precedes_the_blocks(cli, tmp_path, arch, config, model, extra):
+    import transformers as t
+    from conftest import add_tiny_tokenizer
+
+    folder = _save(tmp_path / arch, getattr(t, config), getattr(t, model), **extra)
+    add_tiny_tokenizer(folder)
+    _, doc = cli.json(
+        "convert", folder, "-o", tmp_path / "out", "--method", "aqlm", "--calib-tokens", 512,
+        "--max-epochs", 1, "--no-finetune", "--device", "cpu",
+    )  # fmt: skip
+    assert doc["verify"]["passed"]
+    expected_seqlen = 256 if arch == "opt" else 512
+    assert doc["recipe"]["calibration"]["seqlen"] == expected_seqlen

@@ -346,10 +346,11 @@ def test_calibrated_1x16_loads_in_stock_transformers_and_records_its_calibration
     calibration = manifest["calibration"]
     assert calibration["text"] == "wikitext2-validation"
     assert calibration["sha256"] == "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8"
-    assert (calibration["sequences"], calibration["seqlen"], calibration["tokens"]) == (2, 2048, 4096)
+    # the tiny Llama takes 256 positions (max_position_embeddings): sequences of 256, not 2,048
+    assert (calibration["sequences"], calibration["seqlen"], calibration["tokens"]) == (16, 256, 4096)
     assert set(calibration["blocks"]) == {f"model.layers.{i}" for i in range(4)}
     recipe_ = manifest["recipe"]
-    assert recipe_["calibration"] == {"text": "wikitext2-validation", "tokens": 4096, "seqlen": 2048}
+    assert recipe_["calibration"] == {"text": "wikitext2-validation", "tokens": 4096, "seqlen": 256}
     assert recipe_["finetune"] is True and recipe_["label"] == "aqlm 1x16+ft g8"
     assert not (tmp_path / ".out.qconv-checkpoint").exists()  # removed once the artifact is in place
 
@@ -441,7 +442,14 @@ def test_killed_conversion_resumes_to_the_same_bytes(cli, tiny_llama_text, tmp_p
     args = [sys.executable, "-m", "qconv", "convert", str(tiny_llama_text), "-o", str(out), *CALIBRATED]
     process = subprocess.Popen([*args, "--no-verify", "--no-record"], stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
-    while not (checkpoint / "block-00000.safetensors").exists():
+
+    def blocks_done() -> int:  # state.json is replaced atomically after each block's file
+        try:
+            return json.loads((checkpoint / "state.json").read_text())["blocks_done"]
+        except (OSError, ValueError, KeyError):
+            return 0
+
+    while blocks_done() < 1:
         assert process.poll() is None, process.stderr.read().decode()[-2000:]
         assert time.monotonic() < deadline
         time.sleep(0.01)
