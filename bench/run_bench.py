@@ -392,6 +392,26 @@ def case_process(cases: dict, name: str, args: list[str], device: str) -> None:
     print(json.dumps(result, default=str))
 
 
+def environment(device: str, packages: tuple[str, ...]) -> dict:
+    """Python, torch and ``packages``' versions (None where one is not installed), and the GPU
+    with its compute capability when ``device`` is CUDA: recorded in every bench JSON."""
+    import importlib.metadata as md
+
+    import torch
+
+    env = {"python": platform.python_version(), "torch": torch.__version__}
+    for dist in packages:
+        try:
+            env[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            env[dist] = None
+    if device.startswith("cuda"):
+        env["gpu"] = torch.cuda.get_device_name(0)
+        major, minor = torch.cuda.get_device_capability(0)
+        env["capability"] = f"sm{major}{minor}"
+    return env
+
+
 def gpu_slug(device: str) -> str:
     """The device in file names: ``NVIDIA H100 80GB HBM3`` -> ``nvidia-h100-80gb-hbm3``; cpu."""
     if not device.startswith("cuda"):

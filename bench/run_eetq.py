@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 import traceback
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run_bench import environment  # noqa: E402
 from run_hqq import smollm2_folder  # noqa: E402  (the same bf16 folder, written from the gguf)
 
 ANCHORS = {"bf16 (FORMATS.md, H100)": 21.61, "bnb int8 (FORMATS.md, H100)": 22.02}
@@ -31,22 +31,6 @@ ANCHORS = {"bf16 (FORMATS.md, H100)": 21.61, "bnb int8 (FORMATS.md, H100)": 22.0
 
 def log(*args) -> None:
     print(*args, file=sys.stderr, flush=True)
-
-
-def environment(device: str) -> dict:
-    import importlib.metadata as md
-
-    env = {"python": platform.python_version(), "torch": torch.__version__}
-    for dist in ("transformers", "eetq"):
-        try:
-            env[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            env[dist] = None
-    if device.startswith("cuda"):
-        env["gpu"] = torch.cuda.get_device_name(0)
-        major, minor = torch.cuda.get_device_capability(0)
-        env["capability"] = f"sm{major}{minor}"
-    return env
 
 
 def run(device: str, gguf: Path, text: Path, work: Path, arch: str, max_windows: int | None) -> dict:
@@ -129,7 +113,7 @@ def main() -> None:
         "part": "smollm2",
         "method": "eetq",
         "device": device,
-        "environment": environment(device),
+        "environment": environment(device, ("transformers", "eetq")),
         "max_windows": args.max_windows,
     }
     doc.update(run(device, args.gguf, args.text, args.work, args.arch, args.max_windows))

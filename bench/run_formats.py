@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -42,7 +41,15 @@ import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_bench import case_process, folder_bytes, gpu_slug, run_case, sync, write_json  # noqa: E402
+from run_bench import (  # noqa: E402
+    case_process,
+    environment,
+    folder_bytes,
+    gpu_slug,
+    run_case,
+    sync,
+    write_json,
+)
 from run_hqq import SHAPES, hqq_reference_model, matrices, smollm2_folder, timed  # noqa: E402
 
 # key -> qconv's method and options, and the reference path that matches it
@@ -84,22 +91,28 @@ def label(key: str) -> str:
 
 
 # -- the cases, each run as `python run_formats.py --case NAME --device D SPEC` (SPEC: JSON) ------
-def case_bf16(spec: str, device: str = "cuda") -> dict:
-    """Perplexity of the bf16 folder, by qconv eval's protocol (in bf16: a plain folder would
-    otherwise load in its config's dtype, float32 for one written from the gguf)."""
+def _perplexity(path: str, args: dict, device: str, dtype: str | None = None) -> tuple[dict, float]:
+    """``qconv eval``'s metrics and protocol for the model at ``path``, and the seconds taken."""
     from qconv.evaluate import evaluate
 
-    args = json.loads(spec)
     start = time.perf_counter()
     result = evaluate(
-        args["folder"],
+        path,
         text=args["text"],
         seqlen=args["seqlen"],
         max_windows=args["max_windows"],
         device=device,
-        dtype="bfloat16",
+        dtype=dtype,
     )
-    return {**result.metrics, "protocol": result.protocol, "eval_s": time.perf_counter() - start}
+    return {**result.metrics, "protocol": result.protocol}, time.perf_counter() - start
+
+
+def case_bf16(spec: str, device: str = "cuda") -> dict:
+    """Perplexity of the bf16 folder, by qconv eval's protocol (in bf16: a plain folder would
+    otherwise load in its config's dtype, float32 for one written from the gguf)."""
+    args = json.loads(spec)
+    metrics, seconds = _perplexity(args["folder"], args, device, "bfloat16")
+    return {**metrics, "eval_s": seconds}
 
 
 def case_convert(spec: str, device: str = "cuda") -> dict:
@@ -133,18 +146,9 @@ def case_convert(spec: str, device: str = "cuda") -> dict:
 
 def case_ppl(spec: str, device: str = "cuda") -> dict:
     """Perplexity of a qconv artifact: ``qconv eval`` (its loader, its protocol)."""
-    from qconv.evaluate import evaluate
-
     args = json.loads(spec)
-    start = time.perf_counter()
-    result = evaluate(
-        args["artifact"],
-        text=args["text"],
-        seqlen=args["seqlen"],
-        max_windows=args["max_windows"],
-        device=device,
-    )
-    return {**result.metrics, "protocol": result.protocol, "load_and_eval_s": time.perf_counter() - start}
+    metrics, seconds = _perplexity(args["artifact"], args, device)
+    return {**metrics, "load_and_eval_s": seconds}
 
 
 def bnb_reference_config(options: dict):
@@ -275,22 +279,6 @@ CASES = {
 }
 
 
-def environment(device: str) -> dict:
-    import importlib.metadata as md
-
-    import torch
-
-    env = {"python": platform.python_version(), "torch": torch.__version__}
-    for dist in ("transformers", "bitsandbytes", "hqq", "eetq"):
-        try:
-            env[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            env[dist] = None
-    if device.startswith("cuda"):
-        env["gpu"] = torch.cuda.get_device_name(0)
-    return env
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
@@ -326,7 +314,7 @@ def main() -> None:
     path = ns.out / f"{ns.name}_{gpu_slug(device)}{quick}.json"
     doc: dict = {
         "device": device,
-        "environment": environment(device),
+        "environment": environment(device, ("transformers", "bitsandbytes", "hqq", "eetq")),
         "command": " ".join(sys.argv),
         "gguf": ns.gguf,
         "text": ns.text,

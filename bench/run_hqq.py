@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -27,6 +26,9 @@ import traceback
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run_bench import environment  # noqa: E402
 
 SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]
 BITS = [2, 3, 4, 8]
@@ -256,20 +258,6 @@ def part_smollm2(device: str, gguf: Path, text: Path, work: Path, max_windows: i
     return {"tokens": int(ids.numel()), "text": str(text), "rows": rows}
 
 
-def environment(device: str) -> dict:
-    import importlib.metadata as md
-
-    env = {"python": platform.python_version(), "torch": torch.__version__}
-    for dist in ("transformers", "hqq", "triton"):
-        try:
-            env[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            env[dist] = None
-    if device.startswith("cuda"):
-        env["gpu"] = torch.cuda.get_device_name(0)
-    return env
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
@@ -281,7 +269,12 @@ def main() -> None:
     args = parser.parse_args()
     device = "cpu" if args.quick or not torch.cuda.is_available() else "cuda"
     args.out.mkdir(parents=True, exist_ok=True)
-    doc = {"part": args.part, "device": device, "environment": environment(device), "quick": args.quick}
+    doc = {
+        "part": args.part,
+        "device": device,
+        "environment": environment(device, ("transformers", "hqq", "triton")),
+        "quick": args.quick,
+    }
     if args.part == "quantizer":
         shapes = [(256, 512), (64, 512)] if args.quick else SHAPES
         doc.update(part_quantizer(device, shapes, 3 if args.quick else 7))
