@@ -214,15 +214,16 @@ def load_with_runtime_modules(folder: str | Path, fmt, device: torch.device, dty
             used.add(bias_key)
 
     parameters = {key for key, _ in model.named_parameters(remove_duplicate=False)}
-    if not set(tensors.keys()) - used <= parameters:
-        # The checkpoint names (or splits) tensors as an earlier transformers did, which the
-        # current one renames and fuses while loading (GPT-NeoX's embed_out, Mixtral's Linear per
-        # expert): only transformers' loader knows where they go. It loads the unquantized
-        # tensors; the quantized layers it builds in full precision are then swapped out.
+    # The checkpoint may name (or split) tensors as an earlier transformers did, which the current
+    # one renames and fuses while loading (GPT-NeoX's embed_out, Mixtral's Linear per expert): only
+    # transformers' loader knows where they go. It then loads the unquantized tensors; the
+    # quantized layers it builds in full precision are swapped out below.
+    renamed = not set(tensors.keys()) - used <= parameters
+    if renamed:
         model = _load_renamed_checkpoint(folder, config, dtype, used)
     for name, module in layers.items():
         model.set_submodule(name, module)
-    if all(not p.is_meta for p in model.parameters()):
+    if renamed:  # every other tensor is in place
         return model.to(device).eval()
 
     missing = []

@@ -141,9 +141,7 @@ def make_plan(source: Source, fmt: QuantFormat, recipe: dict, skip: list[str]) -
             reason = "matches --skip"
         elif info.dtype not in FLOAT_DTYPES:
             reason = f"dtype {info.dtype} is not a float"
-        elif len(info.shape) != 2 or tuple(info.shape) != linears[module]:
-            reason = f"shape {list(info.shape)} is not the Linear's [out, in] {list(linears[module])}"
-        else:
+        else:  # its shape is the Linear's: check_tensors_fit refused any other
             reason = fmt.class_skip_reason(classes[module]) or fmt.skip_reason(
                 module, tuple(info.shape), recipe
             )
@@ -158,11 +156,11 @@ def make_plan(source: Source, fmt: QuantFormat, recipe: dict, skip: list[str]) -
         if not any(t.module == module for t in plan.tensors):
             plan.skipped[module] = "output embeddings (tied to the input embeddings)"
     if not plan.quantized:
-        # name one reason (not the output embeddings', which are always kept)
-        why = next(((m, r) for m, r in plan.skipped.items() if m not in outputs), None)
-        example = f"; {why[0]}: {why[1]}" if why else ""
         if not set(linears) - outputs:
             example = "; the architecture has no nn.Linear besides the output embeddings (Conv1D layers, as in GPT-2, are not supported)"
+        else:  # name one reason (not the output embeddings', which are always kept)
+            why = next(((m, r) for m, r in plan.skipped.items() if m not in outputs), None)
+            example = f"; {why[0]}: {why[1]}" if why else ""
         raise UsageError(f"{source.ref}: no layer to quantize (every Linear is skipped or absent){example}")
     return plan
 
