@@ -133,3 +133,34 @@ def test_calibrated_aqlm_runs_what_precedes_the_blocks(cli, tmp_path, arch, conf
     assert doc["verify"]["passed"]
     expected_seqlen = 256 if arch == "opt" else 512
     assert doc["recipe"]["calibration"]["seqlen"] == expected_seqlen
+
+
+def test_a_stray_tensor_in_a_renamed_checkpoint_artifact_is_named(cli, models, tmp_path):
+    """The transformers-loaded path still refuses what belongs to no module."""
+    from safetensors.torch import load_file, save_file
+
+    from qconv.errors import ArtifactError
+
+    out = tmp_path / "out"
+    cli("convert", models["gpt_neox"], "-o", out, "--method", "hqq", "--device", "cpu", "--no-verify")
+    tensors = load_file(str(out / "model.safetensors"))
+    tensors["gpt_neox.stray.weight"] = torch.zeros(2, 2, dtype=torch.bfloat16)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ArtifactError) as error:
+        qconv.load_model(out, device="cpu")
+    assert str(error.value) == f"{out}: tensor 'gpt_neox.stray.weight' belongs to no module of the model"
+
+
+def test_calibrated_aqlm_refuses_fused_experts_in_one_line(cli, models, tmp_path):
+    from conftest import add_tiny_tokenizer
+
+    add_tiny_tokenizer(models["mixtral"])
+    out = tmp_path / "out"
+    result = cli("convert", models["mixtral"], "-o", out, "--method", "aqlm", "--device", "cpu", ok=None)
+    assert result.exit_code == 2
+    assert result.stderr == (
+        f"Error: {models['mixtral']}: no tensor 'model.layers.0.mlp.gate.weight', which the block needs "
+        "(checkpoints laid out as an earlier transformers saved them are not mapped for calibration; "
+        "--calibration none works)\n"
+    )
+    assert not out.exists()
