@@ -198,7 +198,7 @@ def case_hash_source(src: str) -> dict:
     """sha256 of every source shard, one thread a file (what convert does alongside reading)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from qconv.writer import sha256_file
+    from qconv.files import sha256_file
 
     files = sorted(Path(src).glob("*.safetensors"))
     t0 = time.perf_counter()

@@ -1,6 +1,6 @@
 """qconv: convert a language model into verified, recorded, shippable quantized artifacts."""
 
-__version__ = "0.1.0"
+from qconv.version import __version__
 
 
 def load_model(path, device: str = "auto", dtype=None):

@@ -19,15 +19,17 @@ from typing import Any
 
 import torch
 
-from qconv import __version__
 from qconv.errors import ArtifactError, UsageError
+from qconv.files import WORKING_DTYPES as DTYPES
+from qconv.files import sha256_file
+from qconv.manifest import is_artifact, read_manifest
 from qconv.perplexity import PROTOCOL, nll_sum, tokenize_text, windows_of
 from qconv.progress import NO_PROGRESS, ProgressSink
+from qconv.version import __version__
 
 DEFAULT_TEXT = "wikitext2-test.txt"
 DEFAULT_DATASET = "wikitext-2-raw-v1 test"
 DEFAULT_SEQLEN = 2048
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def default_text() -> Path:
@@ -165,13 +167,7 @@ def _run(model, reference_model, windows: torch.Tensor, device, progress: Progre
 
 
 def _manifest(folder: Path) -> dict | None:
-    if not (folder / "qconv.json").is_file():
-        return None
-    from qconv.artifact import Artifact
-
-    artifact = Artifact(folder)  # names the folder if the manifest is broken
-    artifact.close()
-    return artifact.manifest
+    return read_manifest(folder) if is_artifact(folder) else None  # names the folder if broken
 
 
 def _reference(path: Path, manifest: dict | None, source: str | None) -> str:
@@ -242,6 +238,4 @@ def _in_dtype(model, dtype: torch.dtype):
 
 
 def _sha256(path: Path) -> str:
-    from qconv.writer import sha256_file
-
     return sha256_file(path)

@@ -28,10 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qconv.artifact import MANIFEST_NAME, Artifact
+from qconv.artifact import Artifact
 from qconv.errors import ArtifactError, HubError, NotVerifiedError, RegistryError, UsageError
+from qconv.files import sha256_file
+from qconv.manifest import MANIFEST_NAME, base_model_name
 from qconv.model_card import hub_model_card
-from qconv.writer import sha256_file
 
 RETRY_ATTEMPTS = 4
 RETRY_BACKOFF_S = 2.0  # doubled after each failed attempt
@@ -207,8 +208,6 @@ def push(
 
 def _commit_message(resolved: ResolvedArtifact) -> str:
     recipe, source = resolved.manifest["recipe"], resolved.manifest["source"]
-    from qconv.registry.manifest_rows import base_model_name
-
     base = base_model_name(source.get("kind"), source.get("ref"))
     return f"qconv: {recipe.get('label') or recipe['method']} of {base}"
 

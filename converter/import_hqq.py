@@ -44,6 +44,8 @@ import torch
 from qconv.artifact import Artifact
 from qconv.environment import environment, peak_rss_bytes, resolve_device
 from qconv.errors import ArtifactError, SourceError, UsageError
+from qconv.files import FLOAT_DTYPES, dtype_name, parse_size
+from qconv.files import WORKING_DTYPES as DTYPES
 from qconv.formats import get_format
 from qconv.formats.format_hqq import (
     BOOL_FIELDS,
@@ -58,23 +60,21 @@ from qconv.formats.format_hqq import (
     parse_layer,
     unpack,
 )
+from qconv.manifest import finite as _finite
+from qconv.manifest import new_manifest
+from qconv.manifest import write_manifest as _write_manifest
 from qconv.pipeline import (
-    DTYPES,
     LOGITS_CHECK_AUTO_MAX_PARAMS,
     ConvertResult,
-    _finite,
     _move_into_place,
-    _write_manifest,
     check_destination,
-    dtype_name,
-    new_manifest,
     seal_artifact,
+    source_entry,
     write_config_and_support,
 )
 from qconv.plan import linear_modules
 from qconv.progress import NO_PROGRESS, ProgressSink
 from qconv.sources import (
-    FLOAT_DTYPES,
     NOT_SUPPORT_FILES,
     WEIGHT_SUFFIXES,
     HFFolderSource,
@@ -82,7 +82,7 @@ from qconv.sources import (
     TensorInfo,
 )
 from qconv.verify import VerifyReport, check_decodes, check_files, check_runs
-from qconv.writer import PlannedTensor, SafetensorsShardWriter, parse_size
+from qconv.writer import PlannedTensor, SafetensorsShardWriter
 
 QMODEL_NAME = "qmodel.pt"
 QMODEL = "hqq-qmodel.pt"
@@ -593,13 +593,12 @@ def _import_into(
     quantization_config = fmt.quantization_config(plan.recipe, sorted(plan.skipped))
     support = write_config_and_support(tmp, source, quantization_config, plan.working_dtype)
     manifest = new_manifest(
-        source,
-        plan,
-        source_files,
+        source_entry(source, plan.architecture, source_files),
         plan.recipe,
         None,
         environment(device, fmt.libraries),
         layers,
+        plan.skipped,
         {
             "quantized_params": quantized_params,
             "total_params": total_params,

@@ -19,19 +19,18 @@ import torch
 from torch import nn
 
 from qconv.errors import ArtifactError, UsageError
+from qconv.files import SafetensorsFolder
+from qconv.manifest import is_artifact, read_manifest
 
-# quant_method in config.json -> qconv's method, for folders that lack qconv.json
+# quant_method in config.json -> qconv's method, for folders without a qconv manifest
 METHOD_OF_QUANT_METHOD = {"hqq": "hqq", "bitsandbytes": "bnb", "eetq": "eetq"}
 
 
 def folder_method(folder: Path) -> tuple[str | None, dict]:
     """(qconv method name or None for an unquantized model, recipe or {}) of a model folder."""
-    manifest = folder / "qconv.json"
-    if manifest.is_file():
-        from qconv.artifact import Artifact
-
-        artifact = Artifact(folder)
-        return artifact.recipe["method"], artifact.recipe
+    if is_artifact(folder):
+        recipe = read_manifest(folder)["recipe"]
+        return recipe["method"], recipe
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise ArtifactError(f"{folder}: no config.json (not a model folder)")
@@ -116,53 +115,6 @@ def assign_parameter(root: nn.Module, key: str, value: torch.Tensor) -> None:
     module_name, _, attr = key.rpartition(".")
     owner = root.get_submodule(module_name) if module_name else root
     setattr(owner, attr, nn.Parameter(value, requires_grad=False))
-
-
-class SafetensorsFolder:
-    """The tensors of a model folder (one file or an index of shards), read one at a time."""
-
-    def __init__(self, folder: Path):
-        from safetensors import SafetensorError, safe_open
-
-        self.folder = folder
-        index = folder / "model.safetensors.index.json"
-        if index.is_file():
-            try:
-                weight_map = dict(json.loads(index.read_text())["weight_map"])
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise ArtifactError(f"{index}: not a valid safetensors index") from exc
-        elif (folder / "model.safetensors").is_file():
-            weight_map = None
-        else:
-            raise ArtifactError(f"{folder}: no model.safetensors or model.safetensors.index.json")
-        self._handles = {}
-        self.file_of: dict[str, str] = {}
-        names = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
-        for name in names:
-            try:
-                handle = safe_open(str(folder / name), framework="pt")
-            except (SafetensorError, OSError) as exc:
-                raise ArtifactError(f"{folder / name}: cannot open: {exc}") from exc
-            self._handles[name] = handle
-            for key in handle.keys():
-                self.file_of[key] = name
-        if weight_map:
-            absent = sorted(k for k, f in weight_map.items() if self.file_of.get(k) != f)
-            if absent:
-                raise ArtifactError(
-                    f"{folder}: tensor {absent[0]!r} listed in the index is not in {weight_map[absent[0]]}"
-                )
-
-    def keys(self) -> list[str]:
-        return list(self.file_of)
-
-    def read(self, key: str) -> torch.Tensor:
-        from safetensors import SafetensorError
-
-        try:
-            return self._handles[self.file_of[key]].get_tensor(key)
-        except (SafetensorError, OSError, KeyError) as exc:
-            raise ArtifactError(f"{self.folder}: cannot read tensor {key!r}: {exc}") from exc
 
 
 def load_with_runtime_modules(folder: str | Path, fmt, device: torch.device, dtype: torch.dtype, build=None):

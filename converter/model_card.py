@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from qconv.manifest import base_model_name
+
 
 def model_card(manifest: dict) -> str:
     recipe = manifest["recipe"]
@@ -109,8 +111,6 @@ def hub_model_card(manifest: dict, metrics: list[dict], repo: str) -> str:
 
 def _base_model(source: dict) -> str | None:
     """A Hub id for ``base_model`` when the source was one (or sits in the Hub cache)."""
-    from qconv.registry.manifest_rows import base_model_name
-
     name = base_model_name(source.get("kind"), source.get("ref"))
     if source.get("kind") == "hub" or (name and "/" in name):
         return name

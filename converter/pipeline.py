@@ -16,29 +16,28 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from qconv import __version__
-from qconv.artifact import MANIFEST_NAME, Artifact
+from qconv.artifact import Artifact
 from qconv.environment import environment, peak_rss_bytes, resolve_device
 from qconv.errors import DestinationExistsError, QconvError, UsageError
+from qconv.files import FLOAT_DTYPES, WORKING_DTYPES, dtype_name, fsync_path, parse_size
 from qconv.formats import all_formats, get_format
 from qconv.formats.base import PrepareContext, Prepared, QuantFormat
+from qconv.manifest import MANIFEST_NAME, Manifest, SourceEntry, finite, new_manifest, seal, write_manifest
 from qconv.model_card import model_card
 from qconv.plan import Plan, make_plan
 from qconv.progress import NO_PROGRESS, ProgressSink
-from qconv.sources import FLOAT_DTYPES, Source, open_source
+from qconv.sources import Source, open_source
 from qconv.verify import VerifyReport, check_layers, check_loader, layer_error
-from qconv.writer import PlannedTensor, SafetensorsShardWriter, fsync_path, parse_size, sha256_file
+from qconv.writer import PlannedTensor, SafetensorsShardWriter
 
 # Above this many parameters the end-of-conversion logits check (which loads the source in
 # float32 and the artifact) is skipped unless asked for; `qconv verify` can run it later.
 LOGITS_CHECK_AUTO_MAX_PARAMS = 2_000_000_000
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 READ_AHEAD = 4  # tensors read ahead of the one being quantized
 WRITE_QUEUE = 8  # tensors waiting for the writer thread
 
@@ -50,10 +49,6 @@ class ConvertResult:
     report: VerifyReport | None
     artifact_id: str | None = None
     stats: dict[str, Any] = field(default_factory=dict)
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def check_destination(dest: Path, source_ref: str, force: bool) -> None:
@@ -163,14 +158,14 @@ def convert(
         max_shard_bytes = parse_size(max_shard_size)
     except ValueError as exc:
         raise UsageError(f"--max-shard-size: {exc}") from None
-    if dtype != "auto" and dtype not in DTYPES:
-        raise UsageError(f"--dtype {dtype!r}: choose auto, {', '.join(DTYPES)}")
+    if dtype != "auto" and dtype not in WORKING_DTYPES:
+        raise UsageError(f"--dtype {dtype!r}: choose auto, {', '.join(WORKING_DTYPES)}")
     if max_rel_error is not None and not max_rel_error > 0:
         raise UsageError("--max-rel-error must be positive")
     torch_device = resolve_device(device)
 
     with open_source(source_ref) as source:
-        working_dtype = source.default_dtype() if dtype == "auto" else DTYPES[dtype]
+        working_dtype = source.default_dtype() if dtype == "auto" else WORKING_DTYPES[dtype]
         recipe.update({"dtype": dtype_name(working_dtype), "skip": list(skip), "label": fmt.label(recipe)})
         plan = make_plan(source, fmt, recipe, list(skip))
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -351,13 +346,12 @@ def _convert_into(
     support = write_config_and_support(tmp, source, quantization_config, working_dtype)
     worst = max(layers.items(), key=lambda kv: kv[1]["rel_error"])
     manifest = new_manifest(
-        source,
-        plan,
-        source_file_hashes,
+        source_entry(source, plan.architecture, source_file_hashes),
         recipe,
         prepared.calibration if prepared is not None else None,
         environment(device, fmt.libraries),
         layers,
+        plan.skipped,
         {
             "quantized_params": quantized_params,
             "total_params": total_params,
@@ -382,7 +376,7 @@ def _convert_into(
             artifact.close()
             progress.finish("verify")
         manifest["verify"] = report.manifest_entry()
-        _write_manifest(tmp, manifest)
+        write_manifest(tmp, manifest)
     stats = {
         "convert_s": convert_s,
         **{k: round(v, 3) for k, v in timers.items()},
@@ -392,7 +386,7 @@ def _convert_into(
         "peak_rss_bytes": peak_rss_bytes(),
         "peak_gpu_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
     }
-    return ConvertResult(path=tmp, manifest=_finite(manifest), report=report, stats=stats)
+    return ConvertResult(path=tmp, manifest=finite(manifest), report=report, stats=stats)
 
 
 def write_config_and_support(
@@ -409,62 +403,23 @@ def write_config_and_support(
     return source.write_support_files(folder)
 
 
-def new_manifest(
-    source: Source,
-    plan,
-    source_files: dict,
-    recipe: dict,
-    calibration: dict | None,
-    env: dict,
-    layers: dict,
-    summary: dict,
-) -> dict[str, Any]:
-    """The artifact's ``qconv.json`` before its files are listed and it is verified."""
+def source_entry(source: Source, architecture: str | None, files: dict) -> SourceEntry:
+    """The manifest's ``source``: what was read, at which revision, under which licence."""
     return {
-        "qconv": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "source": {
-            "kind": source.kind,
-            "ref": source.ref,
-            "revision": source.revision,
-            "license": source.license,
-            "architecture": plan.architecture,
-            "files": source_files,
-        },
-        "recipe": recipe,
-        "calibration": calibration,
-        "environment": env,
-        "layers": layers,
-        "skipped": plan.skipped,
-        "summary": summary,
-        "files": {},
-        "verify": None,
+        "kind": source.kind,
+        "ref": source.ref,
+        "revision": source.revision,
+        "license": source.license,
+        "architecture": architecture,
+        "files": files,
     }
 
 
-def seal_artifact(folder: Path, manifest: dict, files: dict, support: list[str]) -> None:
-    """Write the model card, list every file with its sha256 (the shards' ``files`` are hashed
-    already, while written) and write the manifest."""
+def seal_artifact(folder: Path, manifest: Manifest, files: dict, support: list[str]) -> None:
+    """Write the model card, then list every file with its sha256 (the shards' ``files`` are
+    hashed already, while written) and write the manifest."""
     (folder / "README.md").write_text(model_card(manifest))
-    for name in ["config.json", "README.md", *support]:
-        files[name] = {"sha256": sha256_file(folder / name), "size": (folder / name).stat().st_size}
-    manifest["files"] = dict(sorted(files.items()))
-    _write_manifest(folder, manifest)
-
-
-def _write_manifest(folder: Path, manifest: dict) -> None:
-    (folder / MANIFEST_NAME).write_text(json.dumps(_finite(manifest), indent=2) + "\n")
-
-
-def _finite(value):
-    """JSON has no inf/nan: write them as null (an error of exactly zero gives an infinite SNR)."""
-    if isinstance(value, float):
-        return value if value == value and abs(value) != float("inf") else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
+    seal(folder, manifest, files, ["config.json", "README.md", *support])
 
 
 def _drain(q: queue.Queue) -> None:

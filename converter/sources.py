@@ -21,23 +21,11 @@ from typing import Any
 import torch
 
 from qconv.errors import SourceError, SourceNotFoundError
+from qconv.files import FLOAT_DTYPES, SAFETENSORS_DTYPES, hash_file
+from qconv.manifest import MANIFEST_NAME
 
-# safetensors dtype names -> torch dtypes (the subset model checkpoints use)
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Files in a model folder that are weights in some other framework or ours to rewrite.
-NOT_SUPPORT_FILES = {"config.json", "qconv.json", "README.md", "model.safetensors.index.json"}
+NOT_SUPPORT_FILES = {"config.json", MANIFEST_NAME, "README.md", "model.safetensors.index.json"}
 WEIGHT_SUFFIXES = (
     ".safetensors",
     ".bin",
@@ -51,12 +39,6 @@ WEIGHT_SUFFIXES = (
     ".npz",
 )
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors crate's own limit
-
-
-def hash_file(path: Path) -> dict:
-    from qconv.writer import sha256_file
-
-    return {"sha256": sha256_file(path), "size": path.stat().st_size}
 
 
 class SequentialFileHash:

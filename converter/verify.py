@@ -22,10 +22,11 @@ from typing import Any
 
 import torch
 
-from qconv.artifact import MANIFEST_NAME, Artifact
+from qconv.artifact import Artifact
 from qconv.errors import QconvError, SourceError, UsageError
+from qconv.files import sha256_file
+from qconv.manifest import MANIFEST_NAME
 from qconv.sources import Source
-from qconv.writer import sha256_file
 
 PROMPTS = (
     "The capital of France is",

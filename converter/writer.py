@@ -25,70 +25,15 @@ from pathlib import Path
 
 import torch
 
-TORCH_TO_SAFETENSORS = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
+from qconv.files import TORCH_TO_SAFETENSORS, sha256_file
+
 FLUSH_EVERY = 512 * 2**20  # start writeback this often, so the disk writes while we still read
-HASH_CHUNK = 16 * 1024 * 1024
-
-
-def parse_size(text: str | int) -> int:
-    """``5GB`` -> 5_000_000_000 (decimal units, as transformers' max_shard_size); ``512MiB`` binary."""
-    if isinstance(text, int):
-        return text
-    units = {
-        "KIB": 2**10,
-        "MIB": 2**20,
-        "GIB": 2**30,
-        "TIB": 2**40,
-        "KB": 10**3,
-        "MB": 10**6,
-        "GB": 10**9,
-        "TB": 10**12,
-        "B": 1,
-    }
-    cleaned = text.strip().upper()
-    unit = next((u for u in units if cleaned.endswith(u)), "")
-    number, factor = cleaned[: len(cleaned) - len(unit)].strip(), units.get(unit, 1)
-    try:
-        value = int(float(number) * factor)
-    except ValueError:
-        raise ValueError(f"not a size: {text!r} (use e.g. 5GB or 500MB)") from None
-    if value <= 0:
-        raise ValueError(f"size must be positive: {text!r}")
-    return value
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The tensor's raw little-endian bytes, without copying a contiguous CPU tensor."""
     flat = tensor.detach().contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
-
-
-def fsync_path(path: Path) -> None:
-    """Flush a file's (or a folder's) written data to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -32,10 +32,10 @@ from torch import nn
 
 from qconv.calibration import BlockRunner, call_block, context_length, load_calibration
 from qconv.errors import UsageError
+from qconv.files import fsync_path
 from qconv.formats.aqlm_solver import LayerCodes, decode, quantize_layer
 from qconv.formats.base import Prepared
 from qconv.loader import assign_parameter
-from qconv.writer import fsync_path
 
 STATE_FILE = "state.json"
 FINETUNE_BETAS = (0.9, 0.95)  # the reference's --finetune_adam_beta1/2 defaults

@@ -16,7 +16,6 @@ kernel runs on (``--arch``, recorded in the manifest's recipe): ``sm80`` for SM7
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from torch import nn
 from qconv.errors import ArtifactError, UsageError
 from qconv.formats import eetq_layout
 from qconv.formats.base import Option, QuantFormat, check_choice, register, reject_foreign_options
+from qconv.manifest import MANIFEST_NAME, is_artifact, read_manifest
 
 DEFAULT_ARCH = "sm80"
 SUFFIXES = ["weight", "weight_scales"]
@@ -161,15 +161,11 @@ def parse_layer(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.T
 def folder_arch(folder: Path) -> str:
     """The layout of a folder: its manifest's ``arch``, else sm80 (the layout of every GPU from
     SM75 to SM89: what a folder made elsewhere almost surely holds)."""
-    manifest = Path(folder) / "qconv.json"
-    if manifest.is_file():
-        try:
-            arch = json.loads(manifest.read_text())["recipe"].get("arch", DEFAULT_ARCH)
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
-            raise ArtifactError(f"{manifest}: not a valid qconv manifest") from exc
+    if is_artifact(folder):
+        arch = read_manifest(folder)["recipe"].get("arch", DEFAULT_ARCH)
         if arch not in eetq_layout.ARCHS:
             raise ArtifactError(
-                f"{manifest}: EETQ arch {arch!r} is not one of {', '.join(eetq_layout.ARCHS)}"
+                f"{Path(folder) / MANIFEST_NAME}: EETQ arch {arch!r} is not one of {', '.join(eetq_layout.ARCHS)}"
             )
         return arch
     return DEFAULT_ARCH

@@ -28,6 +28,7 @@ from typing import Any
 from sqlite_utils import Database
 
 from qconv.errors import RegistryError
+from qconv.manifest import MANIFEST_NAME
 from qconv.registry.location import registry_path
 from qconv.registry.manifest_rows import (
     absolute_path,
@@ -504,11 +505,11 @@ def _check_is_this_artifact(folder: Path, ident: str) -> None:
     keep = "; not deleting it"
     if folder.is_symlink() or not folder.is_dir():
         raise RegistryError(f"{folder}: not a folder{keep}")
-    manifest_path = folder / "qconv.json"
+    manifest_path = folder / MANIFEST_NAME
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise RegistryError(f"{folder}: no qconv.json, not a qconv artifact{keep}") from None
+        raise RegistryError(f"{folder}: no {MANIFEST_NAME}, not a qconv artifact{keep}") from None
     except (OSError, ValueError) as exc:
         raise RegistryError(f"{manifest_path}: not a readable qconv manifest ({exc}){keep}") from None
     try:
@@ -517,8 +518,8 @@ def _check_is_this_artifact(folder: Path, ident: str) -> None:
         found = None
     if found != ident:
         what = f"artifact {found}" if found else "something else"
-        raise RegistryError(f"{folder}: its qconv.json describes {what}, not {ident}{keep}")
-    listed = set(manifest["files"]) | {"qconv.json"}
+        raise RegistryError(f"{folder}: its {MANIFEST_NAME} describes {what}, not {ident}{keep}")
+    listed = set(manifest["files"]) | {MANIFEST_NAME}
     extra = sorted(p.name for p in folder.iterdir() if p.name not in listed or not p.is_file())
     if extra:
         raise RegistryError(f"{folder}: holds {extra[0]}, which is not one of the artifact's files{keep}")

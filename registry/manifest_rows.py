@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from qconv.errors import RegistryError
+from qconv.manifest import base_model_name, finite
 from qconv.registry.migrations import method_library
 
 
@@ -107,22 +108,6 @@ def rows_from_manifest(manifest: dict, path: str | Path) -> ArtifactRows:
     )
 
 
-def base_model_name(kind: str | None, ref: str | None) -> str | None:
-    """The short human name of a source: a Hub repo id as it is, a .gguf file's stem, a folder's
-    name (for a folder in the Hugging Face cache, ``.../models--org--name/snapshots/<sha>``, the
-    repo id ``org/name`` rather than the commit sha)."""
-    if not ref:
-        return None
-    if kind == "hub":
-        return ref
-    p = Path(ref)
-    if kind == "gguf" or p.suffix == ".gguf":
-        return p.stem
-    if p.parent.name == "snapshots" and p.parent.parent.name.startswith("models--"):
-        return p.parent.parent.name[len("models--") :].replace("--", "/")
-    return p.name or ref
-
-
 def verified_flag(verify: Any) -> int:
     """1 or 0 from a verify result, which must say ``"passed": true`` or ``false``."""
     if not isinstance(verify, dict) or not isinstance(verify.get("passed"), bool):
@@ -135,7 +120,7 @@ def to_json(value: Any) -> str | None:
     functions (and so Datasette) reject the bare ``NaN`` that Python's json writes."""
     if value is None:
         return None
-    return json.dumps(_finite(value), ensure_ascii=False, allow_nan=False)
+    return json.dumps(finite(value), ensure_ascii=False, allow_nan=False)
 
 
 def utc_iso(created: str) -> str:
@@ -232,13 +217,3 @@ def _layer_rows(ident: str, layers: dict, path) -> Iterator[dict[str, Any]]:
             "snr_db": entry.get("snr_db"),
             "format": entry.get("format"),
         }
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value

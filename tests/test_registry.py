@@ -14,9 +14,9 @@ import pytest
 from sqlite_utils import Migrations
 
 from qconv.errors import RegistryError
+from qconv.manifest import base_model_name
 from qconv.registry import artifact_id, open_registry, registry_path
 from qconv.registry import db as registry_db
-from qconv.registry.manifest_rows import base_model_name
 from qconv.registry.migrations import MIGRATION_SET, migrations
 
 TABLES = ["artifacts", "source_files", "files", "layers", "metrics", "pushes"]

@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from qconv.writer import PlannedTensor, SafetensorsShardWriter, parse_size
+from qconv.files import parse_size
+from qconv.writer import PlannedTensor, SafetensorsShardWriter
 
 
 def tensors():

@@ -1,0 +1,152 @@
+"""The manifest, ``qconv.json``: what an artifact is, where it came from and how far it moved.
+
+One owner for the document every other part reads: its file name, its shape (typed below), how it
+is built, read, written and sealed, the NaN -> null rule, and the short name of the base model.
+Part of the core: it imports nothing of qconv but ``errors`` and ``files``.
+
+The manifest stays a JSON object (a ``TypedDict``, not a class of its own): it is hashed, pushed
+and recorded verbatim in the registry, and older artifacts must keep reading; the types name every
+key that code may read.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, TypedDict
+
+from qconv.errors import ArtifactError
+from qconv.files import hash_file
+from qconv.version import __version__
+
+MANIFEST_NAME = "qconv.json"
+
+
+class FileEntry(TypedDict):
+    sha256: str
+    size: int
+
+
+class SourceEntry(TypedDict, total=False):
+    kind: str  # hf | gguf | hub | hqq
+    ref: str  # a path, or a Hub repo id
+    revision: str | None  # the Hub commit, for Hub sources
+    license: str | None
+    architecture: str | None
+    files: dict[str, FileEntry]
+
+
+class LayerEntry(TypedDict, total=False):
+    rel_error: float | None
+    max_abs: float | None
+    snr_db: float | None
+    shape: list[int]
+    format: str  # the recipe's label
+
+
+class VerifyEntry(TypedDict, total=False):
+    passed: bool
+    checks: list[dict[str, Any]]
+
+
+class Manifest(TypedDict, total=False):
+    qconv: str
+    created: str
+    source: SourceEntry
+    recipe: dict[str, Any]  # every option of the method, defaults included; `method` names it
+    calibration: dict[str, Any] | None
+    environment: dict[str, Any]
+    layers: dict[str, LayerEntry]
+    skipped: dict[str, str]
+    summary: dict[str, Any]
+    files: dict[str, FileEntry]
+    verify: VerifyEntry | None
+
+
+def new_manifest(
+    source: SourceEntry,
+    recipe: dict[str, Any],
+    calibration: dict[str, Any] | None,
+    environment: dict[str, Any],
+    layers: dict[str, LayerEntry],
+    skipped: dict[str, str],
+    summary: dict[str, Any],
+) -> Manifest:
+    """An artifact's manifest before its files are listed (:func:`seal`) and it is verified."""
+    return {
+        "qconv": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source": source,
+        "recipe": recipe,
+        "calibration": calibration,
+        "environment": environment,
+        "layers": layers,
+        "skipped": skipped,
+        "summary": summary,
+        "files": {},
+        "verify": None,
+    }
+
+
+def finite(value: Any) -> Any:
+    """JSON has no inf/nan: write them as null (an error of exactly zero gives an infinite SNR).
+    SQLite's JSON functions (and so Datasette) reject the bare ``NaN`` Python's json writes."""
+    if isinstance(value, float):
+        return value if value == value and abs(value) != float("inf") else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
+def is_artifact(folder: Path) -> bool:
+    return (Path(folder) / MANIFEST_NAME).is_file()
+
+
+def read_manifest(folder: str | Path) -> Manifest:
+    """The manifest of an artifact folder; :class:`ArtifactError` when there is none or it is broken."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ArtifactError(f"{folder}: no such artifact folder")
+    path = folder / MANIFEST_NAME
+    if not path.is_file():
+        raise ArtifactError(f"{folder}: no {MANIFEST_NAME} (not a qconv artifact)")
+    try:
+        manifest = json.loads(path.read_text())
+        if not isinstance(manifest, dict) or not isinstance(manifest["recipe"], dict):
+            raise TypeError("not an object with a recipe")
+        manifest["recipe"]["method"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise ArtifactError(f"{path}: not a valid qconv manifest") from exc
+    return manifest
+
+
+def write_manifest(folder: Path, manifest: Manifest) -> None:
+    (Path(folder) / MANIFEST_NAME).write_text(json.dumps(finite(manifest), indent=2) + "\n")
+
+
+def seal(folder: Path, manifest: Manifest, files: dict[str, FileEntry], small_files: list[str]) -> None:
+    """List every file of the artifact with its sha256 (``files``: those hashed already, while
+    written; ``small_files``: names under ``folder`` to hash now) and write the manifest."""
+    for name in small_files:
+        files[name] = hash_file(Path(folder) / name)
+    manifest["files"] = dict(sorted(files.items()))
+    write_manifest(folder, manifest)
+
+
+def base_model_name(kind: str | None, ref: str | None) -> str | None:
+    """The short human name of a source: a Hub repo id as it is, a .gguf file's stem, a folder's
+    name (for a folder in the Hugging Face cache, ``.../models--org--name/snapshots/<sha>``, the
+    repo id ``org/name`` rather than the commit sha)."""
+    if not ref:
+        return None
+    if kind == "hub":
+        return ref
+    p = Path(ref)
+    if kind == "gguf" or p.suffix == ".gguf":
+        return p.stem
+    if p.parent.name == "snapshots" and p.parent.parent.name.startswith("models--"):
+        return p.parent.parent.name[len("models--") :].replace("--", "/")
+    return p.name or ref
