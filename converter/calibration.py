@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from qconv.errors import SourceError, UsageError
-from qconv.loader import assign_parameter, parameters_on_meta
-from qconv.sources import FLOAT_DTYPES, Source
+from qconv.files import FLOAT_DTYPES
+from qconv.modeling import ModelSource, assign_parameter, parameters_on_meta
 
 DEFAULT_TEXT = "wikitext2-validation"
 DEFAULT_TEXT_FILE = "wikitext2-validation.txt"
@@ -53,7 +53,7 @@ def context_length(config) -> int | None:
     return None
 
 
-def load_calibration(source: Source, text: str | None, tokens: int, seqlen: int) -> CalibrationSet:
+def load_calibration(source: ModelSource, text: str | None, tokens: int, seqlen: int) -> CalibrationSet:
     """Tokenize the calibration text with the source's own tokenizer and cut it into
     ``tokens // seqlen`` non-overlapping sequences of ``seqlen`` tokens, evenly spread over the
     text (deterministic: the same text gives the same sequences)."""
@@ -123,7 +123,7 @@ class _Recorder(nn.Module):
 class BlockRunner:
     """The source's architecture on the meta device, its blocks materialised one at a time."""
 
-    def __init__(self, source: Source, device: torch.device) -> None:
+    def __init__(self, source: ModelSource, device: torch.device) -> None:
         from transformers import AutoModelForCausalLM
 
         self.source, self.device = source, device

@@ -35,7 +35,7 @@ from qconv.errors import UsageError
 from qconv.files import fsync_path
 from qconv.formats.aqlm_solver import LayerCodes, decode, quantize_layer
 from qconv.formats.base import Prepared
-from qconv.loader import assign_parameter
+from qconv.modeling import assign_parameter
 
 STATE_FILE = "state.json"
 FINETUNE_BETAS = (0.9, 0.95)  # the reference's --finetune_adam_beta1/2 defaults

@@ -26,6 +26,7 @@ from qconv.errors import ArtifactError, UsageError
 from qconv.formats import eetq_layout
 from qconv.formats.base import Option, QuantFormat, check_choice, register, reject_foreign_options
 from qconv.manifest import MANIFEST_NAME, is_artifact, read_manifest
+from qconv.modeling import load_with_runtime_modules
 
 DEFAULT_ARCH = "sm80"
 SUFFIXES = ["weight", "weight_scales"]
@@ -257,7 +258,6 @@ class EETQFormat(QuantFormat):
         return EETQLinear.from_stored(tensors, bias, DEFAULT_ARCH)
 
     def load_pretrained(self, folder, device: torch.device, dtype: torch.dtype):
-        from qconv.loader import load_with_runtime_modules
 
         arch = folder_arch(Path(folder))
         return load_with_runtime_modules(

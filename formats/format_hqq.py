@@ -37,6 +37,7 @@ from qconv.formats.hqq_solver import (
     quantize_fast,
     quantize_reference,
 )
+from qconv.modeling import load_with_runtime_modules
 
 BITS = (1, 2, 3, 4, 5, 6, 8)
 # hqq 0.2.8 core/quantize.py Quantizer.bit_to_packing: 5 and 6 bits are stored one a byte.
@@ -506,7 +507,6 @@ class HQQFormat(QuantFormat):
         return HQQDequantLinear(parse_layer(tensors), bias)
 
     def load_pretrained(self, folder, device: torch.device, dtype: torch.dtype):
-        from qconv.loader import load_with_runtime_modules
 
         return load_with_runtime_modules(folder, self, device, dtype)
 

@@ -467,4 +467,8 @@ def test_smollm2_answers_through_load_model(smollm2_eetq):
     from test_hqq_cli import answer
 
     out, _ = smollm2_eetq
-    assert "Paris" in answer(qconv.load_model(out, device="cpu"), out)
+    # Greedy answers in float32: in bf16 the 12 generated tokens depend on the CPU's bf16 matmul
+    # kernels (with AMX, oneDNN's rounding differs and the bf16 model wanders off after "L'"),
+    # which is arithmetic, not the artifact; verify compares the loader's logits in float32 too.
+    model = qconv.load_model(out, device="cpu", dtype=torch.float32)
+    assert "Paris" in answer(model, out)
