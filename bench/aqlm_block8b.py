@@ -148,6 +148,7 @@ class PhaseClock:
     def __init__(self, cuda: bool) -> None:
         self.cuda = cuda
         self._patched: list[tuple[object, str, object]] = []
+        self.on_layer = None  # called after every layer (the bench writes a partial entry)
         self.reset()
 
     def reset(self) -> None:
@@ -158,7 +159,6 @@ class PhaseClock:
         self.in_block = False
         self.block_start: float | None = None
         self.block_calls = 0
-        self.on_layer = None  # called after every layer (the bench writes a partial entry)
 
     def sync(self) -> None:
         if self.cuda:

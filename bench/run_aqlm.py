@@ -375,6 +375,9 @@ def main() -> None:
         args.cases = "1x16:ft" if args.part == ["block8b"] else "1x16:ft,1x16:noft,2x8:ft,2x8:noft"
     if args.seqlen is None:
         args.seqlen = 128 if args.quick else 2048
+    if args.quick:  # bounded, so that a smoke test on a busy 2-core machine stays near a minute
+        args.max_epochs = 3 if args.max_epochs is None else args.max_epochs
+        args.finetune_epochs = 2 if args.finetune_epochs is None else args.finetune_epochs
     out = {
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "torch": torch.__version__,
