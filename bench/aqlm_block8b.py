@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import shutil
 import sys
 import time
 from collections import defaultdict
@@ -140,6 +141,20 @@ class RandomBlockSource:
 
     def write_support_files(self, dest: Path) -> list[str]:
         return self.tokenizer_source.write_support_files(dest)
+
+
+class TokenizerFolder:
+    """Tokenizer files saved beforehand (``--tokenizer DIR``), in place of the gguf: the GPU call
+    then carries a few MB instead of the 94 MB gguf, which takes two calls to bring."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+
+    def write_support_files(self, dest: Path) -> list[str]:
+        names = sorted(p.name for p in self.folder.iterdir() if p.is_file())
+        for name in names:
+            shutil.copy2(self.folder / name, Path(dest) / name)
+        return names
 
 
 class PhaseClock:
@@ -462,10 +477,11 @@ def part_block8b(args, out: dict, write) -> None:
     device = torch.device("cpu") if quick or not torch.cuda.is_available() else torch.device("cuda", 0)
     shapes = BLOCK_QUICK if quick else BLOCK_8B
     gguf = args.gguf or gguf_of_smollm2_package()
-    if gguf is None:
-        raise ValueError("--part block8b needs --gguf (the SmolLM2 gguf: its tokenizer)")
+    if args.tokenizer is None and gguf is None:
+        raise ValueError("--part block8b needs --gguf or --tokenizer (SmolLM2's tokenizer)")
     clock_start = time.perf_counter()
-    source = RandomBlockSource(shapes, open_source(gguf), device)
+    tokenizer = TokenizerFolder(args.tokenizer) if args.tokenizer else open_source(gguf)
+    source = RandomBlockSource(shapes, tokenizer, device)
     result = out.setdefault(
         "block8b",
         {

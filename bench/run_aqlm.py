@@ -361,6 +361,9 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=None, help="block8b: calibration sequence length")
     parser.add_argument("--budget-s", type=float, default=None, help="block8b: start no case after this")
     parser.add_argument("--quick", action="store_true", help="block8b: tiny block on the CPU (smoke test)")
+    parser.add_argument(
+        "--tokenizer", default=None, help="block8b: a folder of SmolLM2's tokenizer files instead of --gguf"
+    )
     parser.add_argument("--max-windows", type=int, default=None)
     parser.add_argument("--resume-case", default="1x16:noft", help="scheme:ft|noft for --part resume")
     parser.add_argument("--kill-after", type=int, default=10, help="blocks checkpointed before the kill")
