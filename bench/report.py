@@ -190,6 +190,92 @@ def load_table(path: Path, rel: str) -> list[str]:
     return lines
 
 
+BLOCK8B_PHASES = (  # (label, the JSON's phases summed into the row)
+    ("X^T X accumulation", ("xtx_s",)),
+    ("init (k-means)", ("init_s",)),
+    ("beam search", ("beam_search_s",)),
+    ("Adam", ("adam_s",)),
+    ("block fine-tune", ("finetune_s",)),
+    (
+        "rest (block read, forwards, losses, checkpoint)",
+        ("load_block_s", "source_forward_s", "layer_other_s", "store_s", "next_inputs_s", "other_s"),
+    ),
+)
+
+
+def aqlm_block8b_table(path: Path, rel: str) -> list[str]:
+    """run_aqlm.py --part block8b: one 8B-shaped block, per phase, and the 32-block estimate."""
+    r = json.loads(path.read_text())["block8b"]
+    shapes, cases = r["block"]["shapes"], r["cases"]
+    names = list(cases)
+    timed = [cases[n] for n in names if "phases" in cases[n]]
+    calib = timed[0]["calibration"] if timed else {}
+    where = r["environment"].get("gpu") or r["device"]
+    lines = [
+        f"AQLM on one Llama-3-8B-shaped decoder block (issue 19): hidden {shapes['hidden_size']}, "
+        f"intermediate {shapes['intermediate_size']}, {shapes['num_attention_heads']} heads, "
+        f"{shapes['num_key_value_heads']} kv heads, random bf16 weights; calibrated by qconv's own "
+        f"`prepare` on {calib.get('sequences', '?')} sequences of {calib.get('seqlen', '?')} tokens of its "
+        "default text (WikiText-2 validation) tokenized by SmolLM2's tokenizer and embedded by a random "
+        f"{shapes['vocab_size']}x{shapes['hidden_size']} bf16 embedding; {where}, one run "
+        f"([raw JSON]({rel})). 32 blocks: 32 x the block + the one-off tokenization and embedding pass "
+        "(lm_head is not quantized; writing and verifying the artifact not included); goal: 1 h.",
+        "",
+        "| phase | " + " | ".join(_block8b_case(n) for n in names) + " |",
+        "|---|" + "---:|" * len(names),
+    ]
+
+    def row(label: str, cell) -> None:
+        values = []
+        for name in names:
+            case = cases[name]
+            if "phases" not in case:
+                values.append(
+                    "skipped" if "skipped" in case else "cut off" if "partial" in case else "failed"
+                )
+            else:
+                values.append(cell(case))
+        lines.append(f"| {label} | " + " | ".join(values) + " |")
+
+    for label, keys in BLOCK8B_PHASES:
+        row(label, lambda c, keys=keys: f"{sum(c['phases'][k] for k in keys):.1f} s")
+    row("**block total**", lambda c: f"**{c['block_total_s']:.1f} s**")
+    row("layer rounds (min-max)", _block8b_rounds)
+    row("fine-tune epochs", lambda c: _block8b_epochs(c.get("finetune")))
+
+    def estimate(c) -> str:
+        e = c["extrapolation"]
+        bound = ">= " if e.get("bounded") else ""
+        verdict = "within 1 h" if e["within_goal"] else "over 1 h"
+        return f"**{bound}{e['seconds'] / 60:.0f} min** ({verdict})"
+
+    row("**32 blocks (8B model)**", estimate)
+    notes = sorted({c["extrapolation"]["note"] for c in timed if c["extrapolation"].get("note")})
+    notes += sorted(
+        {c["extrapolation"]["tokens_note"] for c in timed if c["extrapolation"].get("tokens_note")}
+    )
+    if notes:
+        lines += [""] + [f"_{note}._" for note in notes]
+    return lines
+
+
+def _block8b_case(name: str) -> str:
+    scheme, _, ft = name.partition(":")
+    return f"{scheme} {AQLM_CASES.get(ft, ft)}"
+
+
+def _block8b_rounds(case: dict) -> str:
+    rounds = [layer["rounds"] for layer in case["layers"].values()]
+    capped = " (capped)" if any(layer["capped"] for layer in case["layers"].values()) else ""
+    return (f"{min(rounds)}-{max(rounds)}" if rounds else "-") + capped
+
+
+def _block8b_epochs(finetune: dict | None) -> str:
+    if not finetune:
+        return "-"
+    return f"{finetune['epochs_run']}" + (" (capped)" if finetune["capped"] else "")
+
+
 # -- one table of every format, from every results file that holds a part of it ----------------
 FAMILIES = ("bnb", "hqq", "eetq", "aqlm")  # the table's order; within one, more bits first
 AQLM_CASES = {"ft": "fine-tuned", "noft": "no fine-tuning"}
@@ -500,6 +586,7 @@ PER_FILE = (
     ("hqq_quantizer_*.json", hqq_quantizer_table),
     ("hqq_smollm2_*.json", hqq_smollm2_table),
     ("eetq_smollm2_*.json", eetq_smollm2_table),
+    ("aqlm_block8b_*.json", aqlm_block8b_table),
 )
 
 

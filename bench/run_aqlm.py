@@ -20,6 +20,14 @@ smollm2  ``qconv.pipeline.convert`` of the SmolLM2 gguf on the GPU for 1x16 and 
   python bench/run_aqlm.py --out DIR --part layer --gguf /tmp/m/smol.gguf --reference .dev/aqlm_ref
       [--save-inputs F]   keep the layer's weight and X^T X; later runs take --inputs F, no gguf
   python bench/run_aqlm.py --out DIR --part smollm2 --gguf /tmp/m/smol.gguf --text .dev/data/wikitext2-test.txt
+
+block8b  (issue 19) one Llama-3-8B-shaped decoder block with random bf16 weights, calibrated on
+         real text (bench/aqlm_block8b.py says how) by qconv's own ``prepare``, every phase timed
+         (X^T X, k-means init, beam search, Adam, fine-tuning...), extrapolated to 32 blocks.
+
+  python bench/run_aqlm.py --out DIR --part block8b --gguf /tmp/m/smol.gguf --cases 1x16:ft,2x8:ft
+      [--calib-tokens N] [--max-epochs N] [--finetune-epochs N] [--budget-s S]
+  python bench/run_aqlm.py --out /tmp/out --part block8b --quick   # CPU smoke test, tiny block
 """
 
 from __future__ import annotations
@@ -34,6 +42,9 @@ import traceback
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from aqlm_block8b import part_block8b  # noqa: E402
 
 
 def log(*args) -> None:
@@ -325,7 +336,9 @@ def part_resume(args, out: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    parser.add_argument("--part", action="append", choices=["layer", "smollm2", "resume"], required=True)
+    parser.add_argument(
+        "--part", action="append", choices=["layer", "smollm2", "resume", "block8b"], required=True
+    )
     parser.add_argument("--gguf", default=None)
     parser.add_argument("--text", default=".dev/data/wikitext2-test.txt")
     parser.add_argument("--layer", default="model.layers.15.mlp.gate_proj")
@@ -335,27 +348,56 @@ def main() -> None:
     parser.add_argument("--reference-repeats", type=int, default=3, help="timed runs of the reference")
     parser.add_argument("--inputs", default=None, help="a layer's weight and X^T X saved by --save-inputs")
     parser.add_argument("--save-inputs", default=None, help="save the layer's weight and X^T X here")
-    parser.add_argument("--calib-tokens", type=int, default=None)
-    parser.add_argument("--cases", default="1x16:ft,1x16:noft,2x8:ft,2x8:noft")
+    parser.add_argument(
+        "--calib-tokens", type=int, default=None, help="default: qconv's (131,072); block8b --quick: 256"
+    )
+    parser.add_argument(
+        "--cases", default=None, help="scheme:ft|noft,...; smollm2: all four by default, block8b: 1x16:ft"
+    )
+    parser.add_argument("--max-epochs", type=int, default=None, help="block8b: qconv's --max-epochs (rounds)")
+    parser.add_argument(
+        "--finetune-epochs", type=int, default=None, help="block8b: cap fine-tuning's epochs (recipe: 10)"
+    )
+    parser.add_argument("--seqlen", type=int, default=None, help="block8b: calibration sequence length")
+    parser.add_argument("--budget-s", type=float, default=None, help="block8b: start no case after this")
+    parser.add_argument("--quick", action="store_true", help="block8b: tiny block on the CPU (smoke test)")
+    parser.add_argument(
+        "--tokenizer", default=None, help="block8b: a folder of SmolLM2's tokenizer files instead of --gguf"
+    )
     parser.add_argument("--max-windows", type=int, default=None)
     parser.add_argument("--resume-case", default="1x16:noft", help="scheme:ft|noft for --part resume")
     parser.add_argument("--kill-after", type=int, default=10, help="blocks checkpointed before the kill")
     parser.add_argument("--work", default="/tmp/aqlm-bench")
-    parser.add_argument("--name", default="aqlm")
+    parser.add_argument("--name", default=None, help="JSON name (aqlm_block8b for block8b alone, else aqlm)")
     args = parser.parse_args()
-    if not args.gguf and not (args.part == ["layer"] and args.inputs):
+    if not args.gguf and not (args.part == ["layer"] and args.inputs) and args.part != ["block8b"]:
         parser.error("--gguf is needed (only --part layer with --inputs runs without it)")
+    if args.name is None:
+        args.name = "aqlm_block8b" if args.part == ["block8b"] else "aqlm"
+    if args.cases is None:
+        args.cases = "1x16:ft" if args.part == ["block8b"] else "1x16:ft,1x16:noft,2x8:ft,2x8:noft"
+    if args.seqlen is None:
+        args.seqlen = 128 if args.quick else 2048
+    if args.quick:  # bounded, so that a smoke test on a busy 2-core machine stays near a minute
+        args.max_epochs = 3 if args.max_epochs is None else args.max_epochs
+        args.finetune_epochs = 2 if args.finetune_epochs is None else args.finetune_epochs
     out = {
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "command": " ".join(sys.argv),
     }
-    if args.calib_tokens is None and "layer" in args.part:
-        args.calib_tokens = 131_072
+    if args.calib_tokens is None and ("layer" in args.part or "block8b" in args.part):
+        args.calib_tokens = 256 if args.quick else 131_072
+    parts = {
+        "layer": part_layer,
+        "smollm2": part_smollm2,
+        "resume": part_resume,
+        "block8b": lambda args, out: part_block8b(args, out, lambda doc: write(args, doc)),
+    }
     for part in args.part:
         try:
-            {"layer": part_layer, "smollm2": part_smollm2, "resume": part_resume}[part](args, out)
+            parts[part](args, out)
         except Exception as exc:  # noqa: BLE001 - keep what the other parts measured
             out[f"{part}_error"] = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
             log(out[f"{part}_error"])
@@ -364,7 +406,8 @@ def main() -> None:
 
 def write(args, out: dict) -> None:
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    gpu = (out["gpu"] or "cpu").lower().replace(" ", "-")
+    # --quick runs on the CPU; the report leaves ..._quick.json out
+    gpu = "cpu_quick" if args.quick else (out["gpu"] or "cpu").lower().replace(" ", "-")
     (Path(args.out) / f"{args.name}_{gpu}.json").write_text(json.dumps(out, indent=1) + "\n")
 
 

@@ -225,3 +225,86 @@ def test_readme_block_is_replaced_and_the_rest_kept(report, tmp_path):
         "([raw JSON](../bench/results/load_8b_nvidia-h200.json))"
         in (tmp_path / "docs" / "bench.md").read_text()
     )
+
+
+def block8b_case(scale: float, rounds: list[int], epochs: int | None, bounded: bool = False) -> dict:
+    phases = {
+        "load_block_s": 0.4,
+        "source_forward_s": 1.5,
+        "xtx_s": 2.25,
+        "init_s": 10.0 * scale,
+        "beam_search_s": 30.0 * scale,
+        "adam_s": 20.0 * scale,
+        "layer_other_s": 1.0,
+        "finetune_s": 45.0 if epochs else 0.0,
+        "store_s": 0.5,
+        "next_inputs_s": 1.5,
+        "other_s": 0.1,
+    }
+    total = sum(phases.values())
+    case = {
+        "calibration": {"sequences": 64, "seqlen": 2048, "tokens": 131072},
+        "phases": phases,
+        "block_total_s": total,
+        "one_off_s": 12.0,
+        "layers": {
+            f"model.layers.0.{n}": {"rounds": r, "capped": bounded}
+            for n, r in zip("qkv", rounds, strict=True)
+        },
+        "extrapolation": {"seconds": 32 * total + 12.0, "within_goal": 32 * total + 12.0 <= 3600},
+    }
+    if epochs:
+        case["finetune"] = {"epochs_run": epochs, "capped": epochs == 10}
+    if bounded:
+        case["extrapolation"].update(bounded=True, note="a lower bound: the run was bounded by max_epochs=2")
+    return case
+
+
+BLOCK8B = {
+    "block8b": {
+        "environment": {"gpu": "NVIDIA H100 80GB HBM3"},
+        "device": "cuda:0",
+        "block": {
+            "shapes": {
+                "hidden_size": 4096,
+                "intermediate_size": 14336,
+                "num_attention_heads": 32,
+                "num_key_value_heads": 8,
+                "vocab_size": 128256,
+            }
+        },
+        "cases": {
+            "1x16:ft": block8b_case(1.0, [3, 5, 4], 10),
+            "2x8:noft": block8b_case(2.0, [2, 2, 2], None, bounded=True),
+            "2x8:ft": {"skipped": "500 s elapsed, over --budget-s 480"},
+            "1x16:noft": {"partial": True, "layers_done": []},
+        },
+    }
+}
+
+
+def test_aqlm_block8b_table_exact(report, tmp_path):
+    name = "aqlm_block8b_nvidia-h100-80gb-hbm3.json"
+    path = write(tmp_path / "bench" / "results", name, BLOCK8B)
+    lines = report.aqlm_block8b_table(path, f"bench/results/{name}")
+    assert lines[0].startswith("AQLM on one Llama-3-8B-shaped decoder block (issue 19): hidden 4096, ")
+    assert "on 64 sequences of 2048 tokens" in lines[0]
+    assert f"NVIDIA H100 80GB HBM3, one run ([raw JSON](bench/results/{name}))" in lines[0]
+    assert lines[1:] == [
+        "",
+        "| phase | 1x16 fine-tuned | 2x8 no fine-tuning | 2x8 fine-tuned | 1x16 no fine-tuning |",
+        "|---|---:|---:|---:|---:|",
+        "| X^T X accumulation | 2.2 s | 2.2 s | skipped | cut off |",
+        "| init (k-means) | 10.0 s | 20.0 s | skipped | cut off |",
+        "| beam search | 30.0 s | 60.0 s | skipped | cut off |",
+        "| Adam | 20.0 s | 40.0 s | skipped | cut off |",
+        "| block fine-tune | 45.0 s | 0.0 s | skipped | cut off |",
+        "| rest (block read, forwards, losses, checkpoint) | 5.0 s | 5.0 s | skipped | cut off |",
+        "| **block total** | **112.2 s** | **127.2 s** | skipped | cut off |",
+        "| layer rounds (min-max) | 3-5 | 2-2 (capped) | skipped | cut off |",
+        "| fine-tune epochs | 10 (capped) | - | skipped | cut off |",
+        "| **32 blocks (8B model)** | **60 min** (over 1 h) | **>= 68 min** (over 1 h) | skipped | cut off |",
+        "",
+        "_a lower bound: the run was bounded by max_epochs=2._",
+    ]
+    assert any(line.startswith("AQLM on one Llama-3-8B") for line in report.tables(path.parent, "", tmp_path))
