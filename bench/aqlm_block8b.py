@@ -104,7 +104,7 @@ class RandomBlockSource:
     def __init__(self, shapes: dict, tokenizer_source, device: torch.device) -> None:
         from transformers import AutoModelForCausalLM
 
-        from qconv.loader import parameters_on_meta
+        from qconv.modeling import parameters_on_meta
         from qconv.sources import TensorInfo
 
         self.shapes, self.tokenizer_source, self.device = shapes, tokenizer_source, device
