@@ -183,6 +183,8 @@ class HQQSource(Source):
         return list(self._infos)
 
     def read(self, name: str, pin_memory: bool = False) -> torch.Tensor:
+        if name not in self._copied:
+            raise SourceError(f"{self.ref}: {name} is stored quantized with HQQ: it has no float values")
         return self.files.read(name, pin_memory=pin_memory)
 
     def location(self, name: str) -> str:
