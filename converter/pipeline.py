@@ -31,8 +31,9 @@ from qconv.manifest import MANIFEST_NAME, Manifest, SourceEntry, finite, new_man
 from qconv.model_card import model_card
 from qconv.plan import Plan, make_plan
 from qconv.progress import NO_PROGRESS, ProgressSink
+from qconv.source_hqq import imported_method
 from qconv.sources import Source, open_source
-from qconv.verify import VerifyReport, check_layers, check_loader, layer_error
+from qconv.verify import VerifyReport, check_layers, check_loader, layer_error, verify_artifact
 from qconv.writer import PlannedTensor, SafetensorsShardWriter
 
 # Above this many parameters the end-of-conversion logits check (which loads the source in
@@ -73,15 +74,21 @@ def _read_ahead(
     out: queue.Queue,
     stop: threading.Event,
     progress: ProgressSink,
+    working_dtype: torch.dtype,
 ) -> None:
     """Read tensors in disk order. Weights to quantize on a GPU are read into page-locked memory
     and copied on a stream of their own, so reading, copying and quantizing overlap; the main
-    thread waits for each copy's event before it uses the tensor."""
+    thread waits for each copy's event before it uses the tensor. A layer the source holds
+    packed already arrives as its stored tensors (a dict by suffix)."""
     copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
     try:
         for item in plan.tensors:
             if stop.is_set():
                 return
+            if item.action == "packed":
+                out.put((item, source.packed(item.module, dtype_name(working_dtype)), None))
+                progress.advance("read")
+                continue
             to_gpu = copy_stream is not None and item.action == "quantize"
             tensor = source.read(item.name, pin_memory=to_gpu)
             copied = None
@@ -98,13 +105,17 @@ def _read_ahead(
 
 
 def _planned_outputs(
-    plan: Plan, fmt: QuantFormat, recipe: dict, working_dtype: torch.dtype
+    source: Source, plan: Plan, fmt: QuantFormat, recipe: dict, working_dtype: torch.dtype
 ) -> list[PlannedTensor]:
     """Every tensor the writer will receive, in order, with dtype and shape where known."""
     planned = []
     for item in plan.tensors:
-        if item.action == "quantize":
-            for suffix, spec in fmt.output_specs(item.info.shape, recipe).items():
+        if item.action in ("quantize", "packed"):
+            if item.action == "packed":
+                specs = source.packed_specs(item.module, dtype_name(working_dtype))
+            else:
+                specs = fmt.output_specs(item.info.shape, recipe)
+            for suffix, spec in specs.items():
                 dtype, shape = spec if spec is not None else (None, None)
                 planned.append(PlannedTensor(f"{item.module}.{suffix}", dtype, shape))
         else:
@@ -137,21 +148,22 @@ def convert(
     LOGITS_CHECK_AUTO_MAX_PARAMS). ``registry``: an open registry to record the artifact in.
     ``resume``: continue an interrupted calibration stage from its checkpoint folder (kept beside
     ``output`` as ``.NAME.qconv-checkpoint`` until the artifact is in place).
-    A folder already quantized with HQQ is imported instead (``method`` None or ``hqq``).
+    A folder already quantized with HQQ is imported instead (``method`` None or ``hqq``): its
+    layers arrive packed from the source and are written as they are, with their own settings.
     """
-    from qconv.import_hqq import hqq_source_kind, import_hqq  # imports this module
-
-    if hqq_source_kind(source_ref):
-        arguments = dict(skip=skip, device=device, dtype=dtype, max_shard_size=max_shard_size, force=force)
-        arguments.update(verify=verify, logits=logits, max_rel_error=max_rel_error, registry=registry)
-        return import_hqq(source_ref, output, method, options, **arguments, progress=progress)
-    if method is None:
+    started = time.perf_counter()
+    imported = imported_method(source_ref)
+    if imported is not None:
+        check_import_options(str(source_ref), imported, method, options, skip, max_rel_error)
+        fmt = get_format(imported)
+        recipe: dict[str, Any] = {}  # the source's own, once it is open
+    elif method is None:
         raise UsageError(
             f"{source_ref}: --method is required (choose from {', '.join(sorted(all_formats()))})"
         )
-    started = time.perf_counter()
-    fmt = get_format(method)
-    recipe = fmt.make_recipe(dict(options or {}))
+    else:
+        fmt = get_format(method)
+        recipe = fmt.make_recipe(dict(options or {}))
     dest = Path(output).expanduser()
     check_destination(dest, str(source_ref), force)
     try:
@@ -166,7 +178,12 @@ def convert(
 
     with open_source(source_ref) as source:
         working_dtype = source.default_dtype() if dtype == "auto" else WORKING_DTYPES[dtype]
-        recipe.update({"dtype": dtype_name(working_dtype), "skip": list(skip), "label": fmt.label(recipe)})
+        if imported is not None:
+            recipe = source.imported_recipe(dtype_name(working_dtype))
+        else:
+            recipe.update(
+                {"dtype": dtype_name(working_dtype), "skip": list(skip), "label": fmt.label(recipe)}
+            )
         plan = make_plan(source, fmt, recipe, list(skip))
         dest.parent.mkdir(parents=True, exist_ok=True)
         checkpoint = dest.parent / f".{dest.name}.qconv-checkpoint"
@@ -219,6 +236,35 @@ def convert(
     return result
 
 
+def check_import_options(
+    source_ref: str,
+    imported: str,
+    method: str | None,
+    options: dict[str, Any] | None,
+    skip,
+    max_rel_error: float | None,
+) -> None:
+    """An import takes no quantization options: the layers keep what they were made with."""
+    if method is not None:
+        get_format(method)  # an unknown name fails with the list of valid ones
+        if method != imported:
+            raise UsageError(
+                f"{source_ref}: already quantized with {imported.upper()}; qconv imports it as it is (omit "
+                f"--method or use --method {imported}) and does not re-quantize it with --method {method}"
+            )
+    given = sorted(k for k, v in (options or {}).items() if v is not None)
+    flags = ["--" + k.replace("_", "-") for k in given]
+    if skip:
+        flags.append("--skip")
+    if max_rel_error is not None:
+        flags.append("--max-rel-error")
+    if flags:
+        raise UsageError(
+            f"{', '.join(flags)} does not apply to an import: {source_ref} is already quantized with "
+            f"{imported.upper()} and its layers keep their own settings"
+        )
+
+
 def _move_into_place(tmp: Path, dest: Path) -> None:
     for path in tmp.iterdir():  # the shards are flushed already; the small files are flushed here
         if not path.name.endswith(".safetensors"):
@@ -254,7 +300,7 @@ def _convert_into(
         torch.cuda.init()  # resetting the peak statistics needs an initialised context
         torch.cuda.reset_peak_memory_stats(device)
     source.start_hashing()  # alongside the reading (from the same bytes, where the reader can)
-    planned = _planned_outputs(plan, fmt, recipe, working_dtype)
+    planned = _planned_outputs(source, plan, fmt, recipe, working_dtype)
     known_bytes = sum(p.nbytes for p in planned if p.dtype is not None)
     progress.start("read", len(plan.tensors))
     progress.start("quantize", len(plan.quantized))
@@ -265,7 +311,9 @@ def _convert_into(
     tensors: queue.Queue = queue.Queue(maxsize=READ_AHEAD)
     stop = threading.Event()
     reader = threading.Thread(
-        target=_read_ahead, args=(source, plan, device, tensors, stop, progress), daemon=True
+        target=_read_ahead,
+        args=(source, plan, device, tensors, stop, progress, working_dtype),
+        daemon=True,
     )
     reader.start()
 
@@ -287,8 +335,24 @@ def _convert_into(
             if copied is not None:
                 torch.cuda.current_stream(device).wait_event(copied)
                 tensor.record_stream(torch.cuda.current_stream(device))  # allocated on the copy stream
-            total_params += tensor.numel()
-            if entry.action == "copy":
+            if entry.action == "packed":  # stored as the source holds it: no float weight to compare
+                clock = time.perf_counter()
+                shape = plan.packed[entry.module].shape
+                layers[entry.module] = {
+                    "rel_error": None,
+                    "max_abs": None,
+                    "snr_db": None,
+                    "shape": list(shape),
+                    "format": plan.packed[entry.module].label,
+                }
+                quantized_params += shape[0] * shape[1]
+                total_params += shape[0] * shape[1]
+                outputs = {f"{entry.module}.{suffix}": value for suffix, value in tensor.items()}
+                packed_bytes += sum(v.numel() * v.element_size() for v in outputs.values())
+                timers["quantize_s"] += time.perf_counter() - clock
+                progress.advance("quantize")
+            elif entry.action == "copy":
+                total_params += tensor.numel()
                 replaced = prepared.replacement(entry.name) if prepared is not None else None
                 if replaced is not None:
                     tensor = replaced
@@ -296,6 +360,7 @@ def _convert_into(
                     tensor = tensor.to(working_dtype)
                 outputs = {entry.name: tensor}
             else:
+                total_params += tensor.numel()
                 clock = time.perf_counter()
                 weight = tensor.to(device=device, dtype=working_dtype)
                 packed = prepared.packed(entry.module) if prepared is not None else None
@@ -344,7 +409,8 @@ def _convert_into(
         recipe, sorted(plan.skipped), embeddings=tuple(plan.embeddings)
     )
     support = write_config_and_support(tmp, source, quantization_config, working_dtype)
-    worst = max(layers.items(), key=lambda kv: kv[1]["rel_error"])
+    measured = [kv for kv in layers.items() if kv[1]["rel_error"] is not None]
+    worst = max(measured, key=lambda kv: kv[1]["rel_error"]) if measured else (None, {"rel_error": None})
     manifest = new_manifest(
         source_entry(source, plan.architecture, source_file_hashes),
         recipe,
@@ -365,15 +431,21 @@ def _convert_into(
 
     report = None
     t1 = time.perf_counter()
+    run_logits = logits if logits is not None else total_params <= LOGITS_CHECK_AUTO_MAX_PARAMS
     if verify:
-        report = VerifyReport(path=str(tmp))
-        check_layers(layers, max_rel_error, report)
-        run_logits = logits if logits is not None else total_params <= LOGITS_CHECK_AUTO_MAX_PARAMS
         if run_logits:
             progress.start("verify", None, "models")
-            artifact = Artifact(tmp)
-            check_loader(artifact, source, device, report)
-            artifact.close()
+        if plan.packed:
+            # no float source: what `qconv verify` checks without one (files, decoding, a run)
+            report = verify_artifact(tmp, None, device, logits=run_logits)
+        else:
+            report = VerifyReport(path=str(tmp))
+            check_layers(layers, max_rel_error, report)
+            if run_logits:
+                artifact = Artifact(tmp)
+                check_loader(artifact, source, device, report)
+                artifact.close()
+        if run_logits:
             progress.finish("verify")
         manifest["verify"] = report.manifest_entry()
         write_manifest(tmp, manifest)

@@ -14,15 +14,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qconv.errors import SourceError, UsageError
+from qconv.errors import ArtifactError, SourceError, UsageError
 from qconv.formats.base import QuantFormat
-from qconv.sources import FLOAT_DTYPES, Source, TensorInfo
+from qconv.sources import FLOAT_DTYPES, PackedLayer, Source, TensorInfo
 
 
 @dataclass(frozen=True)
 class TensorPlan:
     info: TensorInfo
-    action: str  # "quantize" or "copy"
+    #: "quantize", "copy", or "packed" (a layer the source holds quantized already: written as is)
+    action: str
     module: str | None = None  # the nn.Linear's name, for quantized weights and skipped ones
 
     @property
@@ -38,10 +39,12 @@ class Plan:
     architecture: str = ""
     #: weight names of the model's nn.Embedding modules (some formats list them in their config)
     embeddings: list[str] = field(default_factory=list)
+    #: the layers the source holds quantized already (source.packed_layers())
+    packed: dict[str, PackedLayer] = field(default_factory=dict)
 
     @property
     def quantized(self) -> list[TensorPlan]:
-        return [t for t in self.tensors if t.action == "quantize"]
+        return [t for t in self.tensors if t.action in ("quantize", "packed")]
 
 
 def compile_skip_patterns(patterns: tuple[str, ...] | list[str]) -> list[re.Pattern]:
@@ -126,16 +129,23 @@ def linear_modules(source: Source) -> Architecture:
 def make_plan(source: Source, fmt: QuantFormat, recipe: dict, skip: list[str]) -> Plan:
     arch = linear_modules(source)
     linears, outputs, classes = arch.linears, arch.outputs, arch.classes
+    packed = source.packed_layers()
+    check_packed_layers(packed, arch)
     check_tensors_fit(source, arch)
     patterns = compile_skip_patterns(skip)
-    plan = Plan(tensors=[], architecture=arch.name, embeddings=arch.embeddings)
+    plan = Plan(tensors=[], architecture=arch.name, embeddings=arch.embeddings, packed=packed)
     for info in source.tensors():
         module = info.name[: -len(".weight")] if info.name.endswith(".weight") else None
+        if module in packed:
+            plan.tensors.append(TensorPlan(info, "packed", module))
+            continue
         if module not in linears:
             plan.tensors.append(TensorPlan(info, "copy"))
             continue
         reason = None
-        if module in outputs:
+        if packed:  # a model quantized already: what it left in float stays so
+            reason = ("output embeddings, " if module in outputs else "") + "not quantized in the source"
+        elif module in outputs:
             reason = "output embeddings stay unquantized"
         elif _matches(module, patterns):
             reason = "matches --skip"
@@ -154,7 +164,13 @@ def make_plan(source: Source, fmt: QuantFormat, recipe: dict, skip: list[str]) -
     # in the skip list, or a loader would build a quantized lm_head and tie nothing to it.
     for module in sorted(outputs - set(plan.skipped)):
         if not any(t.module == module for t in plan.tensors):
-            plan.skipped[module] = "output embeddings (tied to the input embeddings)"
+            plan.skipped[module] = (
+                "output embeddings, not quantized in the source"
+                if packed
+                else "output embeddings (tied to the input embeddings)"
+            )
+    if packed:
+        plan.skipped = dict(sorted(plan.skipped.items()))
     if not plan.quantized:
         if not set(linears) - outputs:
             example = "; the architecture has no nn.Linear besides the output embeddings (Conv1D layers, as in GPT-2, are not supported)"
@@ -163,6 +179,17 @@ def make_plan(source: Source, fmt: QuantFormat, recipe: dict, skip: list[str]) -
             example = f"; {why[0]}: {why[1]}" if why else ""
         raise UsageError(f"{source.ref}: no layer to quantize (every Linear is skipped or absent){example}")
     return plan
+
+
+def check_packed_layers(packed: dict[str, PackedLayer], arch: Architecture) -> None:
+    """Each layer a source holds quantized already is a Linear of the architecture, of its shape."""
+    for module, layer in packed.items():
+        if module not in arch.linears:
+            raise ArtifactError(f"{layer.where}: not a Linear module of {arch.name}")
+        if tuple(layer.shape) != arch.linears[module]:
+            raise ArtifactError(
+                f"{layer.where}: shape {list(layer.shape)} is not the Linear's [out, in] {list(arch.linears[module])}"
+            )
 
 
 def check_tensors_fit(source: Source, arch: Architecture) -> None:

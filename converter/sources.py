@@ -94,13 +94,29 @@ class TensorInfo:
         return n
 
 
+@dataclass(frozen=True)
+class PackedLayer:
+    """A Linear a source holds quantized already: written as it is, never re-quantized."""
+
+    shape: tuple[int, int]  # the Linear's [out, in]
+    label: str  # its format, for the manifest's layer entry
+    where: str  # the file and the layer, to prefix a complaint about it
+
+
 class Source:
-    """What every reader offers. ``kind`` is ``hf``, ``gguf`` or (later) ``hub``."""
+    """What every reader offers. ``kind`` is ``hf``, ``gguf`` or (later) ``hub``.
+
+    A source another tool quantized already (``imported_from`` set, e.g. ``hqq-qmodel.pt``)
+    lists each quantized Linear as ``<module>.weight`` in ``tensors()`` and describes it in
+    ``packed_layers()``; the pipeline takes its stored tensors from ``packed()`` instead of
+    reading and quantizing the weight, and its recipe from ``imported_recipe()``."""
 
     kind: str = ""
     ref: str = ""
     revision: str | None = None
     license: str | None = None  # from the model card's front matter, when it has one
+    #: the form of a model quantized already, recorded as the recipe's ``imported_from``
+    imported_from: str | None = None
 
     def config_dict(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -125,6 +141,28 @@ class Source:
 
     def read(self, name: str, pin_memory: bool = False) -> torch.Tensor:
         """One tensor, on the CPU (in page-locked memory when ``pin_memory`` and the reader can)."""
+        raise NotImplementedError
+
+    def location(self, name: str) -> str:
+        """Where tensor ``name`` lies (its file), to name in a complaint."""
+        return self.ref
+
+    # -- a model quantized already ----------------------------------------------------------------
+    def packed_layers(self) -> dict[str, PackedLayer]:
+        """The Linear modules stored quantized already, by module name (none for a float model)."""
+        return {}
+
+    def packed_specs(self, module: str, dtype: str) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """``{suffix: (dtype, shape)}`` of what ``packed(module, dtype)`` returns, in its order."""
+        raise NotImplementedError
+
+    def packed(self, module: str, dtype: str) -> dict[str, torch.Tensor]:
+        """A packed layer's tensors by suffix, as the artifact stores them (``dtype``: the
+        artifact's working dtype name)."""
+        raise NotImplementedError
+
+    def imported_recipe(self, dtype: str) -> dict[str, Any]:
+        """The recipe a model quantized already was made with, ``dtype`` its working dtype name."""
         raise NotImplementedError
 
     def hashed_files(self) -> list[Path]:
@@ -229,13 +267,7 @@ class HFFolderSource(Source):
     def __init__(self, folder: Path):
         self.folder = folder
         self.ref = str(folder)
-        config_path = folder / "config.json"
-        if not config_path.is_file():
-            raise SourceError(f"{folder}: no config.json (not a Hugging Face model folder)")
-        try:
-            self._config = json.loads(config_path.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise SourceError(f"{config_path}: not valid JSON") from exc
+        self._config = read_folder_config(folder)
         self.license = read_card_license(folder / "README.md")
         self.weight_files = self._find_weight_files()
         self._infos: list[TensorInfo] = []
@@ -294,6 +326,9 @@ class HFFolderSource(Source):
     def tensors(self) -> list[TensorInfo]:
         return list(self._infos)
 
+    def location(self, name: str) -> str:
+        return str(self._file_of[name])
+
     def read(self, name: str, pin_memory: bool = False) -> torch.Tensor:
         """One tensor by a plain positioned read (not mmap): the bytes land in memory the tensor
         owns, so the process holds only the tensors alive, not every page of the file it touched.
@@ -351,28 +386,49 @@ class HFFolderSource(Source):
         index_path = self.folder / "model.safetensors.index.json"
         if index_path.is_file():
             files.append(index_path)
-        return files + [self.folder / n for n in self._support_file_names()]
-
-    def _support_file_names(self) -> list[str]:
-        return sorted(
-            p.name
-            for p in self.folder.iterdir()
-            if p.is_file()
-            and p.name not in NOT_SUPPORT_FILES
-            and not p.name.endswith(WEIGHT_SUFFIXES)
-            and not p.name.startswith(".")
-        )
+        return files + [self.folder / n for n in support_file_names(self.folder)]
 
     def write_support_files(self, dest: Path) -> list[str]:
-        names = self._support_file_names()
-        for name in names:
-            shutil.copyfile(self.folder / name, dest / name)
-        return names
+        return copy_support_files(self.folder, dest)
 
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+
+
+def read_folder_config(folder: Path) -> dict[str, Any]:
+    """A model folder's ``config.json``, as a dict (SourceError naming the file otherwise)."""
+    path = folder / "config.json"
+    if not path.is_file():
+        raise SourceError(f"{folder}: no config.json (not a Hugging Face model folder)")
+    try:
+        config = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SourceError(f"{path}: not valid JSON") from exc
+    if not isinstance(config, dict):
+        raise SourceError(f"{path}: not a JSON object")
+    return config
+
+
+def support_file_names(folder: Path) -> list[str]:
+    """Tokenizer and generation files beside the weights, carried into the artifact."""
+    return sorted(
+        p.name
+        for p in folder.iterdir()
+        if p.is_file()
+        and p.name not in NOT_SUPPORT_FILES
+        and not p.name.endswith(WEIGHT_SUFFIXES)
+        and not p.name.startswith(".")
+    )
+
+
+def copy_support_files(folder: Path, dest: Path) -> list[str]:
+    """Copy ``support_file_names(folder)`` into ``dest``; returns the names."""
+    names = support_file_names(folder)
+    for name in names:
+        shutil.copyfile(folder / name, dest / name)
+    return names
 
 
 def read_card_license(readme: Path) -> str | None:
@@ -391,8 +447,8 @@ def read_card_license(readme: Path) -> str | None:
 
 
 def open_source(ref: str | Path) -> Source:
-    """Open a source by reference: a model folder, a ``.gguf`` file, or a Hub repo
-    ``ORG/NAME[@REVISION]`` (when no such path exists here)."""
+    """Open a source by reference: a model folder (float, or quantized with HQQ already), a
+    ``.gguf`` file, or a Hub repo ``ORG/NAME[@REVISION]`` (when no such path exists here)."""
     path = Path(ref).expanduser()
     if not path.exists():
         from qconv.source_hub import HubSource, parse_hub_ref
@@ -401,7 +457,13 @@ def open_source(ref: str | Path) -> Source:
         if hub_ref is not None:
             return HubSource(*hub_ref)
     if path.is_dir():
-        return HFFolderSource(path)
+        # imported here, as source_gguf and source_hub are: it builds on this module's Source, and
+        # the formats it reads import this module back (formats -> calibration -> sources) until
+        # calibration and the readers' base classes move into the core layer
+        from qconv.source_hqq import HQQSource, hqq_form
+
+        form = hqq_form(path)
+        return HQQSource(path, form) if form is not None else HFFolderSource(path)
     if path.is_file():
         if path.suffix == ".gguf":
             from qconv.source_gguf import GGUFSource

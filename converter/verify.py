@@ -384,8 +384,11 @@ def verify_artifact(
     logits: bool = True,
     progress=None,
 ) -> VerifyReport:
-    """Verify an artifact folder from disk. Without a source only the files can be checked and
-    the layer errors recorded at conversion are reported."""
+    """Verify an artifact folder from disk. Without a float source only the files can be checked
+    and the layer errors recorded at conversion are reported (a source quantized already, such as
+    the HQQ folder an artifact was imported from, holds no float weights to measure against)."""
+    if source is not None and source.imported_from is not None:
+        source = None
     artifact = Artifact(path)
     report = VerifyReport(path=str(path))
     try:
@@ -438,8 +441,6 @@ def run_verify(
     torch_device = resolve_device(device)
     artifact = Artifact(path)  # fails early, naming the folder, if it is not an artifact
     recorded_ref = artifact.manifest.get("source", {}).get("ref")
-    if artifact.recipe.get("imported_from"):
-        recorded_ref = None  # the quantized model it came from is no float source to compare with
     artifact.close()
     ref = source_ref
     if ref is None and recorded_ref and Path(recorded_ref).exists():

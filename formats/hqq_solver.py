@@ -136,7 +136,7 @@ def quantize_reference(weight: torch.Tensor, params: SolverParams) -> QuantizedG
 
 
 # -- qconv's solver -----------------------------------------------------------------------------
-def _solve_rows_torch(
+def solve_rows_torch(
     w: torch.Tensor, params: SolverParams
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rows of ``w`` are groups. Returns codes, inverted scale and the best zero per row."""
@@ -161,7 +161,7 @@ def _solve_rows_torch(
     return codes.to(torch.uint8), 1.0 / scale, best_zero
 
 
-def _solve_rows_chunked(
+def solve_rows_chunked(
     w: torch.Tensor, params: SolverParams
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     rows_per_chunk = max(1, TORCH_CHUNK_ELEMENTS // w.shape[1])
@@ -170,7 +170,7 @@ def _solve_rows_chunked(
     zero = torch.empty_like(scale)
     for start in range(0, w.shape[0], rows_per_chunk):
         part = slice(start, start + rows_per_chunk)
-        codes[part], scale[part], zero[part] = _solve_rows_torch(w[part], params)
+        codes[part], scale[part], zero[part] = solve_rows_torch(w[part], params)
     return codes, scale, zero
 
 
@@ -190,13 +190,13 @@ def quantize_fast(
         rows = weight.reshape(params.group_size, -1).t()
     if rows.is_cuda and triton_available():
         fused_packing = packing if params.axis == 1 else None
-        codes, scale, zero = _solve_rows_triton(rows.contiguous(), params, fused_packing, scale_dtype)
+        codes, scale, zero = solve_rows_triton(rows.contiguous(), params, fused_packing, scale_dtype)
         if fused_packing is not None:
             return QuantizedGroups(None, scale, zero, packed=codes)
     else:
         if not torch.isfinite(rows).all():
             raise ValueError("the weight has NaN or infinite values")
-        codes, scale, zero = _solve_rows_chunked(rows.float().contiguous(), params)
+        codes, scale, zero = solve_rows_chunked(rows.float().contiguous(), params)
         scale, zero = scale.to(scale_dtype), zero.to(scale_dtype)
     if params.axis == 0:
         return QuantizedGroups(codes.t().contiguous(), scale.t().contiguous(), zero.t().contiguous())
@@ -204,7 +204,7 @@ def quantize_fast(
 
 
 # -- the Triton kernel (formats/hqq_triton.py, imported only for CUDA tensors) ----------------
-def _solve_rows_triton(
+def solve_rows_triton(
     w: torch.Tensor,
     params: SolverParams,
     packing: str | None = None,

@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from qconv.formats.hqq_layout import BITS_PER_CODE, CODES_PER_ELEMENT
+
 
 @triton.jit
 def _round_half_even_portable(x):
@@ -135,15 +137,8 @@ def hqq_rows_kernel(
     tl.store(packed_ptr + out_offsets, packed.to(packed_ptr.dtype.element_ty), mask=out_mask)
 
 
-# hqq's packings (formats/format_hqq.py PACKING): codes per storage element, bits a code
-PACKINGS = {
-    None: (1, 8),
-    "8bit_u8": (1, 8),
-    "4bit_u8": (2, 4),
-    "2bit_u8": (4, 2),
-    "1bit_u8": (8, 1),
-    "3bit_32": (10, 3),
-}
+# hqq's packings (formats/hqq_layout.py): codes per storage element, bits a code; None: unpacked
+PACKINGS = {None: (1, 8), **{p: (CODES_PER_ELEMENT[p], BITS_PER_CODE[p]) for p in CODES_PER_ELEMENT}}
 
 
 def solve_rows(

@@ -13,7 +13,7 @@ from hqq.core.quantize import BaseQuantizeConfig, HQQLinear, Quantizer
 
 from qconv.errors import ArtifactError, UsageError
 from qconv.formats import get_format
-from qconv.formats.format_hqq import BITS, PACKING, pack, parse_layer, unpack
+from qconv.formats.hqq_layout import BITS, PACKING, pack, parse_layer, unpack
 from qconv.formats.hqq_solver import SolverParams, quantize_fast, quantize_reference
 
 HQQ = get_format("hqq")
@@ -117,27 +117,27 @@ def test_fast_solver_on_a_chunk_boundary_equals_unchunked(monkeypatch):
 def test_triton_kernel_matches_the_torch_solver():
     script = r"""
 import torch
-from qconv.formats.format_hqq import PACKING, pack
-from qconv.formats.hqq_solver import SolverParams, _solve_rows_chunked, _solve_rows_triton
+from qconv.formats.hqq_layout import PACKING, pack
+from qconv.formats.hqq_solver import SolverParams, solve_rows_chunked, solve_rows_triton
 torch.manual_seed(0)
 device = "cuda" if torch.cuda.is_available() else "cpu"
 w = (torch.randn(96, 256) * 0.02).to(torch.bfloat16)
 for bits, group in [(4, 64), (3, 64), (2, 128), (8, 48), (1, 64)]:
     p = SolverParams(bits=bits, group_size=group, round_zero=bits == 4)
     rows = w.reshape(-1, group)
-    c1, s1, z1 = (t.cpu() for t in _solve_rows_triton(rows.to(device).contiguous(), p))
-    c2, s2, z2 = _solve_rows_chunked(rows.float().contiguous(), p)
+    c1, s1, z1 = (t.cpu() for t in solve_rows_triton(rows.to(device).contiguous(), p))
+    c2, s2, z2 = solve_rows_chunked(rows.float().contiguous(), p)
     assert torch.equal(s1, s2), bits
     assert (c1.int() - c2.int()).abs().max() <= 1 and (c1 != c2).float().mean() < 1e-3, bits
     assert (z1 - z2).abs().max() < 0.1, bits
     # fused packing: the same bytes as packing the codes afterwards
-    packed, s3, z3 = (t.cpu() for t in _solve_rows_triton(rows.to(device).contiguous(), p, PACKING[bits], torch.float16))
+    packed, s3, z3 = (t.cpu() for t in solve_rows_triton(rows.to(device).contiguous(), p, PACKING[bits], torch.float16))
     assert torch.equal(packed, pack(c1, PACKING[bits])), bits
     assert s3.dtype == torch.float16 and torch.equal(s3, s1.half()) and torch.equal(z3, z1.half()), bits
 bad = w.clone()
 bad[5, 7] = float("inf")
 try:
-    _solve_rows_triton(bad.reshape(-1, 64).to(device).contiguous(), SolverParams(bits=4, group_size=64))
+    solve_rows_triton(bad.reshape(-1, 64).to(device).contiguous(), SolverParams(bits=4, group_size=64))
 except ValueError as exc:
     assert "NaN or infinite" in str(exc)
 else:

@@ -13,7 +13,7 @@ from test_smollm2 import QUESTION
 
 import qconv
 from qconv.errors import ArtifactError
-from qconv.formats.format_hqq import BITS, PACKING, unpack
+from qconv.formats.hqq_layout import BITS, PACKING, unpack
 
 PROMPT = torch.tensor([[1, 17, 42, 99, 7, 256, 3, 12, 64, 5]])
 
@@ -32,6 +32,24 @@ def layer_state(tensors, module):
         for k, v in tensors.items()
         if k.startswith(prefix) and "." not in k[len(prefix) :]
     }
+
+
+def tied_qwen2(layers: int):
+    """A tiny Qwen2 (seed 3, float32): q/k/v biases, and lm_head tied to the embeddings. The
+    model test_import_hqq.py quantizes with hqq's own AutoHQQHFModel as well."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(3)
+    config = Qwen2Config(
+        vocab_size=300,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    return Qwen2ForCausalLM(config).eval()
 
 
 def hqq_dequantized_model(source_folder, artifact_folder):
@@ -109,19 +127,7 @@ def test_hqq_solver_codes_equal_hqq_quantizer(cli, tiny_llama, tmp_path, bits, a
 
 def test_model_with_biases_and_tied_embeddings(cli, tmp_path):
     """Qwen2 has q/k/v biases and ties lm_head to the embeddings: both go through load_model."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(3)
-    config = Qwen2Config(
-        vocab_size=300,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    Qwen2ForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "qwen")
+    tied_qwen2(layers=2).to(torch.bfloat16).save_pretrained(tmp_path / "qwen")
     out = tmp_path / "qwen-hqq"
     _, doc = cli.json(
         "convert", tmp_path / "qwen", "-o", out, "--method", "hqq", "--bits", 8, "--device", "cpu"

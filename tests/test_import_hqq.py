@@ -14,13 +14,13 @@ import pytest
 import torch
 from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
 from safetensors.torch import load_file, save_file
+from test_hqq_cli import PROMPT, layer_state, read_folder, tied_qwen2
 
 import qconv
 from qconv.errors import ArtifactError
 from qconv.formats import all_formats, get_format
-from qconv.formats.format_hqq import parse_layer
+from qconv.formats.hqq_layout import parse_layer
 
-PROMPT = torch.tensor([[1, 17, 42, 99, 7, 256, 3, 12, 64, 5]])
 # hqq quantizes per linear tag: 4-bit g64 on most, 8-bit v_proj, 2-bit g32 gate_proj, 3-bit
 # down_proj grouped along the outputs (axis 0), and o_proj left in float.
 QUANT_CONFIG = {
@@ -61,22 +61,6 @@ def hqq_folder(tmp_path_factory):
 
 def hqq_layers(model) -> dict[str, HQQLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, HQQLinear)}
-
-
-def read_folder(folder: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        tensors.update(load_file(str(path)))
-    return tensors
-
-
-def layer_state(tensors, module):
-    prefix = module + "."
-    return {
-        k[len(prefix) :]: v
-        for k, v in tensors.items()
-        if k.startswith(prefix) and "." not in k[len(prefix) :]
-    }
 
 
 def sha256(path: Path) -> str:
@@ -376,7 +360,7 @@ def test_a_float_source_still_needs_a_method(cli, tiny_llama, tmp_path):
 def test_existing_output_needs_force_and_a_failed_write_leaves_nothing(
     cli, hqq_folder, tmp_path, monkeypatch
 ):
-    from qconv import import_hqq
+    from qconv import source_hqq
 
     src, _ = hqq_folder
     out = tmp_path / "out"
@@ -394,8 +378,8 @@ def test_existing_output_needs_force_and_a_failed_write_leaves_nothing(
             raise ArtifactError("disk on fire")
         return canonical(layer, tensors, dtype)
 
-    canonical = import_hqq.canonical_layer
-    monkeypatch.setattr(import_hqq, "canonical_layer", failing)
+    canonical = source_hqq.canonical_layer
+    monkeypatch.setattr(source_hqq, "canonical_layer", failing)
     result = cli("convert", src, "-o", out, "--no-record", ok=False)
     assert result.exit_code == 2 and result.stderr == "Error: disk on fire\n"
     assert len(calls) == 3
@@ -405,19 +389,8 @@ def test_existing_output_needs_force_and_a_failed_write_leaves_nothing(
 def test_biases_and_tied_embeddings(cli, tmp_path):
     """Qwen2 has q/k/v biases (kept in HQQLinear's state) and ties lm_head to the embeddings."""
     from hqq.models.hf.base import AutoHQQHFModel
-    from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    torch.manual_seed(3)
-    config = Qwen2Config(
-        vocab_size=300,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    model = Qwen2ForCausalLM(config).eval()
+    model = tied_qwen2(layers=1)
     AutoHQQHFModel.quantize_model(
         model,
         quant_config=BaseQuantizeConfig(nbits=4, group_size=64),
