@@ -19,17 +19,43 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UsageError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+        raise UsageError(
+            "{option} {value!r} is not a device; use auto, cpu, cuda or cuda:N", option="device", value=name
+        ) from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UsageError(f"--device {name}: no CUDA GPU is available here")
+            raise UsageError("{option} {value}: no CUDA GPU is available here", option="device", value=name)
         index = device.index or 0
         if index >= torch.cuda.device_count():
-            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) here")
+            raise UsageError(
+                f"{{option}} {{value}}: only {torch.cuda.device_count()} GPU(s) here",
+                option="device",
+                value=name,
+            )
         return torch.device("cuda", index)
     if device.type != "cpu":
-        raise UsageError(f"--device {name}: only cpu and cuda devices are supported")
+        raise UsageError(
+            "{option} {value}: only cpu and cuda devices are supported", option="device", value=name
+        )
     return device
+
+
+#: the dtypes a user may ask for, by name (``--dtype``, ``dtype=``)
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_dtype(
+    name: str | None, auto: torch.dtype | None = None, allow_auto: bool = True
+) -> torch.dtype | None:
+    """The dtype a user named, one of :data:`DTYPES`; ``auto`` and None give ``auto`` (the
+    caller's default, e.g. the source's dtype). The one validator of ``--dtype``; ``allow_auto``
+    False for callers whose only default is None."""
+    if name is None or (allow_auto and name == "auto"):
+        return auto
+    if name not in DTYPES:
+        choices = ", ".join((["auto"] if allow_auto else []) + list(DTYPES))
+        raise UsageError("{option} {value!r}: choose " + choices, option="dtype", value=name)
+    return DTYPES[name]
 
 
 def version_of(distribution: str) -> str | None:

@@ -590,7 +590,7 @@ def _import_into(
     import_s = time.perf_counter() - t0
     source_files = source.file_hashes()
 
-    quantization_config = fmt.quantization_config(plan.recipe, sorted(plan.skipped))
+    quantization_config = fmt.quantization_config(plan.recipe, plan)
     support = write_config_and_support(tmp, source, quantization_config, plan.working_dtype)
     manifest = new_manifest(
         source,

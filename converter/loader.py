@@ -19,9 +19,7 @@ import torch
 from torch import nn
 
 from qconv.errors import ArtifactError, UsageError
-
-# quant_method in config.json -> qconv's method, for folders that lack qconv.json
-METHOD_OF_QUANT_METHOD = {"hqq": "hqq", "bitsandbytes": "bnb", "eetq": "eetq"}
+from qconv.formats.base import format_of_quant_method
 
 
 def folder_method(folder: Path) -> tuple[str | None, dict]:
@@ -43,9 +41,11 @@ def folder_method(folder: Path) -> tuple[str | None, dict]:
     if not quant:
         return None, {}
     quant_method = quant.get("quant_method")
-    if quant_method not in METHOD_OF_QUANT_METHOD:
+    # each method declares the quant_method its folders carry (formats/base.py)
+    fmt = format_of_quant_method(quant_method) if isinstance(quant_method, str) else None
+    if fmt is None:
         raise ArtifactError(f"{config_path}: quant_method {quant_method!r} is not one qconv loads")
-    return METHOD_OF_QUANT_METHOD[quant_method], {}
+    return fmt.name, {}
 
 
 def load_model(path: str | Path, device: str = "auto", dtype: torch.dtype | str | None = None):
@@ -165,12 +165,11 @@ class SafetensorsFolder:
             raise ArtifactError(f"{self.folder}: cannot read tensor {key!r}: {exc}") from exc
 
 
-def load_with_runtime_modules(folder: str | Path, fmt, device: torch.device, dtype: torch.dtype, build=None):
-    """Build the model of ``folder`` with ``fmt.runtime_module`` for every quantized module (or
-    ``build(tensors, bias)``, for formats whose modules need more than the layer's tensors, such
-    as EETQ's layout, which the folder's manifest names). A module is quantized when it has a
-    tensor ending in ``fmt.marker_suffix``."""
-    build = build or fmt.runtime_module
+def load_with_runtime_modules(folder: str | Path, fmt, device: torch.device, dtype: torch.dtype):
+    """Build the model of ``folder`` with ``fmt.runtime_module`` for every quantized module, given
+    the folder's recipe (``{}`` without a manifest: EETQ's layout, say, is then its default). A
+    module is quantized when it has a tensor ending in ``fmt.marker_suffix``."""
+    _method, recipe = folder_method(Path(folder))
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = Path(folder)
@@ -206,7 +205,7 @@ def load_with_runtime_modules(folder: str | Path, fmt, device: torch.device, dty
         layer_tensors = {suffix: tensors.read(key) for suffix, key in own.items()}
         bias = tensors.read(bias_key).to(dtype) if bias_key else None
         try:
-            layers[name] = build(layer_tensors, bias)
+            layers[name] = fmt.runtime_module(layer_tensors, bias, recipe)
         except ArtifactError as exc:
             raise ArtifactError(f"{folder}: layer {name}: {exc}") from None
         used.update(own.values())

@@ -24,7 +24,13 @@ import torch
 
 from qconv import __version__
 from qconv.artifact import MANIFEST_NAME, Artifact
-from qconv.environment import environment, peak_rss_bytes, resolve_device
+from qconv.environment import (
+    DTYPES,  # noqa: F401  (import_hqq imports it from here until it moves)
+    environment,
+    peak_rss_bytes,
+    resolve_device,
+    resolve_dtype,
+)
 from qconv.errors import DestinationExistsError, QconvError, UsageError
 from qconv.formats import all_formats, get_format
 from qconv.formats.base import PrepareContext, Prepared, QuantFormat
@@ -32,13 +38,12 @@ from qconv.model_card import model_card
 from qconv.plan import Plan, make_plan
 from qconv.progress import NO_PROGRESS, ProgressSink
 from qconv.sources import FLOAT_DTYPES, Source, open_source
-from qconv.verify import VerifyReport, check_layers, check_loader, layer_error
+from qconv.verify import VerifyReport, check_layers, check_loader, check_max_rel_error, layer_error
 from qconv.writer import PlannedTensor, SafetensorsShardWriter, fsync_path, parse_size, sha256_file
 
 # Above this many parameters the end-of-conversion logits check (which loads the source in
 # float32 and the artifact) is skipped unless asked for; `qconv verify` can run it later.
 LOGITS_CHECK_AUTO_MAX_PARAMS = 2_000_000_000
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 READ_AHEAD = 4  # tensors read ahead of the one being quantized
 WRITE_QUEUE = 8  # tensors waiting for the writer thread
 
@@ -163,14 +168,12 @@ def convert(
         max_shard_bytes = parse_size(max_shard_size)
     except ValueError as exc:
         raise UsageError(f"--max-shard-size: {exc}") from None
-    if dtype != "auto" and dtype not in DTYPES:
-        raise UsageError(f"--dtype {dtype!r}: choose auto, {', '.join(DTYPES)}")
-    if max_rel_error is not None and not max_rel_error > 0:
-        raise UsageError("--max-rel-error must be positive")
+    resolve_dtype(dtype)
+    check_max_rel_error(max_rel_error)
     torch_device = resolve_device(device)
 
     with open_source(source_ref) as source:
-        working_dtype = source.default_dtype() if dtype == "auto" else DTYPES[dtype]
+        working_dtype = resolve_dtype(dtype, auto=source.default_dtype())
         recipe.update({"dtype": dtype_name(working_dtype), "skip": list(skip), "label": fmt.label(recipe)})
         plan = make_plan(source, fmt, recipe, list(skip))
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -308,7 +311,7 @@ def _convert_into(
                     if packed is None:
                         packed = fmt.quantize(weight, recipe, device)
                 except QconvError as exc:
-                    raise type(exc)(f"{entry.name}: {exc}") from None
+                    raise exc.with_context(entry.name) from None
                 packed = {k: v.to(device) for k, v in packed.items()}
                 error = layer_error(weight, fmt.dequantize(packed, recipe))
                 extra = prepared.layer_stats(entry.module) if prepared is not None else {}
@@ -345,9 +348,7 @@ def _convert_into(
     source_file_hashes = source.file_hashes()
     source_hash_wait_s = time.perf_counter() - t0 - convert_s
 
-    quantization_config = fmt.quantization_config(
-        recipe, sorted(plan.skipped), embeddings=tuple(plan.embeddings)
-    )
+    quantization_config = fmt.quantization_config(recipe, plan)
     support = write_config_and_support(tmp, source, quantization_config, working_dtype)
     worst = max(layers.items(), key=lambda kv: kv[1]["rel_error"])
     manifest = new_manifest(
