@@ -22,7 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from qconv import __version__
-from qconv.errors import QconvError
+from qconv.errors import QconvError, VerificationFailed
 from qconv.progress import ProgressSink
 
 # The libraries qconv drives talk on their own (transformers' "Loading weights" bars, bitsandbytes'
@@ -78,8 +78,10 @@ class QconvGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except VerificationFailed as exc:
+            ctx.exit(exc.exit_code)  # the command has rendered the failed report already
         except QconvError as exc:
-            fail(ctx, str(exc), exc.exit_code)
+            fail(ctx, exc.cli_message(), exc.exit_code)
         except OSError as exc:
             where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
             fail(ctx, f"{where}{exc.strerror or exc}", 2)

@@ -7,16 +7,14 @@ from pathlib import Path
 import click
 
 from qconv.cli import fmt_size, json_option, main, print_json, progress_bars, render_verify, stdout
-from qconv.formats import all_formats
+from qconv.errors import VerificationFailed
+from qconv.formats import all_formats, all_options
 
 
 def method_options(f):
-    """One click option per method option, from every registered method (deduplicated by name)."""
-    seen: dict[str, object] = {}
-    for fmt in all_formats().values():
-        for option in fmt.options:
-            seen.setdefault(option.name, option)
-    for option in reversed(list(seen.values())):
+    """One click option per method option name: methods declaring one name agree on its type and
+    choices (``register`` refuses them otherwise), so one ``--bits`` serves bnb, hqq and eetq."""
+    for option in reversed(list(all_options().values())):
         if option.flag:
             flag = option.cli_name
             f = click.option(f"{flag}/--no-{flag[2:]}", option.name, default=None, help=option.help)(f)
@@ -33,10 +31,6 @@ max_rel_error_option = click.option(
     default=None,
     help="Fail (exit 1) if a layer's relative error exceeds this.",
 )
-
-
-def _method_option_names() -> set[str]:
-    return {o.name for fmt in all_formats().values() for o in fmt.options}
 
 
 @main.command()
@@ -103,7 +97,7 @@ def convert(
     from qconv.pipeline import convert as run_convert
     from qconv.registry import open_registry
 
-    options = {k: v for k, v in method_kwargs.items() if k in _method_option_names()}
+    options = {k: v for k, v in method_kwargs.items() if k in all_options()}
     registry = open_registry() if record else None
     try:
         with progress_bars() as progress:
@@ -155,7 +149,7 @@ def convert(
         if result.artifact_id:
             stdout.print(f"recorded as {result.artifact_id}")
     if report and not report["passed"]:
-        raise SystemExit(1)
+        raise VerificationFailed("the artifact failed verification", result.report)
 
 
 @main.command()
@@ -194,4 +188,4 @@ def verify(ref, source, device, max_rel_error, logits, as_json):
     else:
         render_verify(document)
     if not report.passed:
-        raise SystemExit(1)
+        raise VerificationFailed("the artifact failed verification", report)

@@ -9,6 +9,7 @@ import click
 from rich.table import Table
 
 from qconv.cli import fmt_float, fmt_size, json_option, main, print_json, stdout
+from qconv.errors import VerificationFailed
 
 
 def quiet_hub_client() -> None:
@@ -128,4 +129,4 @@ def release(plan, dry_run, as_json):
             )
         stdout.print(table)
     if report.failed:
-        raise SystemExit(1)
+        raise VerificationFailed(f"{len(report.failed)} release entries failed", report)

@@ -7,8 +7,9 @@ from importlib import metadata
 
 import torch
 
-from qconv import __version__
 from qconv.errors import UsageError
+from qconv.files import WORKING_DTYPES
+from qconv.version import __version__
 
 
 def resolve_device(name: str) -> torch.device:
@@ -19,17 +20,39 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UsageError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+        raise UsageError(
+            "{option} {value!r} is not a device; use auto, cpu, cuda or cuda:N", option="device", value=name
+        ) from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UsageError(f"--device {name}: no CUDA GPU is available here")
+            raise UsageError("{option} {value}: no CUDA GPU is available here", option="device", value=name)
         index = device.index or 0
         if index >= torch.cuda.device_count():
-            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) here")
+            raise UsageError(
+                f"{{option}} {{value}}: only {torch.cuda.device_count()} GPU(s) here",
+                option="device",
+                value=name,
+            )
         return torch.device("cuda", index)
     if device.type != "cpu":
-        raise UsageError(f"--device {name}: only cpu and cuda devices are supported")
+        raise UsageError(
+            "{option} {value}: only cpu and cuda devices are supported", option="device", value=name
+        )
     return device
+
+
+def resolve_dtype(
+    name: str | None, auto: torch.dtype | None = None, allow_auto: bool = True
+) -> torch.dtype | None:
+    """The dtype a user named, one of :data:`qconv.files.WORKING_DTYPES`; ``auto`` and None give ``auto`` (the
+    caller's default, e.g. the source's dtype). The one validator of ``--dtype``; ``allow_auto``
+    False for callers whose only default is None."""
+    if name is None or (allow_auto and name == "auto"):
+        return auto
+    if name not in WORKING_DTYPES:
+        choices = ", ".join((["auto"] if allow_auto else []) + list(WORKING_DTYPES))
+        raise UsageError("{option} {value!r}: choose " + choices, option="dtype", value=name)
+    return WORKING_DTYPES[name]
 
 
 def version_of(distribution: str) -> str | None:

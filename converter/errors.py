@@ -7,15 +7,93 @@ Each subclass also subclasses the matching built-in, so callers that catch ``Val
 
 from __future__ import annotations
 
+from typing import Any
+
+_UNSET: Any = object()
+
 
 class QconvError(Exception):
     """Root of qconv's errors. ``exit_code`` is what the CLI exits with."""
 
     exit_code = 2
+    #: where the error happened, outermost first (a tensor's name...), set by :meth:`with_context`
+    context: tuple[str, ...] = ()
+
+    def with_context(self, prefix: str) -> QconvError:
+        """Prefix the message with where it happened (``tensor: message``) and return the same
+        exception object: its type, fields and traceback are kept, unlike rebuilding it with
+        ``type(exc)(message)``, which breaks subclasses whose constructor takes other arguments."""
+        self.context = (prefix, *self.context)
+        return self
+
+    def message(self, flags: bool = False) -> str:
+        """The message without its context. ``flags``: name options as command-line flags
+        (``--bits 3``) rather than as Python arguments (``bits 3``); only :class:`UsageError`
+        names options."""
+        return super().__str__()
+
+    def cli_message(self) -> str:
+        """The one line the CLI prints (after ``Error:``)."""
+        return "".join(f"{prefix}: " for prefix in self.context) + self.message(flags=True)
+
+    def __str__(self) -> str:
+        return "".join(f"{prefix}: " for prefix in self.context) + self.message()
 
 
 class UsageError(QconvError, ValueError):
-    """A bad option or combination of options (unknown method, unsupported bits...)."""
+    """A bad option or combination of options (unknown method, unsupported bits...).
+
+    Library users call options by their Python names, CLI users by their flags, so a message
+    about an option is a template with fields rather than a finished string:
+
+    - ``{option}``: ``option`` (a name such as ``"quant_type"``, or a tuple of names), rendered
+      ``quant_type`` by ``str()`` and ``--quant-type`` by :meth:`cli_message`; ``{options}``:
+      the same as a list in words (``a, b and c``);
+    - ``{value}`` / ``{value!r}``: ``value``, the same in both;
+    - ``{method}``: ``method``, rendered ``method bnb`` and ``--method bnb``;
+    - ``{condition}``: ``condition``, another option and its value under which this one is
+      refused (``("bits", 4)``), rendered ``bits 4`` and ``--bits 4``.
+
+    ``UsageError("{option} {value!r} is not a device", option="device", value="tpu")`` reads
+    ``device 'tpu' is not a device`` from Python and ``--device 'tpu' is not a device`` in the
+    CLI. Without fields the message is used as given.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        option: str | tuple[str, ...] | None = None,
+        value: Any = _UNSET,
+        method: str | None = None,
+        condition: tuple[str, Any] | None = None,
+    ):
+        self.template = message
+        self.option = option
+        self.value = None if value is _UNSET else value
+        self.method = method
+        self.condition = condition
+        self._has_fields = any(x is not None for x in (option, method, condition)) or value is not _UNSET
+        super().__init__(self.message())
+
+    def message(self, flags: bool = False) -> str:
+        if not self._has_fields:
+            return self.template
+
+        def name(option: str) -> str:
+            return "--" + option.replace("_", "-") if flags else option
+
+        names = (self.option,) if isinstance(self.option, str) else tuple(self.option or ())
+        method = None if self.method is None else f"{name('method')} {self.method}"
+        condition = None if self.condition is None else f"{name(self.condition[0])} {self.condition[1]}"
+        shown = [name(n) for n in names]
+        return self.template.format(
+            option=", ".join(shown),
+            options=" and ".join(filter(None, [", ".join(shown[:-1]), *shown[-1:]])),
+            value=self.value,
+            method=method,
+            condition=condition,
+        )
 
 
 class SourceError(QconvError, ValueError):
@@ -35,7 +113,8 @@ class DestinationExistsError(QconvError, FileExistsError):
 
 
 class VerificationFailed(QconvError):
-    """A verification gate failed; the report is attached."""
+    """A verification gate failed; the report is attached. The CLI renders the report itself,
+    so it exits 1 without printing this message."""
 
     exit_code = 1
 

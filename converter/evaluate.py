@@ -74,15 +74,14 @@ def evaluate(
     loads, or a ``.gguf`` file (dequantized to its working dtype). ``kl`` compares with
     ``source`` (default: the source recorded in the artifact's manifest). With ``registry`` and
     ``artifact_id`` the metrics (ppl, nll, kl, top1) are recorded with their protocol."""
-    from qconv.environment import resolve_device
+    from qconv.environment import resolve_device, resolve_dtype
 
     path = Path(path).expanduser()
     if seqlen < 2:
         raise UsageError("--seqlen must be at least 2")
     if max_windows is not None and max_windows < 1:
         raise UsageError("--max-windows must be at least 1")
-    if dtype is not None and dtype not in DTYPES:
-        raise UsageError(f"--dtype {dtype!r}: choose {', '.join(DTYPES)}")
+    resolve_dtype(dtype, allow_auto=False)
     is_gguf = path.is_file() and path.suffix == ".gguf"
     if not is_gguf and not path.is_dir():
         raise ArtifactError(f"{path}: no such model folder or .gguf file")

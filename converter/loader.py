@@ -17,10 +17,8 @@ from pathlib import Path
 import torch
 
 from qconv.errors import ArtifactError, UsageError
+from qconv.formats.base import format_of_quant_method
 from qconv.manifest import is_artifact, read_manifest
-
-# quant_method in config.json -> qconv's method, for folders without a qconv manifest
-METHOD_OF_QUANT_METHOD = {"hqq": "hqq", "bitsandbytes": "bnb", "eetq": "eetq"}
 
 
 def folder_method(folder: Path) -> tuple[str | None, dict]:
@@ -39,9 +37,11 @@ def folder_method(folder: Path) -> tuple[str | None, dict]:
     if not quant:
         return None, {}
     quant_method = quant.get("quant_method")
-    if quant_method not in METHOD_OF_QUANT_METHOD:
+    # each method declares the quant_method its folders carry (formats/base.py)
+    fmt = format_of_quant_method(quant_method) if isinstance(quant_method, str) else None
+    if fmt is None:
         raise ArtifactError(f"{config_path}: quant_method {quant_method!r} is not one qconv loads")
-    return METHOD_OF_QUANT_METHOD[quant_method], {}
+    return fmt.name, {}
 
 
 def load_model(path: str | Path, device: str = "auto", dtype: torch.dtype | str | None = None):

@@ -123,6 +123,11 @@ def read_manifest(folder: str | Path) -> Manifest:
     return manifest
 
 
+def recipe_of(folder: str | Path) -> dict[str, Any]:
+    """The recipe of an artifact folder, or ``{}`` for a model folder qconv did not write."""
+    return read_manifest(folder)["recipe"] if is_artifact(Path(folder)) else {}
+
+
 def write_manifest(folder: Path, manifest: Manifest) -> None:
     (Path(folder) / MANIFEST_NAME).write_text(json.dumps(finite(manifest), indent=2) + "\n")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from qconv.formats import get_format
 from qconv.manifest import base_model_name
 
 
@@ -44,11 +45,6 @@ def model_card(manifest: dict) -> str:
         "",
     ]
     return "\n".join(lines)
-
-
-# Methods stock transformers loads by itself (with the method's library installed); the others
-# (hqq, which transformers 5.x cannot load, and eetq) load with qconv.load_model.
-STOCK_TRANSFORMERS = {"bnb": "bitsandbytes", "aqlm": "aqlm"}
 
 
 def hub_model_card(manifest: dict, metrics: list[dict], repo: str) -> str:
@@ -118,9 +114,11 @@ def _base_model(source: dict) -> str | None:
 
 
 def _loading(method: str, repo: str) -> list[str]:
-    if method in STOCK_TRANSFORMERS:
+    """How to load it, as the method declares (``stock_loader``, ``libraries``, ``extra``)."""
+    fmt = get_format(method)
+    if fmt.stock_loader == "transformers":
         return [
-            f"Stock transformers loads it (install `{STOCK_TRANSFORMERS[method]}`):",
+            f"Stock transformers loads it (install `{' '.join(fmt.libraries)}`):",
             "",
             "```python",
             "from transformers import AutoModelForCausalLM, AutoTokenizer",
@@ -130,7 +128,8 @@ def _loading(method: str, repo: str) -> list[str]:
             "```",
         ]
     return [
-        f"transformers 5.x cannot load {method} folders; `qconv.load_model` can (`pip install qconv[{method}]`):",
+        f"transformers 5.x cannot load {method} folders; `qconv.load_model` can "
+        f"(`pip install qconv{f'[{fmt.extra}]' if fmt.extra else ''}`):",
         "",
         "```python",
         "import qconv",

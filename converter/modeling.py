@@ -62,12 +62,13 @@ def assign_parameter(root: nn.Module, key: str, value: torch.Tensor) -> None:
     setattr(owner, attr, nn.Parameter(value, requires_grad=False))
 
 
-def load_with_runtime_modules(folder: str | Path, fmt, device: torch.device, dtype: torch.dtype, build=None):
-    """Build the model of ``folder`` with ``fmt.runtime_module`` for every quantized module (or
-    ``build(tensors, bias)``, for formats whose modules need more than the layer's tensors, such
-    as EETQ's layout, which the folder's manifest names). A module is quantized when it has a
-    tensor ending in ``fmt.marker_suffix``."""
-    build = build or fmt.runtime_module
+def load_with_runtime_modules(
+    folder: str | Path, fmt, device: torch.device, dtype: torch.dtype, recipe: dict[str, Any]
+):
+    """Build the model of ``folder`` with ``fmt.runtime_module(tensors, bias, recipe)`` for every
+    quantized module (``recipe``: the folder's, ``{}`` for a folder without a manifest, whose
+    layout is then the method's default). A module is quantized when it has a tensor ending in
+    ``fmt.marker_suffix``."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = Path(folder)
@@ -103,7 +104,7 @@ def load_with_runtime_modules(folder: str | Path, fmt, device: torch.device, dty
         layer_tensors = {suffix: tensors.read(key) for suffix, key in own.items()}
         bias = tensors.read(bias_key).to(dtype) if bias_key else None
         try:
-            layers[name] = build(layer_tensors, bias)
+            layers[name] = fmt.runtime_module(layer_tensors, bias, recipe)
         except ArtifactError as exc:
             raise ArtifactError(f"{folder}: layer {name}: {exc}") from None
         used.update(own.values())

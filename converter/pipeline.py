@@ -22,9 +22,9 @@ from typing import Any
 import torch
 
 from qconv.artifact import Artifact
-from qconv.environment import environment, peak_rss_bytes, resolve_device
+from qconv.environment import environment, peak_rss_bytes, resolve_device, resolve_dtype
 from qconv.errors import DestinationExistsError, QconvError, UsageError
-from qconv.files import FLOAT_DTYPES, WORKING_DTYPES, dtype_name, fsync_path, parse_size
+from qconv.files import FLOAT_DTYPES, dtype_name, fsync_path, parse_size
 from qconv.formats import all_formats, get_format
 from qconv.formats.base import PrepareContext, Prepared, QuantFormat
 from qconv.manifest import MANIFEST_NAME, Manifest, SourceEntry, finite, new_manifest, seal, write_manifest
@@ -33,7 +33,14 @@ from qconv.plan import Plan, make_plan
 from qconv.progress import NO_PROGRESS, ProgressSink
 from qconv.source_hqq import imported_method
 from qconv.sources import Source, open_source
-from qconv.verify import VerifyReport, check_layers, check_loader, layer_error, verify_artifact
+from qconv.verify import (
+    VerifyReport,
+    check_layers,
+    check_loader,
+    check_max_rel_error,
+    layer_error,
+    verify_artifact,
+)
 from qconv.writer import PlannedTensor, SafetensorsShardWriter
 
 # Above this many parameters the end-of-conversion logits check (which loads the source in
@@ -170,14 +177,12 @@ def convert(
         max_shard_bytes = parse_size(max_shard_size)
     except ValueError as exc:
         raise UsageError(f"--max-shard-size: {exc}") from None
-    if dtype != "auto" and dtype not in WORKING_DTYPES:
-        raise UsageError(f"--dtype {dtype!r}: choose auto, {', '.join(WORKING_DTYPES)}")
-    if max_rel_error is not None and not max_rel_error > 0:
-        raise UsageError("--max-rel-error must be positive")
+    resolve_dtype(dtype)
+    check_max_rel_error(max_rel_error)
     torch_device = resolve_device(device)
 
     with open_source(source_ref) as source:
-        working_dtype = source.default_dtype() if dtype == "auto" else WORKING_DTYPES[dtype]
+        working_dtype = resolve_dtype(dtype, auto=source.default_dtype())
         if imported is not None:
             recipe = source.imported_recipe(dtype_name(working_dtype))
         else:
@@ -368,7 +373,7 @@ def _convert_into(
                     if packed is None:
                         packed = fmt.quantize(weight, recipe, device)
                 except QconvError as exc:
-                    raise type(exc)(f"{entry.name}: {exc}") from None
+                    raise exc.with_context(entry.name) from None
                 packed = {k: v.to(device) for k, v in packed.items()}
                 error = layer_error(weight, fmt.dequantize(packed, recipe))
                 extra = prepared.layer_stats(entry.module) if prepared is not None else {}
@@ -405,9 +410,7 @@ def _convert_into(
     source_file_hashes = source.file_hashes()
     source_hash_wait_s = time.perf_counter() - t0 - convert_s
 
-    quantization_config = fmt.quantization_config(
-        recipe, sorted(plan.skipped), embeddings=tuple(plan.embeddings)
-    )
+    quantization_config = fmt.quantization_config(recipe, plan)
     support = write_config_and_support(tmp, source, quantization_config, working_dtype)
     measured = [kv for kv in layers.items() if kv[1]["rel_error"] is not None]
     worst = max(measured, key=lambda kv: kv[1]["rel_error"]) if measured else (None, {"rel_error": None})

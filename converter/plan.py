@@ -57,7 +57,10 @@ def compile_skip_patterns(patterns: tuple[str, ...] | list[str]) -> list[re.Patt
             else:
                 compiled.append(re.compile(fnmatch.translate(pattern)))
         except re.error as exc:
-            raise UsageError(f"--skip {pattern!r} is not a valid pattern: {exc}") from None
+            detail = str(exc).replace("{", "{{").replace("}", "}}")  # the message is a template
+            raise UsageError(
+                "{option} {value!r} is not a valid pattern: " + detail, option="skip", value=pattern
+            ) from None
     return compiled
 
 
@@ -94,7 +97,10 @@ def linear_modules(source: Source) -> Architecture:
                 try:
                     model = cls(config)
                     break
-                except Exception:  # noqa: BLE001 - fall back to the Auto classes below
+                # only transformers' code runs here: a class named in config.json that does not
+                # fit the config raises one of these (a missing attribute, a wrong value...);
+                # fall back to the Auto classes below
+                except (AttributeError, TypeError, ValueError, KeyError, RuntimeError):
                     model = None
         if model is None:
             for auto in (transformers.AutoModelForCausalLM, transformers.AutoModel):
@@ -151,10 +157,13 @@ def make_plan(source: Source, fmt: QuantFormat, recipe: dict, skip: list[str]) -
             reason = "matches --skip"
         elif info.dtype not in FLOAT_DTYPES:
             reason = f"dtype {info.dtype} is not a float"
-        else:  # its shape is the Linear's: check_tensors_fit refused any other
-            reason = fmt.class_skip_reason(classes[module]) or fmt.skip_reason(
-                module, tuple(info.shape), recipe
+        elif fmt.exact_linear_loader and classes[module] is not torch.nn.Linear:
+            reason = (
+                f"a {classes[module].__name__} (subclass of nn.Linear), which {fmt.exact_linear_loader} "
+                "leaves unquantized"
             )
+        else:  # its shape is the Linear's: check_tensors_fit refused any other
+            reason = fmt.skip_reason(module, tuple(info.shape), recipe)
         if reason:
             plan.skipped[module] = reason
             plan.tensors.append(TensorPlan(info, "copy", module))

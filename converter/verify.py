@@ -116,6 +116,12 @@ def check_files(folder: Path, files: dict[str, dict], report: VerifyReport) -> N
 
 
 # -- layers -----------------------------------------------------------------------------------
+def check_max_rel_error(max_rel_error: float | None) -> None:
+    """The one validator of ``--max-rel-error`` (None: no limit)."""
+    if max_rel_error is not None and not max_rel_error > 0:
+        raise UsageError("{option} must be positive", option="max_rel_error")
+
+
 def check_layers(layers: dict[str, dict], max_rel_error: float | None, report: VerifyReport) -> None:
     report.layers = layers
     report.max_rel_error = max_rel_error
@@ -191,6 +197,14 @@ def recompute_layer_errors(
 
 
 # -- the real loader --------------------------------------------------------------------------
+#: What a loader that fails on the artifact raises, which fails the loader check: qconv's own
+#: errors (a malformed folder), an optional library that is missing (ImportError), unreadable
+#: files (OSError) and the libraries' refusals (transformers, hqq and aqlm raise ValueError or
+#: RuntimeError, torch's size mismatches and out-of-memory are RuntimeErrors). Anything else
+#: (AttributeError, TypeError, NameError...) is a bug in qconv and propagates.
+LOADER_ERRORS = (QconvError, ImportError, OSError, ValueError, RuntimeError)
+
+
 def prompt_ids(folder: Path, vocab_size: int) -> list[torch.Tensor]:
     """Fixed prompts: the artifact's tokenizer when it has one, else fixed random ids."""
     try:
@@ -342,7 +356,7 @@ def check_runs(folder: Path, device: torch.device, report: VerifyReport) -> None
         prompts = prompt_ids(Path(folder), model.config.vocab_size)
         logits = torch.cat(_logits(model, prompts, device))
         del model
-    except Exception as exc:  # noqa: BLE001 - any failure of the loader fails this check
+    except LOADER_ERRORS as exc:
         report.add(
             "loader", False, f"the real loader failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
         )
@@ -360,7 +374,7 @@ def check_runs(folder: Path, device: torch.device, report: VerifyReport) -> None
 def check_loader(artifact: Artifact, source: Source, device: torch.device, report: VerifyReport) -> None:
     try:
         result = logits_comparison(artifact, source, device)
-    except Exception as exc:  # noqa: BLE001 - any failure of the real loader fails this check
+    except LOADER_ERRORS as exc:
         report.add(
             "loader", False, f"the real loader failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
         )
@@ -410,7 +424,7 @@ def verify_artifact(
             progress.start("verify", len(artifact.layers))
         try:
             layers = recompute_layer_errors(artifact, source, device, progress)
-        except Exception as exc:  # noqa: BLE001 - unreadable tensors fail the check, naming them
+        except (QconvError, OSError, ValueError, RuntimeError) as exc:  # unreadable or malformed tensors
             report.add("layers", False, str(exc).splitlines()[0])
             return report
         check_layers(layers, max_rel_error, report)
@@ -445,8 +459,7 @@ def run_verify(
     ref = source_ref
     if ref is None and recorded_ref and Path(recorded_ref).exists():
         ref = recorded_ref
-    if max_rel_error is not None and not max_rel_error > 0:
-        raise UsageError("--max-rel-error must be positive")
+    check_max_rel_error(max_rel_error)
     if ref is None:
         report = verify_artifact(path, None, torch_device, max_rel_error, logits, progress)
     else:

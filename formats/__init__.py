@@ -1,7 +1,8 @@
 """Quantization methods, one module each, registered by name (see ``base.py``).
 
 To add a method: write ``format_<name>.py`` with a :class:`~qconv.formats.base.QuantFormat`
-subclass, call ``register`` at import, add the import below, and add its tests.
+subclass, call ``register`` at import, add the import below, and add its tests (README.md,
+"Adding a method").
 """
 
 from qconv.formats import (
@@ -10,6 +11,22 @@ from qconv.formats import (
     format_eetq,  # noqa: F401  (registers "eetq")
     format_hqq,  # noqa: F401  (registers "hqq")
 )
-from qconv.formats.base import Option, QuantFormat, all_formats, get_format, register
+from qconv.formats.base import (
+    Option,
+    QuantFormat,
+    all_formats,
+    all_options,
+    format_of_quant_method,
+    get_format,
+    register,
+)
 
-__all__ = ["Option", "QuantFormat", "all_formats", "get_format", "register"]
+__all__ = [
+    "Option",
+    "QuantFormat",
+    "all_formats",
+    "all_options",
+    "format_of_quant_method",
+    "get_format",
+    "register",
+]

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qconv.formats.base import triton_available
+from qconv.formats.triton_support import triton_available
 
 # scores computed at once in the nearest-codeword search (bounds its memory: 64 MB in fp32 on
 # the host, 512 MB on a GPU, where bigger matmuls run faster)

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from qconv.calibration import DEFAULT_SEQLEN, DEFAULT_TEXT, DEFAULT_TOKENS
-from qconv.errors import ArtifactError, UsageError
+from qconv.errors import ArtifactError, SourceError, UsageError
 from qconv.formats.aqlm_solver import LayerCodes, least_squares_scales, quantize_layer
 from qconv.formats.base import (
     Option,
@@ -38,7 +38,6 @@ from qconv.formats.base import (
     QuantFormat,
     check_choice,
     register,
-    reject_foreign_options,
 )
 
 # scheme -> (num_codebooks, nbits_per_codebook): the schemes aqlm has CUDA kernels for
@@ -131,9 +130,18 @@ class AQLMFormat(QuantFormat):
             name="aqlm",
             description="AQLM additive quantization: 1x16 (~2 bits), 2x8, 1x8 codebooks over groups of 8",
             libraries=("aqlm",),
+            quant_method="aqlm",
+            stock_loader="transformers",
+            extra="aqlm",
             options=(
-                Option("scheme", str, "aqlm: codebooks x bits each (default 1x16)", choices=tuple(SCHEMES)),
-                Option("in_group_size", int, "aqlm: input weights a code covers (default 8)"),
+                Option(
+                    "scheme",
+                    str,
+                    "aqlm: codebooks x bits each (default 1x16)",
+                    choices=tuple(SCHEMES),
+                    default="1x16",
+                ),
+                Option("in_group_size", int, "aqlm: input weights a code covers (default 8)", default=8),
                 Option(
                     "calibration",
                     str,
@@ -154,30 +162,31 @@ class AQLMFormat(QuantFormat):
         )
 
     def make_recipe(self, options: dict[str, Any]) -> dict[str, Any]:
-        reject_foreign_options(
-            self,
-            options,
-            {"scheme", "in_group_size", "calibration", "calib_tokens", "finetune", "max_epochs"},
-        )
-        scheme = options.get("scheme") or "1x16"
-        check_choice(self, "scheme", scheme, tuple(SCHEMES))
-        in_group = options.get("in_group_size") or 8
+        options = self.given_options(options)
+        scheme = options["scheme"]
+        in_group = options["in_group_size"]
         check_choice(self, "in_group_size", in_group, IN_GROUP_SIZES)
         num_codebooks, nbits = SCHEMES[scheme]
         text = options.get("calibration")
         tokens = options.get("calib_tokens")
         max_epochs = options.get("max_epochs")
         if max_epochs is not None and max_epochs < 0:
-            raise UsageError(f"--max-epochs {max_epochs}: give 0 or more")
+            raise UsageError("{option} {value}: give 0 or more", option="max_epochs", value=max_epochs)
         if text is not None and text.lower() == "none":
             if tokens is not None or options.get("finetune") or max_epochs:
                 raise UsageError(
-                    "--calibration none: --calib-tokens, --finetune and --max-epochs need calibration data"
+                    "{condition}: {options} need calibration data",
+                    condition=("calibration", "none"),
+                    option=("calib_tokens", "finetune", "max_epochs"),
                 )
             calibration = None
         else:
             if tokens is not None and tokens < 2:
-                raise UsageError(f"--calib-tokens {tokens}: give at least one sequence's worth")
+                raise UsageError(
+                    "{option} {value}: give at least one sequence's worth",
+                    option="calib_tokens",
+                    value=tokens,
+                )
             tokens = tokens or DEFAULT_TOKENS
             seqlen = min(DEFAULT_SEQLEN, tokens)
             calibration = {"text": text or DEFAULT_TEXT, "tokens": tokens, "seqlen": seqlen}
@@ -220,9 +229,6 @@ class AQLMFormat(QuantFormat):
             return f"{out_features} outputs do not split into groups of {OUT_GROUP_SIZE}"
         return None
 
-    def output_suffixes(self, recipe: dict) -> list[str]:
-        return ["codes", "codebooks", "scales"]
-
     def output_specs(
         self, shape: tuple[int, ...], recipe: dict
     ) -> dict[str, tuple[torch.dtype, tuple] | None]:
@@ -244,7 +250,7 @@ class AQLMFormat(QuantFormat):
     def quantize(self, weight: torch.Tensor, recipe: dict, device: torch.device) -> dict[str, torch.Tensor]:
         """Data-free (``--calibration none``, and Linears outside the decoder blocks)."""
         if not torch.isfinite(weight).all():
-            raise UsageError("the weight has NaN or infinite values")
+            raise SourceError("the weight has NaN or infinite values")
         generator = torch.Generator().manual_seed(int(recipe["seed"]))
         state = quantize_layer(weight, None, recipe, generator).state
         books = state.codebooks.half().float()  # the scales are fitted to the codebooks as stored
@@ -254,11 +260,9 @@ class AQLMFormat(QuantFormat):
     def dequantize(self, tensors: dict[str, torch.Tensor], recipe: dict) -> torch.Tensor:
         return dequantize_layer(tensors["codes"], tensors["codebooks"], tensors["scales"])
 
-    def quantization_config(
-        self, recipe: dict, skipped_modules: list[str], embeddings: tuple[str, ...] = ()
-    ) -> dict[str, Any]:
-        not_quantized = list(embeddings)
-        for module in skipped_modules:
+    def quantization_config(self, recipe: dict, plan: Any) -> dict[str, Any]:
+        not_quantized = list(plan.embeddings)
+        for module in sorted(plan.skipped):
             not_quantized += [f"{module}.weight", module]
         return {
             "quant_method": "aqlm",

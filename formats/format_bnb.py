@@ -15,81 +15,83 @@ from typing import Any
 
 import torch
 
-from qconv.errors import MissingDependencyError, UsageError
-from qconv.formats.base import Option, QuantFormat, check_choice, register, reject_foreign_options
+from qconv.errors import MissingDependencyError, SourceError, UsageError
+from qconv.formats.base import Option, QuantFormat, check_choice, register
 
 BLOCKSIZES_4BIT = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes.functional.quantize_4bit
 NESTED_BLOCKSIZE = 256  # bitsandbytes quantizes the absmax statistics in blocks of 256
 INT8_THRESHOLD = 6.0  # LLM.int8 outlier threshold transformers writes; acts at run time only
-
-SUFFIXES_4BIT = ["weight", "weight.absmax", "weight.quant_map"]
-SUFFIXES_DOUBLE_QUANT = ["weight.nested_absmax", "weight.nested_quant_map"]
-SUFFIXES_8BIT = ["weight", "SCB", "weight_format"]
 
 
 def _bnb():
     try:
         import bitsandbytes.functional as bnb_functional
     except ImportError as exc:  # pragma: no cover - bitsandbytes is a dependency
-        raise MissingDependencyError(f"--method bnb needs bitsandbytes: {exc}") from exc
+        raise MissingDependencyError(f"the bnb method needs bitsandbytes: {exc}") from exc
     return bnb_functional
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 class BitsAndBytesFormat(QuantFormat):
+    # transformers' replace_with_bnb_linear (integrations/bitsandbytes.py) replaces modules whose
+    # type is exactly nn.Linear (or Conv1D): a subclass such as Falcon's FalconLinear keeps its
+    # float weight, and the stock loader refuses the packed one stored under its name.
+    exact_linear_loader = "transformers' bitsandbytes loading"
+
     def __init__(self) -> None:
+        four_bit = ("bits", 4)
         super().__init__(
             name="bnb",
             description="bitsandbytes 4-bit nf4/fp4 (+double quant) and 8-bit LLM.int8",
             libraries=("bitsandbytes",),
+            quant_method="bitsandbytes",
+            stock_loader="transformers",
+            extra=None,  # bitsandbytes is a dependency of qconv itself
             options=(
-                Option("bits", int, "bits a weight: 4 or 8 (bnb), or the method's own widths"),
-                Option("quant_type", str, "bnb 4-bit code table", choices=("nf4", "fp4")),
+                Option("bits", int, "bits a weight: 4 or 8 (bnb), or the method's own widths", default=4),
+                Option(
+                    "quant_type",
+                    str,
+                    "bnb 4-bit code table",
+                    choices=("nf4", "fp4"),
+                    default="nf4",
+                    applies_when=four_bit,
+                ),
                 Option(
                     "double_quant",
                     bool,
                     "bnb 4-bit: quantize the absmax statistics too (default on)",
                     flag=True,
+                    default=True,
+                    applies_when=four_bit,
                 ),
-                Option("blocksize", int, "bnb 4-bit: weights per absmax block (default 64)"),
+                Option(
+                    "blocksize",
+                    int,
+                    "bnb 4-bit: weights per absmax block (default 64)",
+                    default=64,
+                    applies_when=four_bit,
+                ),
             ),
         )
 
     def make_recipe(self, options: dict[str, Any]) -> dict[str, Any]:
-        bits = options.get("bits") or 4
-        check_choice(self, "bits", bits, (4, 8))
-        if bits == 8:
-            reject_foreign_options(self, options, {"bits"})
+        given = self.given_options(options)
+        check_choice(self, "bits", given["bits"], (4, 8))
+        if given["bits"] == 8:
             return {"method": self.name, "bits": 8, "threshold": INT8_THRESHOLD}
-        reject_foreign_options(self, options, {"bits", "quant_type", "double_quant", "blocksize"})
-        quant_type = options.get("quant_type") or "nf4"
-        check_choice(self, "quant_type", quant_type, ("nf4", "fp4"), "--bits 4")
-        blocksize = options.get("blocksize") or 64
-        check_choice(self, "blocksize", blocksize, BLOCKSIZES_4BIT, "--bits 4")
-        double_quant = options.get("double_quant")
+        check_choice(self, "blocksize", given["blocksize"], BLOCKSIZES_4BIT, ("bits", 4))
         return {
             "method": self.name,
             "bits": 4,
-            "quant_type": quant_type,
-            "double_quant": True if double_quant is None else bool(double_quant),
-            "blocksize": blocksize,
+            "quant_type": given["quant_type"],
+            "double_quant": bool(given["double_quant"]),
+            "blocksize": given["blocksize"],
         }
 
     def label(self, recipe: dict) -> str:
         if recipe["bits"] == 8:
             return "bnb int8"
         return f"bnb {recipe['quant_type']}" + ("+dq" if recipe["double_quant"] else "")
-
-    def output_suffixes(self, recipe: dict) -> list[str]:
-        if recipe["bits"] == 8:
-            return list(SUFFIXES_8BIT)
-        suffixes = list(SUFFIXES_4BIT)
-        if recipe["double_quant"]:
-            suffixes += SUFFIXES_DOUBLE_QUANT
-        return suffixes + [f"weight.quant_state.bitsandbytes__{recipe['quant_type']}"]
 
     def output_specs(
         self, shape: tuple[int, ...], recipe: dict
@@ -116,22 +118,11 @@ class BitsAndBytesFormat(QuantFormat):
         return specs
 
     # -- quantize -----------------------------------------------------------------------------
-    def class_skip_reason(self, module_class: type) -> str | None:
-        # transformers' replace_with_bnb_linear (integrations/bitsandbytes.py) replaces modules whose
-        # type is exactly nn.Linear (or Conv1D): a subclass such as Falcon's FalconLinear keeps its
-        # float weight, and the stock loader refuses the packed one stored under its name.
-        if module_class is not torch.nn.Linear:
-            return (
-                f"a {module_class.__name__} (subclass of nn.Linear), which transformers' bitsandbytes "
-                "loading leaves unquantized"
-            )
-        return None
-
     def quantize(self, weight: torch.Tensor, recipe: dict, device: torch.device) -> dict[str, torch.Tensor]:
         # bitsandbytes quantizes NaN and inf without complaint (a NaN block's absmax is NaN): the
         # artifact would load and compute NaN, so the source is refused as the other formats do
         if not torch.isfinite(weight).all():
-            raise UsageError("the weight has NaN or infinite values")
+            raise SourceError("the weight has NaN or infinite values")
         if recipe["bits"] == 8:
             return self._quantize_int8(weight)
         return self._quantize_4bit(weight, recipe)
@@ -194,9 +185,7 @@ class BitsAndBytesFormat(QuantFormat):
         # threshold kept in fp16), so its logits move ~1% from the weight-only reference.
         return 5e-2 if recipe["bits"] == 8 else 1e-3
 
-    def quantization_config(
-        self, recipe: dict, skipped_modules: list[str], embeddings: tuple[str, ...] = ()
-    ) -> dict[str, Any]:
+    def quantization_config(self, recipe: dict, plan: Any) -> dict[str, Any]:
         four = recipe["bits"] == 4
         config = {
             "quant_method": "bitsandbytes",
@@ -204,7 +193,7 @@ class BitsAndBytesFormat(QuantFormat):
             "load_in_8bit": not four,
             "llm_int8_threshold": INT8_THRESHOLD,
             # transformers needs lm_head named explicitly once a skip list is given (FORMATS.md).
-            "llm_int8_skip_modules": list(skipped_modules),
+            "llm_int8_skip_modules": sorted(plan.skipped),
             "llm_int8_enable_fp32_cpu_offload": False,
             "llm_int8_has_fp16_weight": False,
             "bnb_4bit_quant_type": recipe.get("quant_type", "nf4"),

@@ -16,16 +16,15 @@ kernel runs on (``--arch``, recorded in the manifest's recipe): ``sm80`` for SM7
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from qconv.errors import ArtifactError, UsageError
+from qconv.errors import ArtifactError, SourceError, UsageError
 from qconv.formats import eetq_layout
-from qconv.formats.base import Option, QuantFormat, check_choice, register, reject_foreign_options
-from qconv.manifest import MANIFEST_NAME, is_artifact, read_manifest
+from qconv.formats.base import Option, QuantFormat, check_choice, register
+from qconv.manifest import recipe_of
 from qconv.modeling import load_with_runtime_modules
 
 DEFAULT_ARCH = "sm80"
@@ -34,10 +33,6 @@ SUFFIXES = ["weight", "weight_scales"]
 #: use the float matmul. Measured with torch 2.13 on 2 cores, [1536, 576]: int8pack 0.39 ms vs
 #: 0.96 ms at 1 row, but 1.7 vs 0.4 ms at 4 rows and 800 vs 23 ms at 2048 rows.
 INT8PACK_MAX_ROWS = 1
-
-
-class UnquantizableWeight(UsageError):
-    """A weight EETQ cannot take: upstream quantizes from float16 and this one does not fit."""
 
 
 @functools.lru_cache(maxsize=1)
@@ -159,17 +154,13 @@ def parse_layer(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.T
     return stored, scales
 
 
-def folder_arch(folder: Path) -> str:
-    """The layout of a folder: its manifest's ``arch``, else sm80 (the layout of every GPU from
-    SM75 to SM89: what a folder made elsewhere almost surely holds)."""
-    if is_artifact(folder):
-        arch = read_manifest(folder)["recipe"].get("arch", DEFAULT_ARCH)
-        if arch not in eetq_layout.ARCHS:
-            raise ArtifactError(
-                f"{Path(folder) / MANIFEST_NAME}: EETQ arch {arch!r} is not one of {', '.join(eetq_layout.ARCHS)}"
-            )
-        return arch
-    return DEFAULT_ARCH
+def recipe_arch(recipe: dict) -> str:
+    """The layout of a folder from its recipe (the manifest's), else sm80 (the layout of every
+    GPU from SM75 to SM89: what a folder made elsewhere almost surely holds)."""
+    arch = recipe.get("arch", DEFAULT_ARCH)
+    if arch not in eetq_layout.ARCHS:
+        raise ArtifactError(f"EETQ arch {arch!r} is not one of {', '.join(eetq_layout.ARCHS)}")
+    return arch
 
 
 class EETQFormat(QuantFormat):
@@ -178,27 +169,28 @@ class EETQFormat(QuantFormat):
             name="eetq",
             description="EETQ int8 weight-only per channel, in the layout of its GEMM (sm70 or sm80)",
             libraries=("eetq",),
+            quant_method="eetq",
+            # transformers 5.x runs EETQ layers only with a kernel fetched from the Hub at run time
+            stock_loader=None,
+            # the format is pure torch here; `eetq` itself builds only for an old CPython and torch
+            extra=None,
             options=(
-                Option("bits", int, "bits a weight"),
+                Option("bits", int, "bits a weight", default=8),
                 Option(
                     "arch",
                     str,
                     "eetq: GPU layout, sm80 (SM75-SM89: T4, A100, A10, L4, RTX 30/40; default) or sm70 (V100)",
+                    default=DEFAULT_ARCH,
                 ),
             ),
         )
 
     def make_recipe(self, options: dict[str, Any]) -> dict[str, Any]:
-        reject_foreign_options(self, options, {"bits", "arch"})
-        bits = options.get("bits") or 8
-        check_choice(self, "bits", bits, (8,))
-        arch = options.get("arch") or DEFAULT_ARCH
-        if arch not in eetq_layout.ARCHS:
-            raise UsageError(
-                f"--method eetq: --arch {arch} is not supported; choose from {', '.join(eetq_layout.ARCHS)} "
-                "(sm80 serves SM75-SM89; upstream EETQ has no layout for SM90 and later)"
-            )
-        return {"method": self.name, "bits": 8, "arch": arch}
+        given = self.given_options(options)
+        check_choice(self, "bits", given["bits"], (8,))
+        note = "sm80 serves SM75-SM89; upstream EETQ has no layout for SM90 and later"
+        check_choice(self, "arch", given["arch"], eetq_layout.ARCHS, note=note)
+        return {"method": self.name, "bits": 8, "arch": given["arch"]}
 
     def label(self, recipe: dict) -> str:
         return f"eetq int8 {recipe['arch']}"
@@ -215,9 +207,6 @@ class EETQFormat(QuantFormat):
             )
         return None
 
-    def output_suffixes(self, recipe: dict) -> list[str]:
-        return list(SUFFIXES)
-
     def output_specs(
         self, shape: tuple[int, ...], recipe: dict
     ) -> dict[str, tuple[torch.dtype, tuple] | None]:
@@ -229,12 +218,12 @@ class EETQFormat(QuantFormat):
 
     def quantize(self, weight: torch.Tensor, recipe: dict, device: torch.device) -> dict[str, torch.Tensor]:
         if not torch.isfinite(weight).all():
-            raise UnquantizableWeight("the weight has NaN or infinite values")
+            raise SourceError("the weight has NaN or infinite values")
         # Upstream quantizes the float16 weight (qlinear.py, transformers' EetqQuantize).
         half = weight.to(torch.float16)
         if not torch.isfinite(half).all():
             largest = weight.abs().max().item()
-            raise UnquantizableWeight(
+            raise UsageError(
                 f"|w| reaches {largest:.6g}, beyond float16's 65504; EETQ quantizes from float16"
             )
         q, scales = eetq_layout.quantize(half)
@@ -245,28 +234,21 @@ class EETQFormat(QuantFormat):
         plain = eetq_layout.unpreprocess(stored, recipe["arch"])
         return eetq_layout.dequantize(plain.t(), scales)
 
-    def quantization_config(
-        self, recipe: dict, skipped_modules: list[str], embeddings: tuple[str, ...] = ()
-    ) -> dict[str, Any]:
+    def quantization_config(self, recipe: dict, plan: Any) -> dict[str, Any]:
         # transformers' EetqConfig.to_dict(); its EetqLinear replaces every nn.Linear not listed,
         # so lm_head must be named (the plan always lists it).
-        return {"quant_method": "eetq", "weights": "int8", "modules_to_not_convert": list(skipped_modules)}
+        return {"quant_method": "eetq", "weights": "int8", "modules_to_not_convert": sorted(plan.skipped)}
 
     marker_suffix = "weight_scales"
 
-    def runtime_module(self, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None) -> nn.Module:
-        return EETQLinear.from_stored(tensors, bias, DEFAULT_ARCH)
+    def runtime_module(
+        self, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None, recipe: dict
+    ) -> nn.Module:
+        return EETQLinear.from_stored(tensors, bias, recipe_arch(recipe))
 
     def load_pretrained(self, folder, device: torch.device, dtype: torch.dtype):
 
-        arch = folder_arch(Path(folder))
-        return load_with_runtime_modules(
-            folder,
-            self,
-            device,
-            dtype,
-            build=lambda tensors, bias: EETQLinear.from_stored(tensors, bias, arch),
-        )
+        return load_with_runtime_modules(folder, self, device, dtype, recipe_of(folder))
 
 
 register(EETQFormat())

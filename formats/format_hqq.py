@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qconv.errors import UsageError
+from qconv.errors import SourceError, UsageError
 from qconv.formats.base import Option, QuantFormat, check_choice, register, reject_foreign_options
 from qconv.formats.hqq_layout import (
     BITS,
@@ -49,6 +49,7 @@ from qconv.formats.hqq_solver import (
     quantize_fast,
     quantize_reference,
 )
+from qconv.manifest import recipe_of
 from qconv.modeling import load_with_runtime_modules
 
 SOLVERS = ("qconv", "hqq")
@@ -113,6 +114,9 @@ class HQQFormat(QuantFormat):
             name="hqq",
             description="HQQ 1/2/3/4/5/6/8-bit, calibration-free, hqq's HQQLinear layout",
             libraries=("hqq",),
+            quant_method="hqq",
+            stock_loader=None,  # transformers 5.x fills HQQ layers with random weights
+            extra="hqq",
             options=(
                 Option("bits", int, "bits a weight"),
                 Option("group_size", int, "hqq: weights sharing one scale and zero (default 64)"),
@@ -232,7 +236,7 @@ class HQQFormat(QuantFormat):
             else:
                 result = quantize_fast(weight, params, PACKING[recipe["bits"]], scale_dtype(recipe))
         except ValueError as exc:
-            raise UsageError(str(exc)) from None
+            raise SourceError(str(exc)) from None
         return layer_tensors(
             result.codes, result.scale, result.zero, recipe, tuple(weight.shape), result.packed
         )
@@ -240,9 +244,7 @@ class HQQFormat(QuantFormat):
     def dequantize(self, tensors: dict[str, torch.Tensor], recipe: dict) -> torch.Tensor:
         return parse_layer(tensors).dequantize()
 
-    def quantization_config(
-        self, recipe: dict, skipped_modules: list[str], embeddings: tuple[str, ...] = ()
-    ) -> dict[str, Any]:
+    def quantization_config(self, recipe: dict, plan: Any) -> dict[str, Any]:
         # transformers' HqqConfig.to_dict(): hqq's BaseQuantizeConfig under "quant_config".
         return {
             "quant_method": "hqq",
@@ -260,17 +262,19 @@ class HQQFormat(QuantFormat):
                 "zero_quant_params": None,
                 "offload_meta": False,
             },
-            "skip_modules": list(skipped_modules),
+            "skip_modules": sorted(plan.skipped),
         }
 
     marker_suffix = "W_q"
 
-    def runtime_module(self, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None) -> nn.Module:
+    def runtime_module(
+        self, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None, recipe: dict
+    ) -> nn.Module:
         return HQQDequantLinear(parse_layer(tensors), bias)
 
     def load_pretrained(self, folder, device: torch.device, dtype: torch.dtype):
 
-        return load_with_runtime_modules(folder, self, device, dtype)
+        return load_with_runtime_modules(folder, self, device, dtype, recipe_of(folder))
 
 
 register(HQQFormat())

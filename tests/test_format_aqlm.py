@@ -95,16 +95,32 @@ def test_small_layer_with_more_codewords_than_groups_is_exact_to_fp16():
 
 
 @pytest.mark.parametrize(
-    "options,message",
+    "options,message,cli_message",
     [
-        ({"in_group_size": 16}, "--method aqlm: --in-group-size 16 is not supported; choose from 8"),
-        ({"bits": 2}, "--bits does not apply to --method aqlm"),
+        (
+            {"in_group_size": 16},
+            "method aqlm: in_group_size 16 is not supported; choose from 8",
+            "--method aqlm: --in-group-size 16 is not supported; choose from 8",
+        ),
+        ({"bits": 2}, "bits does not apply to method aqlm", "--bits does not apply to --method aqlm"),
+        (
+            {"scheme": "3x8"},
+            "method aqlm: scheme 3x8 is not supported; choose from 1x16, 2x8, 1x8",
+            "--method aqlm: --scheme 3x8 is not supported; choose from 1x16, 2x8, 1x8",
+        ),
+        (
+            {"calibration": "none", "max_epochs": 3},
+            "calibration none: calib_tokens, finetune and max_epochs need calibration data",
+            "--calibration none: --calib-tokens, --finetune and --max-epochs need calibration data",
+        ),
+        ({"max_epochs": -1}, "max_epochs -1: give 0 or more", "--max-epochs -1: give 0 or more"),
     ],
 )
-def test_recipe_errors(options, message):
+def test_recipe_errors(options, message, cli_message):
     with pytest.raises(UsageError) as error:
         AQLM.make_recipe(options)
     assert str(error.value) == message
+    assert error.value.cli_message() == cli_message
 
 
 # -- through the CLI and stock transformers -----------------------------------------------------

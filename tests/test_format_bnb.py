@@ -8,7 +8,7 @@ import bitsandbytes.functional as F
 import pytest
 import torch
 
-from qconv.errors import UsageError
+from qconv.errors import SourceError, UsageError
 from qconv.formats import get_format
 from qconv.formats.format_bnb import dequantize_4bit, unpack_4bit_codes
 
@@ -118,26 +118,54 @@ def test_refuses_nan_and_inf(bits, bad):
     """bitsandbytes itself quantizes them silently (a NaN block's absmax is NaN)."""
     weight = torch.randn(64, 64)
     weight[3, 5] = bad
-    with pytest.raises(UsageError, match="^the weight has NaN or infinite values$"):
+    with pytest.raises(SourceError, match="^the weight has NaN or infinite values$"):
         BNB.quantize(weight, recipe(bits=bits), CPU)
 
 
+BLOCKSIZES = "32, 64, 128, 256, 512, 1024, 2048, 4096"
+
+
 @pytest.mark.parametrize(
-    "options,message",
+    "options,message,cli_message",
     [
-        ({"bits": 3}, "--method bnb: --bits 3 is not supported; choose from 4, 8"),
+        (
+            {"bits": 3},
+            "method bnb: bits 3 is not supported; choose from 4, 8",
+            "--method bnb: --bits 3 is not supported; choose from 4, 8",
+        ),
         (
             {"bits": 4, "blocksize": 48},
-            "--method bnb --bits 4: --blocksize 48 is not supported; choose from 32, 64, 128",
+            f"method bnb bits 4: blocksize 48 is not supported; choose from {BLOCKSIZES}",
+            f"--method bnb --bits 4: --blocksize 48 is not supported; choose from {BLOCKSIZES}",
         ),
-        ({"bits": 8, "quant_type": "nf4"}, "--quant-type does not apply to --method bnb"),
-        ({"bits": 8, "double_quant": False}, "--double-quant does not apply to --method bnb"),
+        (
+            {"bits": 8, "quant_type": "nf4"},
+            "quant_type does not apply to method bnb",
+            "--quant-type does not apply to --method bnb",
+        ),
+        (
+            {"bits": 8, "double_quant": False},
+            "double_quant does not apply to method bnb",
+            "--double-quant does not apply to --method bnb",
+        ),
+        (
+            {"group_size": 64, "arch": "sm80"},
+            "arch, group_size does not apply to method bnb",
+            "--arch, --group-size does not apply to --method bnb",
+        ),
+        (
+            {"quant_type": "nf5"},
+            "method bnb bits 4: quant_type nf5 is not supported; choose from nf4, fp4",
+            "--method bnb --bits 4: --quant-type nf5 is not supported; choose from nf4, fp4",
+        ),
     ],
 )
-def test_recipe_errors(options, message):
+def test_recipe_errors(options, message, cli_message):
+    """The library names options as Python arguments; the CLI (cli_message) as flags."""
     with pytest.raises(UsageError) as info:
         BNB.make_recipe(options)
-    assert str(info.value).startswith(message)
+    assert str(info.value) == message
+    assert info.value.cli_message() == cli_message
 
 
 def test_recipe_defaults_and_labels():

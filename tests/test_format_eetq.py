@@ -19,6 +19,7 @@ import qconv
 from qconv.errors import ArtifactError, UsageError
 from qconv.formats import eetq_layout, get_format
 from qconv.formats.format_eetq import EETQLinear
+from qconv.plan import Plan
 
 EETQ = get_format("eetq")
 CPU = torch.device("cpu")
@@ -205,7 +206,7 @@ def test_transformers_eetq_linear_has_our_keys():
     assert sorted(theirs) == sorted([*ours, "bias"])
     for key, (dtype, shape) in ours.items():
         assert (theirs[key].dtype, tuple(theirs[key].shape)) == (dtype, shape), key
-    config = EETQ.quantization_config(recipe(), ["lm_head"])
+    config = EETQ.quantization_config(recipe(), Plan(tensors=[], skipped={"lm_head": "output embeddings"}))
     assert config == {"quant_method": "eetq", "weights": "int8", "modules_to_not_convert": ["lm_head"]}
     parsed = EetqConfig.from_dict(config)
     assert parsed.weights == "int8" and parsed.modules_to_not_convert == ["lm_head"]
@@ -231,21 +232,32 @@ def test_runtime_module_matches_dequantized_linear(rows, dtype):
 
 
 @pytest.mark.parametrize(
-    "options,message",
+    "options,message,cli_message",
     [
-        ({"bits": 4}, "--method eetq: --bits 4 is not supported; choose from 8"),
+        (
+            {"bits": 4},
+            "method eetq: bits 4 is not supported; choose from 8",
+            "--method eetq: --bits 4 is not supported; choose from 8",
+        ),
         (
             {"arch": "sm90"},
+            "method eetq: arch sm90 is not supported; choose from sm70, sm80 "
+            "(sm80 serves SM75-SM89; upstream EETQ has no layout for SM90 and later)",
             "--method eetq: --arch sm90 is not supported; choose from sm70, sm80 "
             "(sm80 serves SM75-SM89; upstream EETQ has no layout for SM90 and later)",
         ),
-        ({"group_size": 64}, "--group-size does not apply to --method eetq"),
+        (
+            {"group_size": 64},
+            "group_size does not apply to method eetq",
+            "--group-size does not apply to --method eetq",
+        ),
     ],
 )
-def test_recipe_errors(options, message):
+def test_recipe_errors(options, message, cli_message):
     with pytest.raises(UsageError) as error:
         EETQ.make_recipe(options)
     assert str(error.value) == message
+    assert error.value.cli_message() == cli_message
 
 
 def test_recipe_defaults_and_skip_reasons():

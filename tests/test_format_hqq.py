@@ -11,7 +11,7 @@ import torch
 from hqq.core.bitpack import BitPack
 from hqq.core.quantize import BaseQuantizeConfig, HQQLinear, Quantizer
 
-from qconv.errors import ArtifactError, UsageError
+from qconv.errors import ArtifactError, SourceError, UsageError
 from qconv.formats import get_format
 from qconv.formats.hqq_layout import BITS, PACKING, pack, parse_layer, unpack
 from qconv.formats.hqq_solver import SolverParams, quantize_fast, quantize_reference
@@ -244,7 +244,7 @@ def test_recipe_defaults_follow_hqq():
 def test_recipe_errors(options, message):
     with pytest.raises(UsageError) as error:
         HQQ.make_recipe(options)
-    assert str(error.value) == message
+    assert error.value.cli_message() == message
 
 
 def test_skip_reasons():
@@ -258,5 +258,5 @@ def test_skip_reasons():
 def test_quantize_refuses_non_finite_weights():
     w = weight((16, 64))
     w[3, 5] = float("nan")
-    with pytest.raises(UsageError, match="NaN or infinite"):
+    with pytest.raises(SourceError, match="NaN or infinite"):
         HQQ.quantize(w, recipe(), CPU)
