@@ -185,7 +185,8 @@ def verify(ref, source, device, max_rel_error, logits, as_json):
             max_rel_error=max_rel_error,
             logits=logits,
             progress=progress,
-            registry=registry,
+            # only on the folder's own row: never on a stale one recorded at the same path
+            registry=registry if artifact.id is not None else None,
             artifact_id=artifact.id,
         )
     document = report.to_dict()

@@ -12,7 +12,7 @@ in the same dtype (the artifact's), so the KL measures the quantization, not the
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,6 @@ class EvalResult:
     protocol: dict[str, Any]
     artifact_id: str | None = None
     recorded: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -14,7 +14,6 @@ The source is opened once and pinned: a Hub base is resolved to one commit for e
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -336,13 +335,8 @@ def _find(registry, entry: Entry, made: dict, source_files: dict, revision: str)
 
 
 def _record_metrics(registry, artifact_id: str, rows: list[dict]) -> None:
-    """Into the registry's metrics table, once ``Registry.record_metric`` exists (qconv eval's
-    branch adds it); the card gets the same rows either way."""
-    record_metric = getattr(registry, "record_metric", None)
-    if record_metric is None:
-        return
     for row in rows:
-        record_metric(artifact_id, row["name"], row["value"], row["protocol"])
+        registry.record_metric(artifact_id, row["name"], row["value"], row["protocol"])
 
 
 class Evaluator:
@@ -417,7 +411,3 @@ class Evaluator:
             {"name": "perplexity", "value": metrics["perplexity"], "protocol": protocol},
             {"name": "perplexity (source)", "value": metrics["perplexity_source"], "protocol": protocol},
         ]
-
-
-def report_json(report: ReleaseReport) -> str:
-    return json.dumps(report.to_dict(), indent=2, default=str)
