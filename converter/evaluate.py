@@ -161,13 +161,11 @@ def evaluate(
     device: str = "auto",
     dtype: str | None = None,
     progress: ProgressSink = NO_PROGRESS,
-    registry=None,
-    artifact_id: str | None = None,
 ) -> EvalResult:
     """Evaluate the model at ``path``: a qconv artifact or any folder ``qconv.load_model``
     loads, or a ``.gguf`` file (dequantized to its working dtype). ``kl`` compares with
-    ``source`` (default: the source recorded in the artifact's manifest). With ``registry`` and
-    ``artifact_id`` the metrics (ppl, nll, kl, top1) are recorded with their protocol."""
+    ``source`` (default: the source recorded in the artifact's manifest). Nothing is recorded
+    here: :meth:`qconv.Qconv.evaluate` records the metrics (ppl, nll, kl, top1) with the protocol."""
     path = Path(path).expanduser()
     _check_settings(seqlen, max_windows)
     if dtype is not None and dtype not in DTYPES:
@@ -197,11 +195,7 @@ def evaluate(
         totals, reference_model is not None, text, text_path, ids, windows, max_windows
     )
     protocol.update(_where(torch_device, model_dtype, reference))
-    result = EvalResult(str(path), metrics, protocol, artifact_id=artifact_id)
-    if registry is not None and artifact_id is not None:
-        registry.record_metrics(artifact_id, metrics, protocol)
-        result.recorded = True
-    return result
+    return EvalResult(str(path), metrics, protocol)
 
 
 def evaluate_source(

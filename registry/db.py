@@ -325,7 +325,7 @@ class Registry:
         (up to 12 hex digits), or the path of a recorded artifact folder (the newest artifact
         recorded there). A ``Path``, or text that is not hex or names an existing file or
         folder, is a path. Raises RegistryError, naming the candidates of an ambiguous prefix."""
-        if _is_path_ref(ref):
+        if is_path_ref(ref):
             ident = self._newest_at_path(ref)
             if ident is None:
                 raise RegistryError(f"{ref}: no artifact recorded at {absolute_path(ref)} in {self.path}")
@@ -489,7 +489,7 @@ def resolve_artifact(registry: Registry | None, ref: str | Path) -> ResolvedArti
     the id is unknown or ambiguous, when the folder is gone, or when the ``qconv.json`` there now
     describes another artifact (the folder was replaced, or deleted and written again); the stale
     row is never handed back as if it were the folder's artifact."""
-    if _is_path_ref(ref):
+    if is_path_ref(ref):
         path = Path(ref).expanduser()
         manifest = read_manifest(path)
         ident = _manifest_id(manifest, path)
@@ -536,7 +536,9 @@ def _manifest_id(manifest: dict[str, Any] | None, path: Path) -> str | None:
         return None
 
 
-def _is_path_ref(ref: str | Path) -> bool:
+def is_path_ref(ref: str | Path) -> bool:
+    """Whether a command's artifact argument names a path (a ``Path``, text that is not up to 12
+    hex digits, or names an existing file or folder) rather than an id or id prefix."""
     if isinstance(ref, Path):
         return True
     text = str(ref).strip()
