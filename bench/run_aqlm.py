@@ -13,7 +13,7 @@ resume   a conversion killed (SIGKILL) after ``--kill-after`` blocks and resumed
          uninterrupted one: every layer's error and the artifact bytes compared (GPU).
 smollm2  ``qconv.pipeline.convert`` of the SmolLM2 gguf on the GPU for 1x16 and 2x8, with and
          without block fine-tuning, end to end (calibration, quantization, writing, verify);
-         then wikitext-2 test perplexity (qconv/perplexity.py) through stock transformers +
+         then wikitext-2 test perplexity (qconv/evaluate.py) through stock transformers +
          aqlm when its CUDA kernels build here, else through qconv's dequantized reference
          (recorded as ``ppl_model``).
 
@@ -198,8 +198,8 @@ def timed_run(fn):
 
 def perplexity_of(folder: Path, text: str, max_windows: int | None, source_gguf: str) -> dict:
     from qconv.artifact import Artifact
+    from qconv.evaluate import perplexity, tokenize_text
     from qconv.loader import load_model
-    from qconv.perplexity import perplexity, tokenize_text
 
     device = torch.device("cuda")
     try:

@@ -1,6 +1,6 @@
 """EETQ benchmark (issue 6), run on the GPU machine; raw JSON goes to --out.
 
-wikitext-2 test perplexity (protocol: qconv/perplexity.py) of SmolLM2-135M-Instruct: bf16, and
+wikitext-2 test perplexity (protocol: qconv/evaluate.py) of SmolLM2-135M-Instruct: bf16, and
 qconv's EETQ int8 artifact (``qconv.pipeline.convert --method eetq`` on the device, verified,
 then run by ``qconv.load_model``: un-preprocessed once at load, weight-only int8, computing in
 bf16 and in fp16). FORMATS.md's anchors on the H100: bf16 21.61, bnb int8 22.02; EETQ
@@ -37,7 +37,7 @@ def run(device: str, gguf: Path, text: Path, work: Path, arch: str, max_windows:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import qconv
-    from qconv.perplexity import perplexity, tokenize_text
+    from qconv.evaluate import perplexity, tokenize_text
     from qconv.pipeline import convert
 
     folder = smollm2_folder(gguf, work / "smollm2-bf16")

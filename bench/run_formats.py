@@ -171,7 +171,7 @@ def case_reference(spec: str, device: str = "cuda") -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qconv.perplexity import perplexity, tokenize_text
+    from qconv.evaluate import perplexity, tokenize_text
 
     args = json.loads(spec)
     fmt = FORMATS[args["key"]]

@@ -5,7 +5,7 @@
              group 64, axis 1, bits 2/3/4/8, same run: throughput (source bytes / time, after a
              warm-up, with synchronisation, median of several) and reconstruction error at the
              precision each stores (hqq: its returned float16 scale/zero; qconv: float16).
-  smollm2    wikitext-2 test perplexity (protocol: qconv/perplexity.py) of SmolLM2-135M-Instruct:
+  smollm2    wikitext-2 test perplexity (protocol: qconv/evaluate.py) of SmolLM2-135M-Instruct:
              bf16; qconv's hqq artifacts 8/4/3/2-bit (``qconv.pipeline.convert`` on the GPU, run by
              ``qconv.load_model``); hqq's own ``AutoHQQHFModel.quantize_model`` at the same bits.
 
@@ -189,7 +189,7 @@ def part_smollm2(device: str, gguf: Path, text: Path, work: Path, max_windows: i
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import qconv
-    from qconv.perplexity import perplexity, tokenize_text
+    from qconv.evaluate import perplexity, tokenize_text
     from qconv.pipeline import convert
 
     folder = smollm2_folder(gguf, work / "smollm2-bf16")

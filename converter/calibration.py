@@ -45,9 +45,10 @@ CONTEXT_LENGTH_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_l
 
 
 def context_length(config) -> int | None:
-    """The most positions the architecture takes (None where its config does not say)."""
+    """The most positions the architecture takes (None where its config does not say), from a
+    transformers config or a config.json's dict: calibration and ``qconv eval`` both ask here."""
     for key in CONTEXT_LENGTH_KEYS:
-        value = getattr(config, key, None)
+        value = config.get(key) if isinstance(config, dict) else getattr(config, key, None)
         if isinstance(value, int) and value > 1:
             return value
     return None

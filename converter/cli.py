@@ -182,32 +182,40 @@ def fmt_size(n: int | None) -> str:
     return str(n)
 
 
-def render_verify(report_dict: dict, worst: int = 10) -> None:
-    checks = Table(title="verify", title_justify="left")
-    checks.add_column("check")
-    checks.add_column("result")
-    checks.add_column("detail", overflow="fold")
-    for check in report_dict["checks"]:
-        checks.add_row(
-            check["name"], "[green]pass[/]" if check["passed"] else "[red]FAIL[/]", check["detail"]
+def checks_table(checks: list[dict]) -> Table:
+    """A verify result's checks (``qconv convert``, ``verify`` and ``show`` draw the same table)."""
+    table = Table(title="verify", title_justify="left")
+    for column in ("check", "result", "detail"):
+        table.add_column(column, overflow="fold")
+    for check in checks:
+        result = "[green]pass[/]" if check["passed"] else "[red]FAIL[/]"
+        table.add_row(check["name"], result, check.get("detail", ""))
+    return table
+
+
+def layers_table(title: str, layers: list[tuple[str, dict]]) -> Table:
+    """Per-layer errors, in the order given (``qconv convert``, ``verify`` and ``show``)."""
+    table = Table(title=title, title_justify="left")
+    for column in ("layer", "shape", "rel error", "max abs", "SNR dB"):
+        table.add_column(column, justify="left" if column in ("layer", "shape") else "right")
+    for name, entry in layers:
+        table.add_row(
+            name,
+            "x".join(str(d) for d in entry.get("shape") or []),
+            fmt_float(entry["rel_error"]),
+            fmt_float(entry["max_abs"], ".4g"),
+            fmt_float(entry["snr_db"], ".1f"),
         )
-    stdout.print(checks)
+    return table
+
+
+def render_verify(report_dict: dict, worst: int = 10) -> None:
+    stdout.print(checks_table(report_dict["checks"]))
     layers = list(report_dict.get("layers", {}).items())
     if layers:
-        table = Table(
-            title=f"worst layers ({min(worst, len(layers))} of {len(layers)})", title_justify="left"
+        stdout.print(
+            layers_table(f"worst layers ({min(worst, len(layers))} of {len(layers)})", layers[:worst])
         )
-        for col in ("layer", "shape", "rel error", "max abs", "SNR dB"):
-            table.add_column(col, justify="left" if col in ("layer", "shape") else "right")
-        for name, e in layers[:worst]:
-            table.add_row(
-                name,
-                "x".join(str(d) for d in e.get("shape") or []),
-                fmt_float(e["rel_error"]),
-                fmt_float(e["max_abs"], ".4g"),
-                fmt_float(e["snr_db"], ".1f"),
-            )
-        stdout.print(table)
     stdout.print("[green]verified[/]" if report_dict["passed"] else "[red]verification FAILED[/]")
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from qconv.api import Qconv
 from qconv.cli import fmt_size, json_option, main, print_json, progress_bars, render_verify, stdout
 from qconv.errors import VerificationFailed
 from qconv.formats import all_formats, all_options
@@ -94,33 +95,23 @@ def convert(
     **method_kwargs,
 ):
     """Quantize SOURCE (a model folder or a .gguf file) into an artifact folder, or import an HQQ one."""
-    from qconv.pipeline import convert as run_convert
-    from qconv.registry import open_registry
-
     options = {k: v for k, v in method_kwargs.items() if k in all_options()}
-    registry = open_registry() if record else None
-    try:
-        with progress_bars() as progress:
-            result = run_convert(
-                source,
-                output,
-                method,
-                options,
-                skip=skip,
-                device=device,
-                dtype=dtype,
-                max_shard_size=max_shard_size,
-                force=force,
-                verify=verify,
-                logits=logits,
-                max_rel_error=max_rel_error,
-                resume=resume,
-                registry=registry,
-                progress=progress,
-            )
-    finally:
-        if registry is not None:
-            registry.close()
+    with progress_bars() as progress, Qconv(device=device, progress=progress) as api:
+        result = api.convert(
+            source,
+            output,
+            method,
+            options,
+            skip=skip,
+            dtype=dtype,
+            max_shard_size=max_shard_size,
+            force=force,
+            verify=verify,
+            logits=logits,
+            max_rel_error=max_rel_error,
+            resume=resume,
+            record=record,
+        )
     report = result.report.to_dict() if result.report else None
     if report:
         report["path"] = str(result.path)
@@ -166,22 +157,9 @@ def convert(
 def verify(ref, source, device, max_rel_error, logits, as_json):
     """Check an artifact (registry id, id prefix, or folder): file hashes, every layer's error,
     and the real loader's logits."""
-    from qconv.registry import open_registry, resolve_artifact
-    from qconv.verify import run_verify
-
     # the result is stored on the artifact's registry row, when it has one
-    with open_registry() as registry, progress_bars() as progress:
-        artifact = resolve_artifact(registry, ref)
-        report = run_verify(
-            artifact.path,
-            source,
-            device=device,
-            max_rel_error=max_rel_error,
-            logits=logits,
-            progress=progress,
-            registry=registry,
-            artifact_id=artifact.id,
-        )
+    with progress_bars() as progress, Qconv(device=device, progress=progress) as api:
+        report = api.verify(ref, source=source, max_rel_error=max_rel_error, logits=logits)
     document = report.to_dict()
     if as_json:
         print_json(document)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from qconv.api import Qconv
 from qconv.cli import json_option, main, print_json, progress_bars, stderr, stdout
 from qconv.cli_convert import device_option
 
@@ -28,27 +29,12 @@ from qconv.cli_convert import device_option
 def evaluate(ref, text, seqlen, max_windows, kl, source, device, dtype, as_json):
     """Perplexity of an artifact (registry id, id prefix, or folder; or a .gguf file) on a text:
     non-overlapping windows, mean NLL, exp. Recorded in the registry's metrics with the protocol."""
-    from qconv.evaluate import evaluate as run_eval
-    from qconv.registry import open_registry, resolve_artifact
-
     _quiet_loading_bars()
 
-    with open_registry() as registry:
-        artifact = resolve_artifact(registry, ref)
-        with progress_bars() as progress:
-            result = run_eval(
-                artifact.path,
-                text=text,
-                seqlen=seqlen,
-                max_windows=max_windows,
-                kl=kl,
-                source=source,
-                device=device,
-                dtype=dtype,
-                progress=progress,
-                registry=registry,
-                artifact_id=artifact.id,
-            )
+    with progress_bars() as progress, Qconv(device=device, progress=progress) as api:
+        result = api.evaluate(
+            ref, text=text, seqlen=seqlen, max_windows=max_windows, kl=kl, source=source, dtype=dtype
+        )
     if as_json:
         print_json(result.to_dict())
     else:

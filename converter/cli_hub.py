@@ -8,8 +8,10 @@ from pathlib import Path
 import click
 from rich.table import Table
 
+from qconv.api import Qconv
 from qconv.cli import fmt_float, fmt_size, json_option, main, print_json, stdout
 from qconv.errors import VerificationFailed
+from qconv.release import load_plan
 
 
 def quiet_hub_client() -> None:
@@ -34,20 +36,9 @@ def push(artifact, repo, private, revision, dry_run, force, as_json):
 
     Pushing the same artifact again makes no commit. The token comes from HF_TOKEN or
     huggingface_hub's login and is never stored or printed."""
-    from qconv.hub import push as run_push
-    from qconv.registry import open_registry
-
     quiet_hub_client()
-    with open_registry() as registry:
-        result = run_push(
-            artifact,
-            repo,
-            registry=registry,
-            revision=revision,
-            private=private,
-            dry_run=dry_run,
-            force=force,
-        )
+    with Qconv() as api:
+        result = api.push(artifact, repo, revision=revision, private=private, dry_run=dry_run, force=force)
     document = result.to_dict()
     if as_json:
         if dry_run:
@@ -85,10 +76,6 @@ def release(plan, dry_run, as_json):
 
     Entries already released are skipped; a failing entry is reported and the others go on;
     running the plan again resumes. Exit 1 when an entry failed."""
-    from qconv.registry import open_registry
-    from qconv.release import load_plan
-    from qconv.release import release as run_release
-
     quiet_hub_client()
     release_plan = load_plan(plan)
 
@@ -98,8 +85,8 @@ def release(plan, dry_run, as_json):
                 f"{result.label}: {result.status}" + (f" ({result.message})" if result.message else "")
             )
 
-    with open_registry() as registry:
-        report = run_release(release_plan, registry=registry, dry_run=dry_run, on_entry=progress)
+    with Qconv() as api:
+        report = api.release(release_plan, dry_run=dry_run, on_entry=progress)
     if as_json:
         print_json(report.to_dict())
     else:

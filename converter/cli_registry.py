@@ -1,7 +1,7 @@
 """``qconv ls``, ``qconv show`` and ``qconv rm``: what the registry knows.
 
 Every command that takes an artifact takes an id, a unique id prefix or the artifact's folder
-(``qconv.registry.resolve_artifact``).
+(``qconv.registry.resolve_artifact``, through ``qconv.Qconv``).
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import json
 import click
 from rich.table import Table
 
-from qconv.cli import fmt_float, fmt_size, json_option, main, print_json, stdout
+from qconv.api import Qconv
+from qconv.cli import checks_table, fmt_float, fmt_size, json_option, layers_table, main, print_json, stdout
 from qconv.formats import all_formats
 
 SORT_CHOICES = ("created", "size", "bits", "error", "ppl", "method", "base")
@@ -35,10 +36,8 @@ SORT_CHOICES = ("created", "size", "bits", "error", "ppl", "method", "base")
 @json_option
 def list_artifacts(method, bits, base, pushed, sort, reverse, as_json):
     """List recorded artifacts, newest first."""
-    from qconv.registry import open_registry
-
-    with open_registry() as registry:
-        rows = registry.list_artifacts(
+    with Qconv() as api:
+        rows = api.registry.list_artifacts(
             method=method, bits=bits, base=base, pushed=pushed, sort=sort, reverse=reverse
         )
     if as_json:
@@ -83,10 +82,8 @@ def list_artifacts(method, bits, base, pushed, sort, reverse, as_json):
 @json_option
 def show(ref, all_layers, as_json):
     """Everything recorded about one artifact: provenance, metrics, pushes and its files."""
-    from qconv.registry import open_registry
-
-    with open_registry() as registry:
-        record = registry.get_artifact(registry.resolve(ref)["id"])
+    with Qconv() as api:
+        record = api.registry.get_artifact(api.registry.resolve(ref)["id"])
     if as_json:
         print_json(record)
         return
@@ -104,10 +101,8 @@ def show(ref, all_layers, as_json):
 @json_option
 def remove(ref, delete_files, as_json):
     """Remove an artifact from the registry (its metrics and pushes too)."""
-    from qconv.registry import open_registry
-
-    with open_registry() as registry:
-        result = registry.remove_artifact(ref, delete_files=delete_files)
+    with Qconv() as api:
+        result = api.registry.remove_artifact(ref, delete_files=delete_files)
     if as_json:
         print_json(result)
         return
@@ -194,13 +189,7 @@ def _render_record(record: dict, all_layers: bool) -> None:
         stdout.print(_fields("left unquantized", record["skipped"].items()))
     verify = record["verify"]
     if isinstance(verify, dict):
-        checks = Table(title="verify", title_justify="left")
-        for column in ("check", "result", "detail"):
-            checks.add_column(column, overflow="fold")
-        for check in verify.get("checks", []):
-            result = "[green]pass[/]" if check["passed"] else "[red]FAIL[/]"
-            checks.add_row(check["name"], result, check.get("detail", ""))
-        stdout.print(checks)
+        stdout.print(checks_table(verify.get("checks", [])))
     else:
         stdout.print("[bold]verify[/]  never verified")
     if record["metrics"]:
@@ -241,16 +230,5 @@ def _render_record(record: dict, all_layers: bool) -> None:
     )
     if layers:
         shown = layers if all_layers else layers[:10]
-        table = Table(title=f"layers ({len(shown)} of {len(layers)}, worst first)", title_justify="left")
-        for column in ("layer", "shape", "rel error", "max abs", "SNR dB"):
-            table.add_column(column, justify="left" if column in ("layer", "shape") else "right")
-        for name, entry in shown:
-            table.add_row(
-                name,
-                "x".join(str(d) for d in entry.get("shape") or []),
-                fmt_float(entry["rel_error"]),
-                fmt_float(entry["max_abs"], ".4g"),
-                fmt_float(entry["snr_db"], ".1f"),
-            )
-        stdout.print(table)
+        stdout.print(layers_table(f"layers ({len(shown)} of {len(layers)}, worst first)", shown))
     stdout.print(_file_table(f"files ({len(record['files'])})", record["files"]))

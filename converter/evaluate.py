@@ -1,32 +1,45 @@
-"""``qconv eval``: perplexity of an artifact on a text, and optionally how far its next-token
-distribution moved from the source model's, by the protocol of :mod:`qconv.perplexity`.
+"""Measuring a model on a text: the one evaluation path of ``qconv eval``, ``qconv release``
+and the benchmarks.
+
+The protocol is the one the GPTQ, AQLM and HQQ papers report (shared/data/README.md): tokenize the
+whole text once, cut it into non-overlapping windows of ``seqlen`` tokens (the remainder dropped),
+average the negative log-likelihood of every predicted token (``seqlen - 1`` a window), exp. The
+protocol travels with every number, since others give other values.
 
 Default text: WikiText-2's test split, shipped in ``qconv/data`` (its attribution beside it).
-Tokenized once, cut into non-overlapping windows of ``seqlen`` tokens (remainder dropped); the
-mean negative log-likelihood over every predicted token, exp. With ``kl`` the source model runs
-on the same windows, one window at a time (never all logits in memory): KL(source || artifact)
-per predicted token, averaged, and how often both put the same token first. Both models compute
-in the same dtype (the artifact's), so the KL measures the quantization, not the arithmetic.
+With ``kl`` the source model runs on the same windows, one window at a time (never all logits in
+memory): KL(source || artifact) per predicted token, averaged, and how often both put the same
+token first. Both models compute in the same dtype (the artifact's), so the KL measures the
+quantization, not the arithmetic.
+
+Metric names, as the registry records them: ``ppl``, ``nll``, ``kl``, ``top1`` for the model
+measured; ``qconv release`` adds ``ppl_source`` and ``nll_source``, the source's on the same
+windows, which its gate compares with.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from qconv.calibration import context_length
+from qconv.environment import resolve_device, resolve_dtype
 from qconv.errors import ArtifactError, UsageError
-from qconv.files import WORKING_DTYPES as DTYPES
-from qconv.files import sha256_file
+from qconv.files import WORKING_DTYPES, sha256_file
+from qconv.loader import load_model
 from qconv.manifest import is_artifact, read_manifest
-from qconv.perplexity import PROTOCOL, nll_sum, tokenize_text, windows_of
 from qconv.progress import NO_PROGRESS, ProgressSink
+from qconv.sources import open_source
+from qconv.verify import next_token_divergence, source_model
 from qconv.version import __version__
 
+PROTOCOL = "non-overlapping windows, remainder dropped, mean NLL over window-1 predicted tokens each"
 DEFAULT_TEXT = "wikitext2-test.txt"
 DEFAULT_DATASET = "wikitext-2-raw-v1 test"
 DEFAULT_SEQLEN = 2048
@@ -37,6 +50,87 @@ def default_text() -> Path:
     return Path(str(resources.files("qconv") / "data" / DEFAULT_TEXT))
 
 
+# -- the protocol -------------------------------------------------------------------------------
+def tokenize_text(tokenizer, path: str | Path) -> torch.Tensor:
+    """The whole text as one 1-D tensor of token ids (no special tokens added)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path}: cannot read the evaluation text ({exc})") from None
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def windows_of(ids: torch.Tensor, window: int, max_windows: int | None = None) -> torch.Tensor:
+    """``ids`` (1-D) cut into non-overlapping windows of ``window`` tokens, remainder dropped:
+    a (count, window) view; at most ``max_windows`` of them."""
+    if window < 2:
+        raise UsageError("the window must hold at least 2 tokens")
+    if max_windows is not None and max_windows < 1:
+        raise UsageError("--max-windows must be at least 1")
+    count = ids.numel() // window
+    if count == 0:
+        raise UsageError(f"the text has {ids.numel()} tokens, fewer than one window of {window}")
+    if max_windows is not None:
+        count = min(count, max_windows)
+    return ids[: count * window].view(count, window)
+
+
+def nll_sum(logits: torch.Tensor, tokens: torch.Tensor) -> float:
+    """Summed negative log-likelihood of ``tokens[1:]`` under ``logits[:-1]`` (one window)."""
+    return torch.nn.functional.cross_entropy(logits[:-1].float(), tokens[1:], reduction="sum").item()
+
+
+@torch.inference_mode()
+def measure_windows(
+    model, windows: torch.Tensor, device, reference_model=None, progress: ProgressSink = NO_PROGRESS
+) -> dict[str, float]:
+    """The one loop over the windows: summed NLL of ``model``, and with ``reference_model`` the
+    summed KL(reference || model) and same-top-1 count (see :func:`next_token_divergence`)."""
+    count = windows.shape[0]
+    totals = {"nll": 0.0, "kl": 0.0, "top1": 0.0}
+    progress.start("eval", count, "windows")
+    try:
+        for index in range(count):
+            tokens = windows[index : index + 1].to(device)
+            logits = model(input_ids=tokens).logits[0].float()
+            totals["nll"] += nll_sum(logits, tokens[0])
+            if reference_model is not None:
+                reference_logits = reference_model(input_ids=tokens).logits[0, :-1].float()
+                kl, same_top1 = next_token_divergence(reference_logits, logits[:-1])
+                totals["kl"] += kl
+                totals["top1"] += same_top1
+                del reference_logits
+            del logits
+            progress.advance("eval")
+    finally:
+        progress.finish("eval")
+    return totals
+
+
+def perplexity(
+    model, ids: torch.Tensor, window: int = DEFAULT_SEQLEN, max_windows: int | None = None, progress=None
+) -> dict:
+    """Perplexity of an in-memory ``model`` on ``ids`` (1-D) by the protocol above, on the device
+    of its parameters (for models built elsewhere: the benchmarks' reference paths)."""
+    windows = windows_of(ids, window, max_windows)
+    device = next(model.parameters()).device
+    totals = measure_windows(model, windows, device, progress=progress or NO_PROGRESS)
+    count = windows.shape[0]
+    predicted = count * (window - 1)
+    nll = totals["nll"] / predicted
+    return {
+        "ppl": math.exp(nll),
+        "nll": nll,
+        "window": window,
+        "windows": count,
+        "predicted_tokens": predicted,
+        "tokens_total": int(ids.numel()),
+        "protocol": PROTOCOL,
+    }
+
+
+# -- a model on disk ----------------------------------------------------------------------------
 @dataclass
 class EvalResult:
     path: str
@@ -44,7 +138,6 @@ class EvalResult:
     protocol: dict[str, Any]
     artifact_id: str | None = None
     recorded: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -67,20 +160,13 @@ def evaluate(
     device: str = "auto",
     dtype: str | None = None,
     progress: ProgressSink = NO_PROGRESS,
-    registry=None,
-    artifact_id: str | None = None,
 ) -> EvalResult:
     """Evaluate the model at ``path``: a qconv artifact or any folder ``qconv.load_model``
     loads, or a ``.gguf`` file (dequantized to its working dtype). ``kl`` compares with
-    ``source`` (default: the source recorded in the artifact's manifest). With ``registry`` and
-    ``artifact_id`` the metrics (ppl, nll, kl, top1) are recorded with their protocol."""
-    from qconv.environment import resolve_device, resolve_dtype
-
+    ``source`` (default: the source recorded in the artifact's manifest). Nothing is recorded
+    here: :meth:`qconv.Qconv.evaluate` records the metrics (ppl, nll, kl, top1) with the protocol."""
     path = Path(path).expanduser()
-    if seqlen < 2:
-        raise UsageError("--seqlen must be at least 2")
-    if max_windows is not None and max_windows < 1:
-        raise UsageError("--max-windows must be at least 1")
+    _check_settings(seqlen, max_windows)
     resolve_dtype(dtype, allow_auto=False)
     is_gguf = path.is_file() and path.suffix == ".gguf"
     if not is_gguf and not path.is_dir():
@@ -89,80 +175,110 @@ def evaluate(
     reference = _reference(path, manifest, source) if kl else None
     torch_device = resolve_device(device)
 
-    text_path = Path(text).expanduser() if text is not None else default_text()
-    tokenizer = _tokenizer(path, is_gguf)
-    ids = tokenize_text(tokenizer, text_path)
-    windows = windows_of(ids, seqlen, max_windows)  # fails before any model is loaded
-    context = _context_length(path, is_gguf)
-    if context is not None and seqlen > context:
-        raise UsageError(f"--seqlen {seqlen} is longer than the model's context ({context} positions)")
+    text_path, ids, windows = _windows(path, text, seqlen, max_windows)  # before any model is loaded
+    _check_context(seqlen, _config(path, is_gguf))
 
     model = _load(path, is_gguf, torch_device, dtype)
     model_dtype = model.dtype
     reference_model = None
     if reference is not None:
-        from qconv.sources import open_source
-        from qconv.verify import source_model
-
         # the weights rounded to the artifact's working dtype, as the quantizer was fed them
-        recipe_dtype = DTYPES.get((manifest or {}).get("recipe", {}).get("dtype"))
+        recipe_dtype = WORKING_DTYPES.get((manifest or {}).get("recipe", {}).get("dtype"))
         with open_source(reference) as opened:
             working = recipe_dtype or opened.default_dtype()
             reference_model = _in_dtype(source_model(opened, torch_device, working), model_dtype)
 
-    totals = _run(model, reference_model, windows, torch_device, progress)
-    count = windows.shape[0]
+    totals = measure_windows(model, windows, torch_device, reference_model, progress)
+    metrics, protocol = _results(
+        totals, reference_model is not None, text, text_path, ids, windows, max_windows
+    )
+    protocol.update(_where(torch_device, model_dtype, reference))
+    return EvalResult(str(path), metrics, protocol)
+
+
+def evaluate_source(
+    ref: str,
+    *,
+    tokenizer_from: str | Path,
+    working_dtype: str,
+    text: str | Path | None = None,
+    seqlen: int = DEFAULT_SEQLEN,
+    max_windows: int | None = None,
+    device: str = "auto",
+    progress: ProgressSink = NO_PROGRESS,
+) -> EvalResult:
+    """Perplexity of the source model ``ref`` (any source qconv converts from: a folder, a
+    ``.gguf``, a Hub id) by the same protocol, on the windows the tokenizer at ``tokenizer_from``
+    (an artifact converted from it) makes of ``text``: its weights rounded to ``working_dtype``
+    and computing in it, as an artifact converted in that dtype does. Metrics ``ppl``, ``nll``;
+    the protocol's ``reference`` names the source."""
+    _check_settings(seqlen, max_windows)
+    if working_dtype not in WORKING_DTYPES:
+        raise UsageError(f"the working dtype {working_dtype!r} is not one of {', '.join(WORKING_DTYPES)}")
+    torch_device = resolve_device(device)
+    folder = Path(tokenizer_from).expanduser()
+    text_path, ids, windows = _windows(folder, text, seqlen, max_windows)
+    with open_source(ref) as opened:
+        _check_context(seqlen, opened.config_dict())
+        working = WORKING_DTYPES[working_dtype]
+        model = _in_dtype(source_model(opened, torch_device, working), working)
+    totals = measure_windows(model, windows, torch_device, None, progress)
+    metrics, protocol = _results(totals, False, text, text_path, ids, windows, max_windows)
+    protocol.update(_where(torch_device, working, ref))
+    return EvalResult(ref, metrics, protocol)
+
+
+def _check_settings(seqlen: int, max_windows: int | None) -> None:
+    if seqlen < 2:
+        raise UsageError("--seqlen must be at least 2")
+    if max_windows is not None and max_windows < 1:
+        raise UsageError("--max-windows must be at least 1")
+
+
+def _windows(tokenizer_at: Path, text, seqlen: int, max_windows: int | None):
+    """(the text's path, all its token ids, the windows measured)."""
+    text_path = Path(text).expanduser() if text is not None else default_text()
+    is_gguf = tokenizer_at.is_file() and tokenizer_at.suffix == ".gguf"
+    ids = tokenize_text(_tokenizer(tokenizer_at, is_gguf), text_path)
+    return text_path, ids, windows_of(ids, seqlen, max_windows)
+
+
+def _check_context(seqlen: int, config: dict | None) -> None:
+    context = context_length(config) if config is not None else None
+    if context is not None and seqlen > context:
+        raise UsageError(f"--seqlen {seqlen} is longer than the model's context ({context} positions)")
+
+
+def _results(totals: dict, with_reference: bool, text, text_path: Path, ids, windows, max_windows):
+    """(metrics, protocol) from the loop's sums."""
+    count, seqlen = windows.shape
     predicted = count * (seqlen - 1)
     nll = totals["nll"] / predicted
     metrics = {"ppl": math.exp(nll), "nll": nll}
-    if reference_model is not None:
+    if with_reference:
         metrics["kl"] = totals["kl"] / predicted
         metrics["top1"] = totals["top1"] / predicted
     protocol = {
         "dataset": DEFAULT_DATASET if text is None else text_path.name,
-        "dataset_sha256": _sha256(text_path),
+        "dataset_sha256": sha256_file(text_path),
         "seqlen": seqlen,
         "windows": count,
         "tokens": predicted,
         "tokens_total": int(ids.numel()),
         "max_windows": max_windows,
+    }
+    return metrics, protocol
+
+
+def _where(device: torch.device, dtype: torch.dtype, reference: str | None) -> dict[str, Any]:
+    return {
         "protocol": PROTOCOL,
-        "device": str(torch_device),
-        "gpu": torch.cuda.get_device_name(torch_device) if torch_device.type == "cuda" else None,
-        "dtype": str(model_dtype).removeprefix("torch."),
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "dtype": str(dtype).removeprefix("torch."),
         "reference": reference,
         "qconv": __version__,
     }
-    result = EvalResult(str(path), metrics, protocol, artifact_id=artifact_id)
-    if registry is not None and artifact_id is not None:
-        registry.record_metrics(artifact_id, metrics, protocol)
-        result.recorded = True
-    return result
-
-
-@torch.inference_mode()
-def _run(model, reference_model, windows: torch.Tensor, device, progress: ProgressSink) -> dict[str, float]:
-    count = windows.shape[0]
-    totals = {"nll": 0.0, "kl": 0.0, "top1": 0.0}
-    progress.start("eval", count, "windows")
-    try:
-        for index in range(count):
-            tokens = windows[index : index + 1].to(device)
-            logits = model(input_ids=tokens).logits[0].float()
-            totals["nll"] += nll_sum(logits, tokens[0])
-            if reference_model is not None:
-                logits = logits[:-1]  # the predicting positions
-                ref_logits = reference_model(input_ids=tokens).logits[0, :-1].float()
-                log_p = torch.log_softmax(ref_logits, dim=-1)
-                log_q = torch.log_softmax(logits, dim=-1)
-                totals["kl"] += (log_p.exp() * (log_p - log_q)).sum().item()
-                totals["top1"] += (ref_logits.argmax(-1) == logits.argmax(-1)).sum().item()
-                del ref_logits, log_p, log_q
-            del logits
-            progress.advance("eval")
-    finally:
-        progress.finish("eval")
-    return totals
 
 
 def _manifest(folder: Path) -> dict | None:
@@ -186,6 +302,7 @@ def _reference(path: Path, manifest: dict | None, source: str | None) -> str:
 
 
 def _tokenizer(path: Path, is_gguf: bool):
+    # transformers' tokenizer machinery is a heavy import: only when a text is tokenized
     from transformers import AutoTokenizer
 
     try:
@@ -197,33 +314,22 @@ def _tokenizer(path: Path, is_gguf: bool):
         raise ArtifactError(f"{path}: no usable tokenizer ({detail})") from None
 
 
-def _context_length(path: Path, is_gguf: bool) -> int | None:
-    import json
-
+def _config(path: Path, is_gguf: bool) -> dict | None:
+    """The model's config as a dict (None when it cannot be read: the context is then not checked)."""
     try:
         if is_gguf:
-            from qconv.sources import open_source
-
             with open_source(path) as source:
-                config = source.config_dict()
-        else:
-            config = json.loads((path / "config.json").read_text())
+                return source.config_dict()
+        return json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
         return None
-    value = config.get("max_position_embeddings")
-    return value if isinstance(value, int) and value > 0 else None
 
 
 def _load(path: Path, is_gguf: bool, device: torch.device, dtype: str | None):
     if is_gguf:
-        from qconv.sources import open_source
-        from qconv.verify import source_model
-
         with open_source(path) as source:
-            working = DTYPES[dtype] if dtype else source.default_dtype()
+            working = WORKING_DTYPES[dtype] if dtype else source.default_dtype()
             return _in_dtype(source_model(source, device, working), working)
-    from qconv.loader import load_model
-
     return load_model(path, device=str(device), dtype=dtype)
 
 
@@ -234,7 +340,3 @@ def _in_dtype(model, dtype: torch.dtype):
     for parameter in model.parameters():
         parameter.data = parameter.data.to(dtype)
     return model
-
-
-def _sha256(path: Path) -> str:
-    return sha256_file(path)

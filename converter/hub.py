@@ -24,15 +24,16 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from qconv.artifact import Artifact
-from qconv.errors import ArtifactError, HubError, NotVerifiedError, RegistryError, UsageError
+from qconv.errors import ArtifactError, HubError, NotVerifiedError, UsageError
 from qconv.files import sha256_file
 from qconv.manifest import MANIFEST_NAME, base_model_name
 from qconv.model_card import hub_model_card
+from qconv.registry import ResolvedArtifact, resolve_artifact
 
 RETRY_ATTEMPTS = 4
 RETRY_BACKOFF_S = 2.0  # doubled after each failed attempt
@@ -83,49 +84,6 @@ class PushResult:
         }
 
 
-@dataclass
-class ResolvedArtifact:
-    artifact_id: str | None  # None: a folder the registry does not know (yet)
-    folder: Path
-    manifest: dict[str, Any]
-    verified: bool | None  # the latest verify result: the registry's, else the manifest's
-
-
-def resolve_artifact(registry, ref: str | Path) -> ResolvedArtifact:
-    """An artifact by folder path or by registry id (or a unique prefix of one)."""
-    from qconv.registry import artifact_id
-
-    path = Path(ref).expanduser()
-    if path.is_dir():
-        artifact = Artifact(path)
-        manifest = artifact.manifest
-        ident = artifact_id(manifest, path)
-        row = _registry_row(registry, ident)
-    else:
-        if registry is None:
-            raise ArtifactError(f"{ref}: no such artifact folder")
-        try:
-            row = registry.get_artifact(str(ref))
-        except RegistryError as exc:
-            raise ArtifactError(f"{ref}: not an artifact folder nor a recorded id ({exc})") from None
-        ident, path = row["id"], Path(row["path"])
-        if not path.is_dir():
-            raise ArtifactError(f"{ref}: recorded at {path}, which no longer exists")
-        manifest = Artifact(path).manifest
-    verify = manifest.get("verify") or {}
-    verified = row["verified"] if row is not None else verify.get("passed")
-    return ResolvedArtifact(ident if row is not None else None, path, manifest, verified)
-
-
-def _registry_row(registry, ident: str) -> dict | None:
-    if registry is None:
-        return None
-    try:
-        return registry.get_artifact(ident)
-    except RegistryError:
-        return None
-
-
 def hub_token() -> str:
     """``HF_TOKEN``, else huggingface_hub's stored login."""
     from huggingface_hub import get_token
@@ -143,13 +101,13 @@ def upload_files(resolved: ResolvedArtifact) -> list[UploadFile]:
     for name, entry in sorted(resolved.manifest.get("files", {}).items()):
         if name in (CARD_NAME, MANIFEST_NAME):
             continue
-        path = resolved.folder / name
+        path = resolved.path / name
         if not path.is_file():
             raise ArtifactError(f"{path}: listed in the manifest but missing")
         if path.stat().st_size != entry["size"]:
             raise ArtifactError(f"{path}: size differs from the manifest (run qconv verify)")
         out.append(UploadFile(name, path, entry["size"], entry["sha256"]))
-    manifest_path = resolved.folder / MANIFEST_NAME
+    manifest_path = resolved.path / MANIFEST_NAME
     out.append(
         UploadFile(MANIFEST_NAME, manifest_path, manifest_path.stat().st_size, sha256_file(manifest_path))
     )
@@ -177,13 +135,15 @@ def push(
     if not BRANCH.fullmatch(revision or ""):
         raise UsageError(f"--revision {revision!r}: not a branch name")
     resolved = resolve_artifact(registry, ref)
+    # the manifest checked as an artifact's (ArtifactError names the folder and what is wrong)
+    resolved = replace(resolved, manifest=Artifact(resolved.path).manifest)
     if resolved.verified is not True and not force:
         state = "failed verification" if resolved.verified is False else "was never verified"
         raise NotVerifiedError(
-            f"{resolved.folder}: the artifact {state}; run qconv verify, or push anyway with --force"
+            f"{resolved.path}: the artifact {state}; run qconv verify, or push anyway with --force"
         )
-    if metrics is None and resolved.artifact_id is not None:
-        metrics = registry.get_artifact(resolved.artifact_id).get("metrics", [])
+    if metrics is None and resolved.id is not None:
+        metrics = registry.get_artifact(resolved.id).get("metrics", [])
     card = hub_model_card(resolved.manifest, metrics or [], repo=repo)
     files = upload_files(resolved)
     card_bytes = card.encode("utf-8")
@@ -192,16 +152,16 @@ def push(
         {"name": CARD_NAME, "size": len(card_bytes), "sha256": hashlib.sha256(card_bytes).hexdigest()}
     )
     listing.sort(key=lambda f: f["name"])
-    result = PushResult(resolved.artifact_id, resolved.folder, repo, revision, "dry-run", listing, card)
+    result = PushResult(resolved.id, resolved.path, repo, revision, "dry-run", listing, card)
     if dry_run:
         return result
 
     token = token or hub_token()
-    with _staging(resolved.folder, files, card_bytes) as staging:
+    with _staging(resolved.path, files, card_bytes) as staging:
         _upload(result, staging, files, card_bytes, private, token, _commit_message(resolved))
     if registry is not None:
         if result.artifact_id is None:
-            result.artifact_id = registry.record_artifact(resolved.manifest, resolved.folder)
+            result.artifact_id = registry.record_artifact(resolved.manifest, resolved.path)
         result.recorded = _record(registry, result)
     return result
 
@@ -293,7 +253,7 @@ def _upload(
                 repo_type="model",
             )
         except Exception as exc:  # noqa: BLE001 - classified below; anything else is re-raised
-            if not _retryable(exc) or attempt == RETRY_ATTEMPTS:
+            if not is_retryable(exc) or attempt == RETRY_ATTEMPTS:
                 raise HubError(_describe(exc, result.repo, token, attempt)) from None
             result.errors.append(_describe(exc, result.repo, token, attempt))
             failed_before = True
@@ -351,8 +311,9 @@ def _status(exc: BaseException) -> int | None:
     return getattr(response, "status_code", None)
 
 
-def _retryable(exc: BaseException) -> bool:
-    """HTTP 5xx and conflicts, and transport failures (a dropped connection, a timeout) from
+def is_retryable(exc: BaseException) -> bool:
+    """Whether a Hub request failed in a way worth retrying (for a download, worth calling a
+    network fault rather than a refusal): HTTP 5xx and conflicts, and transport failures (a dropped connection, a timeout) from
     whichever HTTP library this huggingface_hub uses (httpx in 1.x, httpx2 in 2.x)."""
     status = _status(exc)
     if status is not None:

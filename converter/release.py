@@ -14,17 +14,22 @@ The source is opened once and pinned: a Hub base is resolved to one commit for e
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from qconv.errors import QconvError, UsageError
+from qconv.evaluate import DEFAULT_SEQLEN, EvalResult, evaluate, evaluate_source
 from qconv.formats import get_format
+from qconv.hub import push
+from qconv.pipeline import convert
+from qconv.source_hub import parse_hub_ref
+from qconv.sources import open_source
 
 ENTRY_KEYS = {"label", "method", "options", "skip", "gates"}
 GATE_KEYS = {"max_layer_error", "max_ppl_increase"}
-EVAL_DEFAULTS = {"text": None, "seqlen": 2048, "max_windows": 8}
+# text None: the WikiText-2 test text shipped with qconv, as `qconv eval` measures by default
+EVAL_DEFAULTS = {"text": None, "seqlen": DEFAULT_SEQLEN, "max_windows": 8}
 
 
 @dataclass
@@ -195,8 +200,6 @@ def _gates(raw: Any, where: str) -> dict[str, float]:
 
 
 def base_name_of(base: str) -> str:
-    from qconv.source_hub import parse_hub_ref
-
     hub = parse_hub_ref(base) if not Path(base).exists() else None
     if hub is not None:
         return hub[0].split("/")[-1]
@@ -207,8 +210,6 @@ def base_name_of(base: str) -> str:
 # -- running it -------------------------------------------------------------------------------
 def release(plan: ReleasePlan, *, registry, dry_run: bool = False, on_entry=None) -> ReleaseReport:
     """Run every entry of ``plan``; ``on_entry(result)`` is called as each one ends."""
-    from qconv.sources import open_source
-
     with open_source(plan.base) as source:
         kind, revision = source.kind, source.revision
         source_files = source.file_hashes()
@@ -234,9 +235,6 @@ def release(plan: ReleasePlan, *, registry, dry_run: bool = False, on_entry=None
 
 
 def _run_entry(plan, entry, result, registry, source_files, convert_ref, evaluator, dry_run) -> None:
-    from qconv.hub import push
-    from qconv.pipeline import convert
-
     result.stage = "plan"
     fmt = get_format(entry.method)
     made = fmt.make_recipe(dict(entry.options))
@@ -291,11 +289,16 @@ def _run_entry(plan, entry, result, registry, source_files, convert_ref, evaluat
         raise QconvError(f"worst layer error {worst:.4g} > max_layer_error {limit:g}")
 
     result.stage = "eval"
-    metrics = evaluator.metrics(result.path, manifest)
-    result.ppl, result.ppl_source = metrics["perplexity"], metrics["perplexity_source"]
-    result.ppl_increase = metrics["perplexity_increase"]
-    rows = evaluator.metric_rows(metrics)
-    _record_metrics(registry, result.artifact_id, rows)
+    measured, source = evaluator.measure(result.path, manifest)
+    result.ppl, result.ppl_source = measured.metrics["ppl"], source.metrics["ppl"]
+    result.ppl_increase = result.ppl / result.ppl_source - 1
+    registry.record_metrics(result.artifact_id, measured.metrics, measured.protocol)
+    registry.record_metrics(result.artifact_id, source_metrics(source), source.protocol)
+    # the card shows the two perplexities the gate compared
+    rows = [
+        {"name": "ppl", "value": result.ppl, "protocol": measured.protocol},
+        {"name": "ppl_source", "value": result.ppl_source, "protocol": source.protocol},
+    ]
 
     result.stage = "gate"
     limit = entry.gates.get("max_ppl_increase")
@@ -335,89 +338,30 @@ def _find(registry, entry: Entry, made: dict, source_files: dict, revision: str)
     return released, reusable
 
 
-def _record_metrics(registry, artifact_id: str, rows: list[dict]) -> None:
-    """Into the registry's metrics table, once ``Registry.record_metric`` exists (qconv eval's
-    branch adds it); the card gets the same rows either way."""
-    record_metric = getattr(registry, "record_metric", None)
-    if record_metric is None:
-        return
-    for row in rows:
-        record_metric(artifact_id, row["name"], row["value"], row["protocol"])
-
-
 class Evaluator:
-    """Perplexity of an artifact and of the source on the same token ids (the source's once).
-    The one place to swap for ``qconv eval``'s library call."""
+    """``qconv eval``'s measurement (:mod:`qconv.evaluate`) of each artifact, and of the source on
+    the same windows in the artifact's working dtype (once a dtype: the entries share it)."""
 
     def __init__(self, plan: ReleasePlan, source_ref: str):
         self.plan, self.source_ref = plan, source_ref
-        self._ids = None
-        self._source_ppl: dict[str, float] = {}
+        self._source: dict[str, EvalResult] = {}
 
-    def _token_ids(self, folder: str, vocab_size: int):
-        import torch
-
-        if self._ids is None:
-            settings = self.plan.eval
-            if settings["text"]:
-                from transformers import AutoTokenizer
-
-                from qconv.perplexity import tokenize_text
-
-                self._ids = tokenize_text(AutoTokenizer.from_pretrained(folder), settings["text"])
-            else:
-                # no text: fixed random ids, enough to compare an artifact with its source
-                generator = torch.Generator().manual_seed(0)
-                count = settings["seqlen"] * (settings["max_windows"] or 1)
-                self._ids = torch.randint(0, vocab_size, (count,), generator=generator)
-        return self._ids
-
-    def metrics(self, folder: str, manifest: dict) -> dict[str, Any]:
-        import torch
-
-        from qconv import load_model
-        from qconv.environment import resolve_device
-        from qconv.perplexity import perplexity
-        from qconv.sources import open_source
-        from qconv.verify import source_model
-
-        settings = self.plan.eval
-        device = resolve_device(self.plan.device)
+    def measure(self, folder: str, manifest: dict) -> tuple[EvalResult, EvalResult]:
+        """(the artifact's ``qconv eval`` result, the source's in the artifact's working dtype)."""
+        settings = {key: self.plan.eval[key] for key in ("text", "seqlen", "max_windows")}
+        measured = evaluate(folder, device=self.plan.device, **settings)
         dtype = manifest["recipe"].get("dtype", "bfloat16")
-        model = load_model(folder, device=str(device), dtype=torch.float32)
-        ids = self._token_ids(folder, model.config.vocab_size)
-        result = perplexity(model, ids, window=settings["seqlen"], max_windows=settings["max_windows"])
-        del model
-        if dtype not in self._source_ppl:
-            with open_source(self.source_ref) as source:
-                reference = source_model(source, device, getattr(torch, dtype))
-            self._source_ppl[dtype] = perplexity(
-                reference, ids, window=settings["seqlen"], max_windows=settings["max_windows"]
-            )["ppl"]
-            del reference
-        source_ppl = self._source_ppl[dtype]
-        return {
-            "perplexity": result["ppl"],
-            "perplexity_source": source_ppl,
-            "perplexity_increase": result["ppl"] / source_ppl - 1,
-            "protocol": {
-                "protocol": result["protocol"],
-                "window": result["window"],
-                "windows": result["windows"],
-                "predicted_tokens": result["predicted_tokens"],
-                "text": Path(settings["text"]).name if settings["text"] else "random token ids (seed 0)",
-                "compute_dtype": "float32",
-            },
-        }
-
-    @staticmethod
-    def metric_rows(metrics: dict) -> list[dict]:
-        protocol = metrics["protocol"]
-        return [
-            {"name": "perplexity", "value": metrics["perplexity"], "protocol": protocol},
-            {"name": "perplexity (source)", "value": metrics["perplexity_source"], "protocol": protocol},
-        ]
+        if dtype not in self._source:
+            self._source[dtype] = evaluate_source(
+                self.source_ref,
+                tokenizer_from=folder,
+                working_dtype=dtype,
+                device=self.plan.device,
+                **settings,
+            )
+        return measured, self._source[dtype]
 
 
-def report_json(report: ReleaseReport) -> str:
-    return json.dumps(report.to_dict(), indent=2, default=str)
+def source_metrics(source: EvalResult) -> dict[str, float]:
+    """The source's metrics under the names an artifact's row records them: ``ppl_source``..."""
+    return {f"{name}_source": value for name, value in source.metrics.items()}

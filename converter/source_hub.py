@@ -138,7 +138,7 @@ class _hub_errors:
             RevisionNotFoundError,
         )
 
-        from qconv.hub import _retryable, scrub
+        from qconv.hub import is_retryable, scrub
 
         where = self.where
         if isinstance(exc, RevisionNotFoundError):
@@ -152,7 +152,7 @@ class _hub_errors:
         if isinstance(exc, HfHubHTTPError):
             status = getattr(getattr(exc, "response", None), "status_code", "?")
             raise SourceError(scrub(f"{where}: the Hub answered HTTP {status}", _token())) from None
-        if _retryable(exc):
+        if is_retryable(exc):
             raise SourceError(f"{where}: cannot reach the Hub ({type(exc).__name__})") from None
         return False
 

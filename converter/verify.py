@@ -304,6 +304,17 @@ def _logits(model, prompts: list[torch.Tensor], device: torch.device) -> list[to
     return [model(input_ids=p.to(device)).logits[0].float().cpu() for p in prompts]
 
 
+def next_token_divergence(reference_logits: torch.Tensor, logits: torch.Tensor) -> tuple[float, int]:
+    """Over the positions (rows) of two logits tensors: the summed KL(reference || other) of
+    their next-token distributions, and how many positions put the same token first. Sums, so
+    that ``qconv eval`` can add windows up and divide once; verify and eval both use it."""
+    log_p = torch.log_softmax(reference_logits.float(), dim=-1)
+    log_q = torch.log_softmax(logits.float(), dim=-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum().item()
+    same_top1 = int((reference_logits.argmax(-1) == logits.argmax(-1)).sum().item())
+    return kl, same_top1
+
+
 def logits_comparison(artifact: Artifact, source: Source, device: torch.device) -> dict[str, Any]:
     """Source logits, qconv's dequantized reference, and the real loader's, on the same prompts."""
     model = source_model(source, device, getattr(torch, artifact.recipe.get("dtype", "float32")))
@@ -330,10 +341,8 @@ def logits_comparison(artifact: Artifact, source: Source, device: torch.device) 
     loader_rel = (
         torch.linalg.vector_norm(loaded_all - reference_all) / torch.linalg.vector_norm(reference_all)
     ).item()
-    log_p_source = torch.log_softmax(source_all, dim=-1)
-    log_p_loaded = torch.log_softmax(loaded_all, dim=-1)
-    kl = (log_p_source.exp() * (log_p_source - log_p_loaded)).sum(-1).mean().item()
-    top1 = (source_all.argmax(-1) == loaded_all.argmax(-1)).float().mean().item()
+    kl_sum, same_top1 = next_token_divergence(source_all, loaded_all)
+    kl, top1 = kl_sum / source_all.shape[0], same_top1 / source_all.shape[0]
     return {
         "prompts": len(prompts),
         "tokens": int(sum(p.numel() for p in prompts)),

@@ -12,7 +12,7 @@ sqlite-utils; open it with ``sqlite-utils`` or Datasette to explore it. Tables a
         registry.get_artifact(artifact_id[:6])
 """
 
-from qconv.registry.db import Registry, ResolvedArtifact, open_registry, resolve_artifact
+from qconv.registry.db import Registry, ResolvedArtifact, is_path_ref, open_registry, resolve_artifact
 from qconv.registry.location import registry_path, user_data_dir
 from qconv.registry.manifest_rows import artifact_id
 
@@ -20,6 +20,7 @@ __all__ = [
     "Registry",
     "ResolvedArtifact",
     "artifact_id",
+    "is_path_ref",
     "open_registry",
     "registry_path",
     "resolve_artifact",

@@ -185,21 +185,10 @@ class Registry:
         now); return its id, or None when nothing was recorded there."""
         flag = verified_flag(verify)
         with self._writing(f"cannot store the verify result for {path}"):
-            found = self.db.execute(
-                "select id from artifacts where path = ? order by created desc, rowid desc limit 1",
-                [str(absolute_path(path))],
-            ).fetchone()
-            if found is None:
+            ident = self._newest_at_path(path)
+            if ident is None:
                 return None
-            self.db.table("artifacts").update(found[0], {"verify": to_json(verify), "verified": flag})
-        return found[0]
-
-    def delete_artifact(self, artifact_id: str) -> str:
-        """Remove an artifact (id or unique prefix) and every row that refers to it (files,
-        layers, metrics, pushes: ON DELETE CASCADE); return the full id. Files on disk stay."""
-        with self._writing(f"cannot delete {artifact_id}"):
-            ident = self.resolve_id(artifact_id)
-            self.db.execute("delete from artifacts where id = ?", [ident])
+            self.db.table("artifacts").update(ident, {"verify": to_json(verify), "verified": flag})
         return ident
 
     def record_push(
@@ -263,10 +252,10 @@ class Registry:
         row = self.resolve(ref)
         ident, folder = row["id"], Path(row["path"])
         if not delete_files:
-            self.delete_artifact(ident)
+            self._delete_rows(ident)
             return {"id": ident, "path": str(folder), "files_deleted": False}
         if not folder.exists() and not folder.is_symlink():
-            self.delete_artifact(ident)
+            self._delete_rows(ident)
             return {"id": ident, "path": str(folder), "files_deleted": False}
         _check_is_this_artifact(folder, ident)
         # Out of the way first, so the row and the folder go together: if deleting the row
@@ -274,7 +263,7 @@ class Registry:
         doomed = folder.parent / f".{folder.name}.qconv-rm-{os.getpid()}"
         os.replace(folder, doomed)
         try:
-            self.delete_artifact(ident)
+            self._delete_rows(ident)
         except BaseException:
             os.replace(doomed, folder)
             raise
@@ -337,21 +326,13 @@ class Registry:
         (up to 12 hex digits), or the path of a recorded artifact folder (the newest artifact
         recorded there). A ``Path``, or text that is not hex or names an existing file or
         folder, is a path. Raises RegistryError, naming the candidates of an ambiguous prefix."""
-        if _is_path_ref(ref):
-            ident = self.id_at_path(ref)
+        if is_path_ref(ref):
+            ident = self._newest_at_path(ref)
             if ident is None:
                 raise RegistryError(f"{ref}: no artifact recorded at {absolute_path(ref)} in {self.path}")
         else:
             ident = self.resolve_id(str(ref))
         return self._list(["id = :id"], {"id": ident}, "id")[0]
-
-    def id_at_path(self, path: str | Path) -> str | None:
-        """The id of the newest artifact recorded at ``path``, or None."""
-        found = self._query(
-            "select id from artifacts where path = ? order by created desc, rowid desc limit 1",
-            [str(absolute_path(path))],
-        )
-        return found[0]["id"] if found else None
 
     def list_pushes(self, artifact_id: str | None = None) -> list[dict[str, Any]]:
         """Every recorded push (keys ``PUSH_COLUMNS``), oldest first; only those of one artifact
@@ -407,6 +388,20 @@ class Registry:
         return rows[0]["id"]
 
     # -- helpers ------------------------------------------------------------------------------
+    def _newest_at_path(self, path: str | Path) -> str | None:
+        """The id of the newest artifact recorded at ``path``, or None."""
+        found = self._query(
+            "select id from artifacts where path = ? order by created desc, rowid desc limit 1",
+            [str(absolute_path(path))],
+        )
+        return found[0]["id"] if found else None
+
+    def _delete_rows(self, ident: str) -> None:
+        """The artifact's row and every row that refers to it (files, layers, metrics, pushes:
+        ON DELETE CASCADE). Files on disk stay."""
+        with self._writing(f"cannot remove {ident}"):
+            self.db.execute("delete from artifacts where id = ?", [ident])
+
     @contextlib.contextmanager
     def _writing(self, what: str) -> Iterator[None]:
         """A write transaction whose SQLite errors read as RegistryError("<what> (<error>)")."""
@@ -472,28 +467,79 @@ def _with_verified_bool(row: dict[str, Any]) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class ResolvedArtifact:
-    """Where an artifact is, and its registry id when it is recorded."""
+    """What a command given an artifact works on: its folder (or a ``.gguf`` file), its registry
+    id when the registry knows it, its manifest (None for a folder or file qconv did not write)
+    and whether it passed verification (the registry's latest result, else the manifest's; None:
+    never verified)."""
 
     path: Path
     id: str | None
+    manifest: dict[str, Any] | None = None
+    verified: bool | None = None
 
 
 def resolve_artifact(registry: Registry | None, ref: str | Path) -> ResolvedArtifact:
-    """What a command given ``ref`` (an id, a unique id prefix, or a folder) works on.
+    """The one way a command turns ``ref`` (an id, a unique id prefix, or a path) into an artifact.
 
-    A path (see :meth:`Registry.resolve`) is taken as it is, whether or not it is recorded
-    (``id`` None when not); the folder itself is not checked here. An id or prefix must name a
-    recorded artifact: RegistryError otherwise (unknown, ambiguous with the candidates)."""
-    if _is_path_ref(ref):
-        ident = registry.id_at_path(ref) if registry is not None else None
-        return ResolvedArtifact(Path(ref).expanduser(), ident)
+    A path (see :meth:`Registry.resolve`) is taken as it is, recorded or not; the folder itself is
+    not checked here. Its id is the one its own ``qconv.json`` gives, when the registry holds
+    that id: a folder replaced by an unrecorded conversion is not the artifact recorded there
+    before, and gets no id (nothing is recorded against the old row).
+
+    An id or prefix must name a recorded artifact whose folder still holds it: RegistryError when
+    the id is unknown or ambiguous, when the folder is gone, or when the ``qconv.json`` there now
+    describes another artifact (the folder was replaced, or deleted and written again); the stale
+    row is never handed back as if it were the folder's artifact."""
+    if is_path_ref(ref):
+        path = Path(ref).expanduser()
+        manifest = read_manifest(path)
+        ident = _manifest_id(manifest, path)
+        row = None
+        if ident is not None and registry is not None:
+            row = registry._row(ident, "verified")
+        if row is None:
+            passed = ((manifest or {}).get("verify") or {}).get("passed")
+            return ResolvedArtifact(path, None, manifest, passed if isinstance(passed, bool) else None)
+        return ResolvedArtifact(path, ident, manifest, _with_verified_bool(row)["verified"])
     if registry is None:
         raise RegistryError(f"{ref}: no such folder (and no registry to look the id up in)")
     row = registry.resolve(ref)
-    return ResolvedArtifact(Path(row["path"]), row["id"])
+    path = Path(row["path"])
+    if not path.exists():
+        raise RegistryError(f"{ref}: artifact {row['id']} was recorded at {path}, which no longer exists")
+    manifest = read_manifest(path)
+    found = _manifest_id(manifest, path)
+    if found != row["id"]:
+        what = f"artifact {found}" if found else "no qconv artifact"
+        raise RegistryError(
+            f"{ref}: artifact {row['id']} was recorded at {path}, which now holds {what} "
+            "(replaced or removed since it was recorded)"
+        )
+    return ResolvedArtifact(path, row["id"], manifest, row["verified"])
 
 
-def _is_path_ref(ref: str | Path) -> bool:
+def read_manifest(path: Path) -> dict[str, Any] | None:
+    """The ``qconv.json`` of the folder ``path`` as a dict, or None (no folder, no manifest, or
+    not a JSON object: the caller that needs one says what is wrong with the folder)."""
+    try:
+        manifest = json.loads((path / "qconv.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def _manifest_id(manifest: dict[str, Any] | None, path: Path) -> str | None:
+    if manifest is None:
+        return None
+    try:
+        return artifact_id(manifest, path)
+    except RegistryError:  # a manifest without the files or time an id is made from
+        return None
+
+
+def is_path_ref(ref: str | Path) -> bool:
+    """Whether a command's artifact argument names a path (a ``Path``, text that is not up to 12
+    hex digits, or names an existing file or folder) rather than an id or id prefix."""
     if isinstance(ref, Path):
         return True
     text = str(ref).strip()

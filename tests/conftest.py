@@ -32,6 +32,14 @@ atexit.register(shutil.rmtree, os.environ["HF_HOME"], True)
 for _name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_TOKEN_PATH"):
     os.environ.pop(_name, None)
 
+# The registry of the whole session, set before any fixture runs: session- and module-scoped
+# fixtures run before the function-scoped `qconv_home` below, and one that converts without
+# --no-record must write here, never into the developer's own registry. `qconv_home` then gives
+# each test a registry of its own.
+SESSION_QCONV_HOME = tempfile.mkdtemp(prefix="qconv-test-home-")
+os.environ["QCONV_HOME"] = SESSION_QCONV_HOME
+atexit.register(shutil.rmtree, SESSION_QCONV_HOME, True)
+
 
 def make_tiny_llama(
     folder: Path,
@@ -110,7 +118,8 @@ def smollm2_gguf() -> Path:
 
 @pytest.fixture(autouse=True)
 def qconv_home(tmp_path, monkeypatch) -> Path:
-    """Every test gets its own registry."""
+    """Every test gets its own registry (fixtures of a wider scope get the session's,
+    ``SESSION_QCONV_HOME``)."""
     home = tmp_path / "qconv-home"
     monkeypatch.setenv("QCONV_HOME", str(home))
     return home

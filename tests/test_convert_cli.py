@@ -143,7 +143,11 @@ def test_convert_sharded_tied_source_and_output(cli, tiny_llama_tied_sharded, tm
     assert "lm_head.weight" not in index["weight_map"]
     manifest = json.loads((out / "qconv.json").read_text())
     assert manifest["skipped"] == {"lm_head": "output embeddings (tied to the input embeddings)"}
-    assert set(manifest["source"]["files"]) >= {"config.json", "model.safetensors.index.json", *shards[:0]}
+    # the source's own files: its config, its index and every shard the index names
+    source_index = json.loads((tiny_llama_tied_sharded / "model.safetensors.index.json").read_text())
+    source_shards = set(source_index["weight_map"].values())
+    assert len(source_shards) > 1
+    assert set(manifest["source"]["files"]) >= {"config.json", "model.safetensors.index.json", *source_shards}
     model = stock_load(out)
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from qconv.errors import UsageError
-from qconv.perplexity import perplexity, tokenize_text
+from qconv.evaluate import perplexity, tokenize_text
 
 
 @pytest.fixture(scope="module")

@@ -301,14 +301,18 @@ def test_failed_rerecord_leaves_the_old_record(registry, tmp_path):
     assert registry.get_artifact(ident) == before
 
 
-def test_delete_artifact_removes_every_row(registry, tmp_path):
+def test_remove_artifact_removes_every_row(registry, tmp_path):
     keep = registry.record_artifact(make_manifest(), tmp_path / "keep")
     gone = registry.record_artifact(make_manifest(), tmp_path / "gone")
     for ident in (keep, gone):
         registry.db.table("metrics").insert({"artifact_id": ident, "name": "ppl", "value": 12.5})
         registry.db.table("pushes").insert({"artifact_id": ident, "repo": "me/smol-nf4"})
     one = counts(registry)["layers"] // 2
-    assert registry.delete_artifact(gone[:8]) == gone
+    assert registry.remove_artifact(gone[:8]) == {
+        "id": gone,
+        "path": str((tmp_path / "gone").resolve()),
+        "files_deleted": False,
+    }
     assert counts(registry) == {
         "artifacts": 1,
         "source_files": 1,
@@ -319,7 +323,7 @@ def test_delete_artifact_removes_every_row(registry, tmp_path):
     }
     assert [row["id"] for row in registry.list_artifacts()] == [keep]
     with pytest.raises(RegistryError, match="no artifact with id"):
-        registry.delete_artifact(gone)
+        registry.remove_artifact(gone)
 
 
 # -- the file ---------------------------------------------------------------------------------
@@ -595,11 +599,58 @@ def test_resolve_by_id_prefix_or_path(registry, tmp_path, monkeypatch):
     with pytest.raises(RegistryError, match="no artifact with id 'abc123'"):
         registry.resolve("abc123")
 
-    assert resolve_artifact(registry, new[:5]) == registry_db.ResolvedArtifact(out.resolve(), new)
-    assert resolve_artifact(registry, out) == registry_db.ResolvedArtifact(out, new)
     unrecorded = tmp_path / "unrecorded"
     assert resolve_artifact(registry, str(unrecorded)) == registry_db.ResolvedArtifact(unrecorded, None)
     assert resolve_artifact(None, str(unrecorded)).id is None
+    # a folder's id is the one its own qconv.json gives (none here: no manifest, whatever was
+    # recorded at that path); an id must find its folder still holding that artifact
+    assert resolve_artifact(registry, out) == registry_db.ResolvedArtifact(out, None)
+    with pytest.raises(RegistryError) as excinfo:
+        resolve_artifact(registry, new[:5])
+    assert str(excinfo.value) == (
+        f"{new[:5]}: artifact {new} was recorded at {out.resolve()}, which now holds no qconv artifact "
+        "(replaced or removed since it was recorded)"
+    )
+
+
+def test_resolve_artifact_finds_the_folders_own_artifact(registry, tmp_path):
+    from qconv.registry import resolve_artifact
+
+    folder, manifest = artifact_folder(tmp_path)
+    ident = registry.record_artifact(manifest, folder)
+    expected = registry_db.ResolvedArtifact(folder.resolve(), ident, manifest, None)
+    assert resolve_artifact(registry, ident[:6]) == expected
+    assert resolve_artifact(registry, folder) == registry_db.ResolvedArtifact(folder, ident, manifest, None)
+    registry.set_verify(ident, PASSED)
+    assert resolve_artifact(registry, ident).verified is True
+    assert resolve_artifact(None, folder) == registry_db.ResolvedArtifact(folder, None, manifest, None)
+
+
+def test_resolve_artifact_refuses_a_stale_row(registry, tmp_path):
+    """An artifact recorded, then its folder replaced by another (unrecorded) conversion, then
+    deleted: the id never hands back the folder as if it still held that artifact, and the
+    folder is never taken for the artifact recorded there before."""
+    from qconv.registry import resolve_artifact
+
+    folder, manifest = artifact_folder(tmp_path)
+    ident = registry.record_artifact(manifest, folder)
+    newer = make_manifest(created="2026-11-25T09:00:00+00:00")
+    (folder / "qconv.json").write_text(json.dumps(newer))
+    with pytest.raises(RegistryError) as excinfo:
+        resolve_artifact(registry, ident)
+    assert str(excinfo.value) == (
+        f"{ident}: artifact {ident} was recorded at {folder.resolve()}, which now holds artifact "
+        f"{artifact_id(newer, folder)} (replaced or removed since it was recorded)"
+    )
+    assert resolve_artifact(registry, folder) == registry_db.ResolvedArtifact(folder, None, newer, None)
+    for path in folder.iterdir():
+        path.unlink()
+    folder.rmdir()
+    with pytest.raises(RegistryError) as excinfo:
+        resolve_artifact(registry, ident[:4])
+    assert str(excinfo.value) == (
+        f"{ident[:4]}: artifact {ident} was recorded at {folder.resolve()}, which no longer exists"
+    )
 
 
 def artifact_folder(tmp_path, name="out", created="2026-11-24T21:00:00+00:00"):

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from test_registry import PASSED, artifact_folder, make_manifest
 
-from qconv.registry import open_registry
+from qconv.registry import artifact_id, open_registry
 
 
 def run_error(cli, *args):
@@ -151,4 +152,30 @@ def test_verify_takes_an_id_and_stores_the_result_on_that_row(cli, tiny_llama, t
     assert cli.json("ls")[1][0]["verified"] is True
     assert run_error(cli, "verify", "abcdef012345") == (
         f"Error: no artifact with id 'abcdef012345' in {tmp_path / 'qconv-home' / 'registry.db'}"
+    )
+
+
+def test_an_id_whose_folder_was_replaced_is_refused(cli, tiny_llama, tmp_path):
+    """Recorded, then the folder replaced by an unrecorded conversion: the old id is refused
+    (it would hand back another artifact's files), and the folder is the new, unrecorded one,
+    whose verify result lands on no row."""
+    out = tmp_path / "out"
+    _, doc = cli.json("convert", tiny_llama, "-o", out, "--method", "bnb", "--device", "cpu", "--no-verify")
+    ident = doc["id"]
+    # another recipe: the same one converted within the same second would be the same artifact
+    cli("convert", tiny_llama, "-o", out, "--method", "bnb", "--bits", "8", "--device", "cpu", "--no-verify",
+        "--force", "--no-record")  # fmt: skip
+    new_id = artifact_id(json.loads((out / "qconv.json").read_text()), out)
+    for command in ("verify", "eval", "push"):
+        extra = ("--repo", "me/x") if command == "push" else ()
+        assert run_error(cli, command, ident[:8], *extra) == (
+            f"Error: {ident[:8]}: artifact {ident} was recorded at {out.resolve()}, which now holds "
+            f"artifact {new_id} (replaced or removed since it was recorded)"
+        )
+    _, report = cli.json("verify", out, "--device", "cpu", "--no-logits")
+    assert report["passed"]
+    assert [(row["id"], row["verified"]) for row in cli.json("ls")[1]] == [(ident, None)]
+    shutil.rmtree(out)
+    assert run_error(cli, "verify", ident) == (
+        f"Error: {ident}: artifact {ident} was recorded at {out.resolve()}, which no longer exists"
     )

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import shutil
 from pathlib import Path
 
 import pytest
 from conftest import HUB_TOKEN
+from test_eval import add_byte_tokenizer
 from test_push import assert_token_absent
 
 from qconv import hub as hub_module
@@ -48,10 +51,18 @@ options = { bits = 2, group_size = 64 }
 """
 
 
+@pytest.fixture(scope="module")
+def tiny_llama_with_tokenizer(tiny_llama, tmp_path_factory) -> Path:
+    """The release measures perplexity on the shipped WikiText-2 text: the source needs a tokenizer."""
+    folder = tmp_path_factory.mktemp("src") / "tiny-llama-tok"
+    shutil.copytree(tiny_llama, folder)
+    return add_byte_tokenizer(folder)
+
+
 @pytest.fixture
-def plan(hub, tiny_llama, tmp_path, monkeypatch) -> Path:
+def plan(hub, tiny_llama_with_tokenizer, tmp_path, monkeypatch) -> Path:
     monkeypatch.setattr(hub_module, "RETRY_BACKOFF_S", 0.01)
-    files = {p.name: p.read_bytes() for p in tiny_llama.iterdir() if p.is_file()}
+    files = {p.name: p.read_bytes() for p in tiny_llama_with_tokenizer.iterdir() if p.is_file()}
     hub.add_model(SOURCE, {**files, "README.md": b"---\nlicense: apache-2.0\n---\n"})
     path = tmp_path / "plan.toml"
     path.write_text(PLAN)
@@ -90,7 +101,22 @@ def test_release_gates_continues_resumes_and_skips(cli, hub, plan, caplog, qconv
     assert [r["repo"] for r in registry_rows("select repo from pushes")] == ["rel/tiny-llama-hqq4"]
     card = hub.file_bytes("rel/tiny-llama-hqq4", "README.md").decode()
     assert "base_model: tiny-org/tiny-llama\nbase_model_relation: quantized\nlicense: apache-2.0\n" in card
-    assert "| perplexity |" in card and "non-overlapping windows" in card and "qconv.load_model" in card
+    assert "| ppl |" in card and "| ppl_source |" in card
+    assert "non-overlapping windows" in card and "qconv.load_model" in card
+    assert "dataset: wikitext-2-raw-v1 test" in card  # no [eval] text: the shipped WikiText-2 test text
+    # recorded under qconv eval's names, so `qconv ls` shows the perplexity it measured
+    listed = {row["id"]: row for row in cli.json("ls")[1]}
+    hqq4 = listed[e["hqq4"]["artifact_id"]]
+    assert hqq4["ppl"] == pytest.approx(e["hqq4"]["ppl"])
+    assert listed[e["nf4"]["artifact_id"]]["ppl"] == pytest.approx(e["nf4"]["ppl"])
+    metrics = {r["name"]: r for r in cli.json("show", e["hqq4"]["artifact_id"])[1]["metrics"]}
+    assert set(metrics) == {"ppl", "nll", "ppl_source", "nll_source"}
+    assert metrics["ppl_source"]["value"] == pytest.approx(e["hqq4"]["ppl_source"])
+    assert metrics["nll"]["value"] == pytest.approx(math.log(e["hqq4"]["ppl"]))
+    assert metrics["ppl"]["protocol"]["dataset"] == "wikitext-2-raw-v1 test"
+    assert (metrics["ppl"]["seqlen"], metrics["ppl"]["windows"]) == (32, 2)
+    assert metrics["ppl_source"]["protocol"]["reference"].startswith(f"{SOURCE}@")
+    assert e["hqq4"]["ppl_increase"] == pytest.approx(e["hqq4"]["ppl"] / e["hqq4"]["ppl_source"] - 1)
     nf4_id = e["nf4"]["artifact_id"]
 
     # 2nd run (resume): nf4 resumes from its verified artifact and is pushed; hqq4 is skipped.
