@@ -92,8 +92,8 @@ def part_layer(args, out: dict) -> None:
     first-call costs: paid once per conversion, not per layer), then ``--repeats`` timed runs;
     the median is compared."""
     from qconv.formats import get_format
+    from qconv.formats.aqlm_layout import stored_tensors
     from qconv.formats.aqlm_solver import quantize_layer
-    from qconv.formats.format_aqlm import stored_tensors
 
     device = torch.device("cuda", 0)  # the reference compares devices with ==: name the index
     if args.inputs:  # saved by an earlier run's --save-inputs: skips running the model

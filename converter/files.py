@@ -2,7 +2,7 @@
 
 Part of the core: it imports nothing of qconv but ``errors``. Every artifact folder (verify, the
 loader, push) is read through :class:`SafetensorsFolder`; only the streaming source reader
-(``sources.py``) keeps its own ``preadv`` path, because it hashes the files from the bytes it reads.
+(``qconv.sources``) keeps its own ``preadv`` path, because it hashes the files from the bytes it reads.
 """
 
 from __future__ import annotations

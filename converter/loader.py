@@ -16,7 +16,9 @@ from pathlib import Path
 
 import torch
 
+from qconv.environment import resolve_device
 from qconv.errors import ArtifactError, UsageError
+from qconv.formats import get_format
 from qconv.formats.base import format_of_quant_method
 from qconv.manifest import is_artifact, read_manifest
 
@@ -51,9 +53,6 @@ def load_model(path: str | Path, device: str = "auto", dtype: torch.dtype | str 
     ``dtype``: of activations and unquantized weights (default: the artifact's working dtype,
     else the config's, else float32). Returns the model in eval mode.
     """
-    from qconv.environment import resolve_device
-    from qconv.formats import get_format
-
     folder = Path(path)
     if not folder.is_dir():
         raise ArtifactError(f"{path}: no such model folder")

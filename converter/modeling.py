@@ -2,7 +2,7 @@
 one at a time, and swap quantized layers in.
 
 Part of the core: it imports nothing of qconv but ``errors`` and ``files``. What it needs of a
-source of weights is :class:`ModelSource`, so the readers above (``sources.py`` and its kin)
+source of weights is :class:`ModelSource`, so the readers above (``qconv.sources``)
 need not be imported here.
 """
 

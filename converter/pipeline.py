@@ -31,8 +31,8 @@ from qconv.manifest import MANIFEST_NAME, Manifest, SourceEntry, finite, new_man
 from qconv.model_card import model_card
 from qconv.plan import Plan, make_plan
 from qconv.progress import NO_PROGRESS, ProgressSink
-from qconv.source_hqq import imported_method
 from qconv.sources import Source, open_source
+from qconv.sources.hqq import imported_method
 from qconv.verify import (
     VerifyReport,
     check_layers,

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 import torch
 
 from qconv.errors import ArtifactError, SourceError, UsageError
+from qconv.files import FLOAT_DTYPES
 from qconv.formats.base import QuantFormat
-from qconv.sources import FLOAT_DTYPES, PackedLayer, Source, TensorInfo
+from qconv.sources import PackedLayer, Source, TensorInfo
 
 
 @dataclass(frozen=True)

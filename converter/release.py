@@ -23,8 +23,8 @@ from qconv.evaluate import DEFAULT_SEQLEN, EvalResult, evaluate, evaluate_source
 from qconv.formats import get_format
 from qconv.hub import push
 from qconv.pipeline import convert
-from qconv.source_hub import parse_hub_ref
 from qconv.sources import open_source
+from qconv.sources.hub import parse_hub_ref
 
 ENTRY_KEYS = {"label", "method", "options", "skip", "gates"}
 GATE_KEYS = {"max_layer_error", "max_ppl_increase"}

@@ -23,10 +23,12 @@ from typing import Any
 import torch
 
 from qconv.artifact import Artifact
+from qconv.environment import resolve_device
 from qconv.errors import QconvError, SourceError, UsageError
 from qconv.files import sha256_file
+from qconv.loader import load_model
 from qconv.manifest import MANIFEST_NAME
-from qconv.sources import Source
+from qconv.sources import Source, open_source
 
 PROMPTS = (
     "The capital of France is",
@@ -358,8 +360,6 @@ def logits_comparison(artifact: Artifact, source: Source, device: torch.device) 
 def check_runs(folder: Path, device: torch.device, report: VerifyReport) -> None:
     """``qconv.load_model`` runs the artifact on the fixed prompts to finite logits (for imported
     artifacts: no float source to compare the logits with)."""
-    from qconv.loader import load_model
-
     try:
         model = load_model(folder, device=str(device), dtype=torch.float32)
         prompts = prompt_ids(Path(folder), model.config.vocab_size)
@@ -458,8 +458,6 @@ def run_verify(
     """``qconv verify``: verify a folder against ``source_ref`` (default: the manifest's source
     when it still exists) and store the result in the registry: on ``artifact_id``'s row when
     given, else on the newest artifact recorded at ``path``, if any."""
-    from qconv.environment import resolve_device
-    from qconv.sources import open_source
 
     torch_device = resolve_device(device)
     artifact = Artifact(path)  # fails early, naming the folder, if it is not an artifact

@@ -33,6 +33,7 @@ from torch import nn
 from qconv.calibration import BlockRunner, call_block, context_length, load_calibration
 from qconv.errors import UsageError
 from qconv.files import fsync_path
+from qconv.formats.aqlm_layout import solver_state, stored_tensors
 from qconv.formats.aqlm_solver import LayerCodes, decode, quantize_layer
 from qconv.formats.base import Prepared
 from qconv.modeling import assign_parameter
@@ -61,15 +62,11 @@ class AQLMLinear(nn.Module):
         self.scales.copy_(self.scales.half().float())
 
     def stored(self, nbits: int) -> dict[str, torch.Tensor]:
-        from qconv.formats.format_aqlm import stored_tensors
-
         state = LayerCodes(self.codes, self.codebooks.detach(), self.scales.detach())
         return {k: v.cpu().contiguous() for k, v in stored_tensors(state, nbits).items()}
 
     @classmethod
     def from_stored(cls, tensors: dict[str, torch.Tensor], bias, nbits: int, device) -> AQLMLinear:
-        from qconv.formats.format_aqlm import solver_state
-
         state = solver_state(tensors, nbits)
         return cls(LayerCodes(*(t.to(device) for t in (state.codes, state.codebooks, state.scales))), bias)
 

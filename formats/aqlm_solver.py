@@ -105,6 +105,7 @@ def nearest_codewords(
     Euclidean). Ties go to the lowest index. On CUDA one fused Triton kernel (``exact=False``:
     TF32 dot products, for k-means); elsewhere chunked so that the score matrix never exists whole."""
     if vectors.is_cuda and triton_available():
+        # aqlm_triton imports triton, optional and CUDA-only: loaded only on this path
         from qconv.formats.aqlm_triton import nearest_codewords_fused
 
         return nearest_codewords_fused(vectors, codebook, norms, exact)
@@ -246,7 +247,7 @@ def beam_search(weight: torch.Tensor, xtx: torch.Tensor, state: LayerCodes, beam
     s = torch.where(scales.abs() > 1e-20, scales, torch.full_like(scales, 1e-20))  # [out]
     residual = weight - decode(codes, books, scales)
     if beam_size == 1 and weight.is_cuda and triton_available():
-        from qconv.formats.aqlm_triton import greedy_pass
+        from qconv.formats.aqlm_triton import greedy_pass  # triton: optional, CUDA only
 
         codes = codes.clone()
         greedy_pass(residual @ xtx, codes, books.contiguous(), s.contiguous(), xtx.contiguous())

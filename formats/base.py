@@ -20,7 +20,6 @@ from typing import Any, ClassVar
 import torch
 
 from qconv.errors import UsageError
-from qconv.formats.triton_support import triton_available  # noqa: F401  (hqq_solver imports it from here until it moves)
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@
   (``W_q``, ``scale``, ``zero`` and the meta fields encoded as hqq's ``encode_safetensor_type``
   does: bools uint8, ints int32, strings as uint8 codes). :func:`parse_layer` decodes and checks
   one layer; :func:`layer_tensors` encodes one. formats/format_hqq.py writes and runs this layout.
-- The forms other tools leave on disk, read to import them (converter/source_hqq.py):
+- The forms other tools leave on disk, read to import them (converter/sources/hqq.py):
   ``hqq-qmodel.pt``, what hqq's ``AutoHQQHFModel.save_quantized`` writes (``config.json`` and
   ``qmodel.pt``, a ``torch.save`` of ``{module name: state dict}``, read only with
   ``torch.load(weights_only=True)``: :func:`load_qmodel`, :func:`flatten_qmodel`); and

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qconv.formats.base import triton_available
+from qconv.formats.triton_support import triton_available
 
 # hqq 0.2.8 core/optimize.py: optimize_weights_proximal_legacy's defaults.
 LP_NORM = 0.7

@@ -15,8 +15,9 @@ from safetensors.torch import load_file
 
 from qconv.errors import UsageError
 from qconv.formats import get_format
+from qconv.formats.aqlm_layout import dequantize_layer, unwrap_codes, wrap_codes
 from qconv.formats.aqlm_solver import nearest_codewords
-from qconv.formats.format_aqlm import SCHEMES, dequantize_layer, unwrap_codes, wrap_codes
+from qconv.formats.format_aqlm import SCHEMES
 
 AQLM = get_format("aqlm")
 

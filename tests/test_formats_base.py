@@ -14,7 +14,7 @@ import torch
 
 from qconv import pipeline
 from qconv.cli import main
-from qconv.cli_convert import method_options
+from qconv.cli.convert import method_options
 from qconv.errors import UsageError
 from qconv.formats import all_formats, all_options, base, format_of_quant_method, get_format
 from qconv.formats.base import Option, QuantFormat, register

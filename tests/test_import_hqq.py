@@ -360,7 +360,7 @@ def test_a_float_source_still_needs_a_method(cli, tiny_llama, tmp_path):
 def test_existing_output_needs_force_and_a_failed_write_leaves_nothing(
     cli, hqq_folder, tmp_path, monkeypatch
 ):
-    from qconv import source_hqq
+    from qconv.sources import hqq as source_hqq
 
     src, _ = hqq_folder
     out = tmp_path / "out"

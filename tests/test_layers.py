@@ -38,7 +38,12 @@ SURFACE = {"qconv", "qconv.api"}
 CLI_MAY_IMPORT = SURFACE | {"qconv.errors", "qconv.formats", "qconv.progress"}
 
 # (importer, imported) -> why the import waits until the function runs
-DEFERRED = {}
+DEFERRED = {
+    ("qconv", "qconv.api"): "torch and transformers: `import qconv` stays light, and qconv.cli sets "
+    "their logging environment before they load",
+    ("qconv.formats.aqlm_solver", "qconv.formats.aqlm_triton"): "triton: optional, CUDA only",
+    ("qconv.formats.hqq_solver", "qconv.formats.hqq_triton"): "triton: optional, CUDA only",
+}
 
 
 def module_names() -> dict[str, Path]:

@@ -37,7 +37,7 @@ def test_wheel_maps_folders_under_qconv_and_runs_outside_the_repo(tmp_path):
     assert top_level == {"qconv"}
     assert {"qconv/cli.py", "qconv/formats/format_bnb.py", "qconv/registry/db.py"} <= set(names)
     # the evaluation text qconv eval uses by default, with its attribution (CC BY-SA)
-    assert {"qconv/data/wikitext2-test.txt", "qconv/data/README.md", "qconv/cli_eval.py"} <= set(names)
+    assert {"qconv/data/wikitext2-test.txt", "qconv/data/README.md", "qconv/cli/evaluate.py"} <= set(names)
     entry_points = (
         zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     )

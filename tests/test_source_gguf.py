@@ -19,8 +19,8 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 from qconv.errors import SourceError
-from qconv.source_gguf import GGUFSource, _memoized_tensor_name_map
 from qconv.sources import open_source
+from qconv.sources.gguf import GGUFSource, _memoized_tensor_name_map
 
 HIDDEN, HEADS, KV_HEADS, FFN, LAYERS = 64, 4, 2, 128, 2
 HEAD_DIM = HIDDEN // HEADS

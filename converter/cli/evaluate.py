@@ -7,11 +7,11 @@ from pathlib import Path
 import click
 
 from qconv.api import Qconv
-from qconv.cli import json_option, main, print_json, progress_bars, stderr, stdout
-from qconv.cli_convert import device_option
+from qconv.cli.convert import device_option
+from qconv.cli.render import json_option, print_json, progress_bars, stderr, stdout
 
 
-@main.command(name="eval")
+@click.command(name="eval")
 @click.argument("ref", metavar="ID|PATH")
 @click.option(
     "--text",

@@ -1,4 +1,5 @@
-"""The ``qconv`` command line: parse, call one library function, render. Nothing else.
+"""What the ``qconv`` command line shows: tables, numbers, JSON, progress bars and the one-line
+error. Every command renders through here.
 
 Exit codes, decided here only: 0 success, 1 a verification gate failed, 2 bad usage or bad
 input (one line on stderr naming the file or tensor, no traceback). ``--json`` prints one JSON
@@ -8,7 +9,6 @@ document on stdout; progress bars go to stderr, and only on a terminal.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import sys
@@ -21,70 +21,12 @@ from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeE
 from rich.table import Table
 from rich.text import Text
 
-from qconv import __version__
-from qconv.errors import QconvError, VerificationFailed
 from qconv.progress import ProgressSink
-
-# The libraries qconv drives talk on their own (transformers' "Loading weights" bars, bitsandbytes'
-# note about an optional CPU kernel package); the CLI shows qconv's progress and errors instead.
-# QCONV_DEBUG=1 leaves them alone.
-if not os.environ.get("QCONV_DEBUG"):
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 # Piped output (not a terminal) gets wide tables rather than rich's 80-column default.
 _PIPE_WIDTH = None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", "200"))
 stdout = Console(highlight=False, soft_wrap=True, width=_PIPE_WIDTH)
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
-
-
-# click 8.2 and later answer a bare `qconv` with this error carrying the help; 8.1 prints the help
-# itself and exits (the tuple is then empty: nothing to catch)
-_NO_ARGS_IS_HELP = tuple(e for e in [getattr(click.exceptions, "NoArgsIsHelpError", None)] if e)
-
-
-class QconvGroup(click.Group):
-    """Turns qconv's errors (and OS errors such as a full disk) into one line and an exit code."""
-
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
-        """Click answers a usage mistake (an unknown option, a missing argument, a value not among
-        the choices) with the usage, a hint and the error on four lines; qconv's rule is one line
-        naming the mistake (and the JSON document under --json), exit 2."""
-        if not standalone_mode:
-            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
-        argv = list(sys.argv[1:] if args is None else args)
-        try:
-            # not standalone: click returns ctx.exit's code (commands themselves return None)
-            code = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
-        except _NO_ARGS_IS_HELP as exc:  # a bare `qconv`: the help, as before
-            exc.show()
-            sys.exit(exc.exit_code)
-        except click.UsageError as exc:
-            message = exc.format_message().strip().splitlines()[0]
-            hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
-            if "--json" in argv:
-                click.echo(json.dumps({"error": message, "exit_code": exc.exit_code}))
-            click.echo(f"Error: {message}{hint}", err=True)
-            sys.exit(exc.exit_code)
-        except click.ClickException as exc:
-            exc.show()
-            sys.exit(exc.exit_code)
-        except click.Abort:
-            click.echo("Aborted!", err=True)
-            sys.exit(1)
-        sys.exit(code if isinstance(code, int) else 0)
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except VerificationFailed as exc:
-            ctx.exit(exc.exit_code)  # the command has rendered the failed report already
-        except QconvError as exc:
-            fail(ctx, exc.cli_message(), exc.exit_code)
-        except OSError as exc:
-            where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
-            fail(ctx, f"{where}{exc.strerror or exc}", 2)
 
 
 def fail(ctx: click.Context, message: str, code: int) -> None:
@@ -217,13 +159,3 @@ def render_verify(report_dict: dict, worst: int = 10) -> None:
             layers_table(f"worst layers ({min(worst, len(layers))} of {len(layers)})", layers[:worst])
         )
     stdout.print("[green]verified[/]" if report_dict["passed"] else "[red]verification FAILED[/]")
-
-
-@click.group(cls=QconvGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="qconv")
-def main() -> None:
-    """qconv: convert -> verify -> record -> release quantized language models."""
-
-
-# The commands live by area; importing registers them on `main`.
-from qconv import cli_convert, cli_eval, cli_hub, cli_registry  # noqa: E402,F401

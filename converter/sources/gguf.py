@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from qconv.errors import SourceError
-from qconv.sources import Source, TensorInfo
+from qconv.sources.base import Source, TensorInfo
 
 # GGUF float types that ``read`` returns as stored; every other type is dequantized to float32.
 _STORED_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}

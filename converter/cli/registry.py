@@ -12,13 +12,13 @@ import click
 from rich.table import Table
 
 from qconv.api import Qconv
-from qconv.cli import checks_table, fmt_float, fmt_size, json_option, layers_table, main, print_json, stdout
+from qconv.cli.render import checks_table, fmt_float, fmt_size, json_option, layers_table, print_json, stdout
 from qconv.formats import all_formats
 
 SORT_CHOICES = ("created", "size", "bits", "error", "ppl", "method", "base")
 
 
-@main.command(name="ls")
+@click.command(name="ls")
 @click.option(
     "--method", type=click.Choice(sorted(all_formats())), default=None, help="Only artifacts of this method."
 )
@@ -76,7 +76,7 @@ def list_artifacts(method, bits, base, pushed, sort, reverse, as_json):
     stdout.print(table)
 
 
-@main.command()
+@click.command()
 @click.argument("ref", metavar="ID|PATH")
 @click.option("--layers", "all_layers", is_flag=True, help="List every layer (default: the 10 worst).")
 @json_option
@@ -90,7 +90,7 @@ def show(ref, all_layers, as_json):
     _render_record(record, all_layers)
 
 
-@main.command(name="rm")
+@click.command(name="rm")
 @click.argument("ref", metavar="ID|PATH")
 @click.option(
     "--delete-files",

@@ -42,8 +42,7 @@ from qconv.formats.hqq_layout import (
     load_qmodel,
     parse_imported_layer,
 )
-from qconv.sources import (
-    HFFolderSource,
+from qconv.sources.base import (
     PackedLayer,
     Source,
     TensorInfo,
@@ -51,6 +50,7 @@ from qconv.sources import (
     read_folder_config,
     support_file_names,
 )
+from qconv.sources.hf_folder import HFFolderSource
 
 METHOD = "hqq"
 

@@ -9,9 +9,8 @@ import click
 from rich.table import Table
 
 from qconv.api import Qconv
-from qconv.cli import fmt_float, fmt_size, json_option, main, print_json, stdout
+from qconv.cli.render import fmt_float, fmt_size, json_option, print_json, stdout
 from qconv.errors import VerificationFailed
-from qconv.release import load_plan
 
 
 def quiet_hub_client() -> None:
@@ -23,7 +22,7 @@ def quiet_hub_client() -> None:
         disable_progress_bars()
 
 
-@main.command()
+@click.command()
 @click.argument("artifact")
 @click.option("--repo", required=True, help="The Hub repo to push to, NAMESPACE/NAME (created if missing).")
 @click.option("--private", is_flag=True, help="Create the repo private.")
@@ -67,7 +66,7 @@ def push(artifact, repo, private, revision, dry_run, force, as_json):
         stdout.print(f"recorded the push of {result.artifact_id}")
 
 
-@main.command()
+@click.command()
 @click.argument("plan", type=click.Path(path_type=Path))
 @click.option("--dry-run", is_flag=True, help="Show what each entry would do; convert and push nothing.")
 @json_option
@@ -77,7 +76,6 @@ def release(plan, dry_run, as_json):
     Entries already released are skipped; a failing entry is reported and the others go on;
     running the plan again resumes. Exit 1 when an entry failed."""
     quiet_hub_client()
-    release_plan = load_plan(plan)
 
     def progress(result) -> None:
         if not as_json:
@@ -86,7 +84,7 @@ def release(plan, dry_run, as_json):
             )
 
     with Qconv() as api:
-        report = api.release(release_plan, dry_run=dry_run, on_entry=progress)
+        report = api.release(plan, dry_run=dry_run, on_entry=progress)
     if as_json:
         print_json(report.to_dict())
     else:

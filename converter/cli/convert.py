@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from qconv.api import Qconv
-from qconv.cli import fmt_size, json_option, main, print_json, progress_bars, render_verify, stdout
+from qconv.cli.render import fmt_size, json_option, print_json, progress_bars, render_verify, stdout
 from qconv.errors import VerificationFailed
 from qconv.formats import all_formats, all_options
 
@@ -34,7 +34,7 @@ max_rel_error_option = click.option(
 )
 
 
-@main.command()
+@click.command()
 @click.argument("source")
 @click.option(
     "-o", "--output", required=True, type=click.Path(path_type=Path), help="Artifact folder to create."
@@ -143,7 +143,7 @@ def convert(
         raise VerificationFailed("the artifact failed verification", result.report)
 
 
-@main.command()
+@click.command()
 @click.argument("ref", metavar="ID|PATH")
 @click.option(
     "--source", default=None, help="Source to compare with (default: the one in the manifest, if present)."

@@ -14,7 +14,8 @@ import re
 from pathlib import Path
 
 from qconv.errors import SourceError, SourceNotFoundError
-from qconv.sources import HFFolderSource
+from qconv.hub import is_retryable, scrub
+from qconv.sources.hf_folder import HFFolderSource
 
 HUB_REF = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[\w./-]+))?$")
 # Files beside the weights that a conversion copies or reads (others are not fetched).
@@ -137,8 +138,6 @@ class _hub_errors:
             RepositoryNotFoundError,
             RevisionNotFoundError,
         )
-
-        from qconv.hub import is_retryable, scrub
 
         where = self.where
         if isinstance(exc, RevisionNotFoundError):
