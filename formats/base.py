@@ -280,17 +280,6 @@ def format_of_quant_method(quant_method: str) -> QuantFormat | None:
     return next((fmt for fmt in _FORMATS.values() if fmt.quant_method == quant_method), None)
 
 
-def reject_foreign_options(
-    fmt: QuantFormat, options: dict[str, Any], allowed: set[str] | None = None
-) -> None:
-    """Refuse options given that this method does not take (``allowed``; default: its declared
-    options). Kept for format_hqq.py until it calls :meth:`QuantFormat.given_options`."""
-    allowed = {option.name for option in fmt.options} if allowed is None else allowed
-    foreign = sorted(k for k, v in options.items() if v is not None and k not in allowed)
-    if foreign:
-        raise UsageError("{option} does not apply to {method}", option=tuple(foreign), method=fmt.name)
-
-
 def check_choice(
     fmt: QuantFormat,
     option: str,

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from qconv.errors import SourceError, UsageError
-from qconv.formats.base import Option, QuantFormat, check_choice, register, reject_foreign_options
+from qconv.formats.base import Option, QuantFormat, check_choice, register
 from qconv.formats.hqq_layout import (
     BITS,
     BOOL_FIELDS,
@@ -137,21 +137,25 @@ class HQQFormat(QuantFormat):
         )
 
     def make_recipe(self, options: dict[str, Any]) -> dict[str, Any]:
-        reject_foreign_options(self, options, {"bits", "group_size", "axis", "solver"})
-        bits = options.get("bits") or 4
+        given = self.given_options(options)
+        bits = given["bits"] or 4
         check_choice(self, "bits", bits, BITS)
-        group_size = options.get("group_size") or 64
+        group_size = given["group_size"] or 64
         if group_size % 8:
             # hqq's BaseQuantizeConfig refuses these (hqq/core/quantize.py hqq_base_quant_config).
-            raise UsageError(f"--method hqq: --group-size {group_size} must be a multiple of 8")
-        axis = 1 if options.get("axis") is None else options["axis"]
-        check_choice(self, "axis", axis, (0, 1))
+            raise UsageError(
+                "{method}: {option} {value} must be a multiple of 8",
+                option="group_size",
+                value=group_size,
+                method=self.name,
+            )
+        axis = 1 if given["axis"] is None else given["axis"]
         return {
             "method": self.name,
             "bits": bits,
             "group_size": group_size,
             "axis": axis,
-            "solver": options.get("solver") or "qconv",
+            "solver": given["solver"] or "qconv",
             # hqq's defaults (hqq_base_quant_config and optimize_weights_proximal_legacy)
             "round_zero": bits == 4,
             "optimize": True,
