@@ -207,11 +207,11 @@ def perplexity_of(folder: Path, text: str, max_windows: int | None, source_gguf:
         how = "stock transformers + aqlm (CUDA kernels), float16"
     except Exception as exc:  # noqa: BLE001 - fall back to the dequantized reference, say so
         log("stock loader failed:", type(exc).__name__, str(exc)[:300])
+        from qconv.modeling import reference_model
         from qconv.sources import open_source
-        from qconv.verify import source_model
 
         artifact = Artifact(folder)
-        model = source_model(open_source(source_gguf), device, torch.float32)
+        model = reference_model(open_source(source_gguf), device, torch.float32)
         modules = dict(model.named_modules())
         for module in artifact.layers:
             modules[module].weight.data = artifact.dequantize(module).to(device=device, dtype=torch.float32)

@@ -40,20 +40,6 @@ class CalibrationSet:
     fingerprint: dict[str, Any]  # recorded in the manifest: which text, its sha256, how many tokens
 
 
-# config attributes that bound the positions a model can attend to, by architecture family
-CONTEXT_LENGTH_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
-
-
-def context_length(config) -> int | None:
-    """The most positions the architecture takes (None where its config does not say), from a
-    transformers config or a config.json's dict: calibration and ``qconv eval`` both ask here."""
-    for key in CONTEXT_LENGTH_KEYS:
-        value = config.get(key) if isinstance(config, dict) else getattr(config, key, None)
-        if isinstance(value, int) and value > 1:
-            return value
-    return None
-
-
 def load_calibration(source: ModelSource, text: str | None, tokens: int, seqlen: int) -> CalibrationSet:
     """Tokenize the calibration text with the source's own tokenizer and cut it into
     ``tokens // seqlen`` non-overlapping sequences of ``seqlen`` tokens, evenly spread over the

@@ -28,15 +28,15 @@ from typing import Any
 
 import torch
 
-from qconv.calibration import context_length
 from qconv.environment import resolve_device, resolve_dtype
 from qconv.errors import ArtifactError, UsageError
 from qconv.files import WORKING_DTYPES, sha256_file
 from qconv.loader import load_model
 from qconv.manifest import is_artifact, read_manifest
+from qconv.modeling import context_length, reference_model
 from qconv.progress import NO_PROGRESS, ProgressSink
 from qconv.sources import open_source
-from qconv.verify import next_token_divergence, source_model
+from qconv.verify import next_token_divergence
 from qconv.version import __version__
 
 PROTOCOL = "non-overlapping windows, remainder dropped, mean NLL over window-1 predicted tokens each"
@@ -83,9 +83,9 @@ def nll_sum(logits: torch.Tensor, tokens: torch.Tensor) -> float:
 
 @torch.inference_mode()
 def measure_windows(
-    model, windows: torch.Tensor, device, reference_model=None, progress: ProgressSink = NO_PROGRESS
+    model, windows: torch.Tensor, device, reference_lm=None, progress: ProgressSink = NO_PROGRESS
 ) -> dict[str, float]:
-    """The one loop over the windows: summed NLL of ``model``, and with ``reference_model`` the
+    """The one loop over the windows: summed NLL of ``model``, and with ``reference_lm`` the
     summed KL(reference || model) and same-top-1 count (see :func:`next_token_divergence`)."""
     count = windows.shape[0]
     totals = {"nll": 0.0, "kl": 0.0, "top1": 0.0}
@@ -95,8 +95,8 @@ def measure_windows(
             tokens = windows[index : index + 1].to(device)
             logits = model(input_ids=tokens).logits[0].float()
             totals["nll"] += nll_sum(logits, tokens[0])
-            if reference_model is not None:
-                reference_logits = reference_model(input_ids=tokens).logits[0, :-1].float()
+            if reference_lm is not None:
+                reference_logits = reference_lm(input_ids=tokens).logits[0, :-1].float()
                 kl, same_top1 = next_token_divergence(reference_logits, logits[:-1])
                 totals["kl"] += kl
                 totals["top1"] += same_top1
@@ -180,18 +180,16 @@ def evaluate(
 
     model = _load(path, is_gguf, torch_device, dtype)
     model_dtype = model.dtype
-    reference_model = None
+    reference_lm = None
     if reference is not None:
         # the weights rounded to the artifact's working dtype, as the quantizer was fed them
         recipe_dtype = WORKING_DTYPES.get((manifest or {}).get("recipe", {}).get("dtype"))
         with open_source(reference) as opened:
             working = recipe_dtype or opened.default_dtype()
-            reference_model = _in_dtype(source_model(opened, torch_device, working), model_dtype)
+            reference_lm = _in_dtype(reference_model(opened, torch_device, working), model_dtype)
 
-    totals = measure_windows(model, windows, torch_device, reference_model, progress)
-    metrics, protocol = _results(
-        totals, reference_model is not None, text, text_path, ids, windows, max_windows
-    )
+    totals = measure_windows(model, windows, torch_device, reference_lm, progress)
+    metrics, protocol = _results(totals, reference_lm is not None, text, text_path, ids, windows, max_windows)
     protocol.update(_where(torch_device, model_dtype, reference))
     return EvalResult(str(path), metrics, protocol)
 
@@ -221,7 +219,7 @@ def evaluate_source(
     with open_source(ref) as opened:
         _check_context(seqlen, opened.config_dict())
         working = WORKING_DTYPES[working_dtype]
-        model = _in_dtype(source_model(opened, torch_device, working), working)
+        model = _in_dtype(reference_model(opened, torch_device, working), working)
     totals = measure_windows(model, windows, torch_device, None, progress)
     metrics, protocol = _results(totals, False, text, text_path, ids, windows, max_windows)
     protocol.update(_where(torch_device, working, ref))
@@ -329,7 +327,7 @@ def _load(path: Path, is_gguf: bool, device: torch.device, dtype: str | None):
     if is_gguf:
         with open_source(path) as source:
             working = WORKING_DTYPES[dtype] if dtype else source.default_dtype()
-            return _in_dtype(source_model(source, device, working), working)
+            return _in_dtype(reference_model(source, device, working), working)
     return load_model(path, device=str(device), dtype=dtype)
 
 

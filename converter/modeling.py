@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from qconv.errors import ArtifactError
+from qconv.errors import ArtifactError, SourceError
 from qconv.files import SafetensorsFolder
 
 
@@ -177,3 +177,96 @@ def _load_renamed_checkpoint(folder: Path, config, dtype: torch.dtype, quantized
     if missing:
         raise ArtifactError(f"{folder}: tensor {missing[0]!r} is missing")
     return model
+
+
+def reference_model(source: ModelSource, device: torch.device, working_dtype: torch.dtype):
+    """The source model computing in float32, its weights rounded to the working dtype first
+    (what the artifact's unquantized tensors hold, and what the quantizer was fed).
+
+    A model folder is read by transformers itself: checkpoints keep names and layouts of earlier
+    releases (GPT-NeoX's ``embed_out``, Mixtral's one Linear per expert) that transformers renames
+    and fuses while loading, so that only its loader knows where each tensor goes. Other sources
+    (a gguf) are filled from the same reader the converter read, one tensor at a time."""
+    from transformers import AutoModelForCausalLM
+
+    folder = getattr(source, "folder", None)
+    if folder is not None and (Path(folder) / "config.json").is_file():
+        # mismatched sizes are let through, to be named below (transformers raises a generic error)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            str(folder),
+            dtype=torch.float32,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,
+            use_safetensors=True,  # never a pickle file beside them
+        )
+        for key, found, expected in info.get("mismatched_keys", ()):
+            raise SourceError(
+                f"{source.ref}: tensor {key!r} has shape {list(found)}, the architecture expects {list(expected)}"
+            )
+        missing = [k for k in info.get("missing_keys", ()) if not _is_tied(model, k)]
+        if missing:
+            raise SourceError(
+                f"{source.ref}: the source lacks tensor {sorted(missing)[0]!r} the architecture needs"
+            )
+        with torch.no_grad():
+            for tensor in model.state_dict().values():
+                if tensor.is_floating_point():
+                    tensor.copy_(tensor.to(working_dtype))
+        return model.to(device).eval()
+    return _reference_model_streamed(source, device, working_dtype)
+
+
+def _reference_model_streamed(source: ModelSource, device: torch.device, working_dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    config = source.hf_config()
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # The model's own tensors, filled one source tensor at a time: a state dict built first would
+    # hold a second float32 copy of the whole model.
+    targets = model.state_dict()
+    filled = set()
+    with torch.no_grad():
+        for info in source.tensors():
+            target = targets.get(info.name)
+            if target is None:  # a tensor the architecture does not use (as strict=False skipped)
+                continue
+            tensor = source.read(info.name)
+            if tensor.is_floating_point():
+                tensor = tensor.to(working_dtype)
+            if tuple(tensor.shape) != tuple(target.shape):
+                raise SourceError(
+                    f"{source.ref}: tensor {info.name!r} has shape {list(tensor.shape)}, the "
+                    f"architecture expects {list(target.shape)}"
+                )
+            target.copy_(tensor)
+            filled.add(info.name)
+    model.tie_weights()
+    # persistent buffers (rare in decoders) are the model's own, made by its constructor
+    known = filled | {name for name, _ in model.named_buffers()}
+    missing = [k for k in targets if k not in known and not _is_tied(model, k)]
+    if missing:
+        raise SourceError(f"{source.ref}: the source lacks tensor {missing[0]!r} the architecture needs")
+    return model.to(device).eval()
+
+
+def _is_tied(model, key: str) -> bool:
+    output = model.get_output_embeddings()
+    return (
+        output is not None
+        and key.startswith("lm_head")
+        and output.weight is model.get_input_embeddings().weight
+    )
+
+
+# config attributes that bound the positions a model can attend to, by architecture family
+CONTEXT_LENGTH_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+
+
+def context_length(config) -> int | None:
+    """The most positions the architecture takes (None where its config does not say), from a
+    transformers config or a config.json's dict: calibration and ``qconv eval`` both ask here."""
+    for key in CONTEXT_LENGTH_KEYS:
+        value = config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+        if isinstance(value, int) and value > 1:
+            return value
+    return None

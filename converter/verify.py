@@ -28,6 +28,7 @@ from qconv.errors import QconvError, SourceError, UsageError
 from qconv.files import sha256_file
 from qconv.loader import load_model
 from qconv.manifest import MANIFEST_NAME
+from qconv.modeling import reference_model
 from qconv.sources import Source, open_source
 
 PROMPTS = (
@@ -222,85 +223,6 @@ def prompt_ids(folder: Path, vocab_size: int) -> list[torch.Tensor]:
     return [torch.randint(0, vocab_size, (1, RANDOM_PROMPT_LENGTH), generator=generator) for _ in PROMPTS]
 
 
-def source_model(source: Source, device: torch.device, working_dtype: torch.dtype):
-    """The source model computing in float32, its weights rounded to the working dtype first
-    (what the artifact's unquantized tensors hold, and what the quantizer was fed).
-
-    A model folder is read by transformers itself: checkpoints keep names and layouts of earlier
-    releases (GPT-NeoX's ``embed_out``, Mixtral's one Linear per expert) that transformers renames
-    and fuses while loading, so that only its loader knows where each tensor goes. Other sources
-    (a gguf) are filled from the same reader the converter read, one tensor at a time."""
-    from transformers import AutoModelForCausalLM
-
-    folder = getattr(source, "folder", None)
-    if folder is not None and (Path(folder) / "config.json").is_file():
-        # mismatched sizes are let through, to be named below (transformers raises a generic error)
-        model, info = AutoModelForCausalLM.from_pretrained(
-            str(folder),
-            dtype=torch.float32,
-            output_loading_info=True,
-            ignore_mismatched_sizes=True,
-            use_safetensors=True,  # never a pickle file beside them
-        )
-        for key, found, expected in info.get("mismatched_keys", ()):
-            raise SourceError(
-                f"{source.ref}: tensor {key!r} has shape {list(found)}, the architecture expects {list(expected)}"
-            )
-        missing = [k for k in info.get("missing_keys", ()) if not _is_tied(model, k)]
-        if missing:
-            raise SourceError(
-                f"{source.ref}: the source lacks tensor {sorted(missing)[0]!r} the architecture needs"
-            )
-        with torch.no_grad():
-            for tensor in model.state_dict().values():
-                if tensor.is_floating_point():
-                    tensor.copy_(tensor.to(working_dtype))
-        return model.to(device).eval()
-    return _source_model_streamed(source, device, working_dtype)
-
-
-def _source_model_streamed(source: Source, device: torch.device, working_dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM
-
-    config = source.hf_config()
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    # The model's own tensors, filled one source tensor at a time: a state dict built first would
-    # hold a second float32 copy of the whole model.
-    targets = model.state_dict()
-    filled = set()
-    with torch.no_grad():
-        for info in source.tensors():
-            target = targets.get(info.name)
-            if target is None:  # a tensor the architecture does not use (as strict=False skipped)
-                continue
-            tensor = source.read(info.name)
-            if tensor.is_floating_point():
-                tensor = tensor.to(working_dtype)
-            if tuple(tensor.shape) != tuple(target.shape):
-                raise SourceError(
-                    f"{source.ref}: tensor {info.name!r} has shape {list(tensor.shape)}, the "
-                    f"architecture expects {list(target.shape)}"
-                )
-            target.copy_(tensor)
-            filled.add(info.name)
-    model.tie_weights()
-    # persistent buffers (rare in decoders) are the model's own, made by its constructor
-    known = filled | {name for name, _ in model.named_buffers()}
-    missing = [k for k in targets if k not in known and not _is_tied(model, k)]
-    if missing:
-        raise SourceError(f"{source.ref}: the source lacks tensor {missing[0]!r} the architecture needs")
-    return model.to(device).eval()
-
-
-def _is_tied(model, key: str) -> bool:
-    output = model.get_output_embeddings()
-    return (
-        output is not None
-        and key.startswith("lm_head")
-        and output.weight is model.get_input_embeddings().weight
-    )
-
-
 @torch.no_grad()
 def _logits(model, prompts: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
     return [model(input_ids=p.to(device)).logits[0].float().cpu() for p in prompts]
@@ -319,7 +241,7 @@ def next_token_divergence(reference_logits: torch.Tensor, logits: torch.Tensor) 
 
 def logits_comparison(artifact: Artifact, source: Source, device: torch.device) -> dict[str, Any]:
     """Source logits, qconv's dequantized reference, and the real loader's, on the same prompts."""
-    model = source_model(source, device, getattr(torch, artifact.recipe.get("dtype", "float32")))
+    model = reference_model(source, device, getattr(torch, artifact.recipe.get("dtype", "float32")))
     prompts = prompt_ids(artifact.folder, model.config.vocab_size)
     source_logits = _logits(model, prompts, device)
     modules = dict(model.named_modules())

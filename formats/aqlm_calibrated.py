@@ -30,13 +30,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from qconv.calibration import BlockRunner, call_block, context_length, load_calibration
+from qconv.calibration import BlockRunner, call_block, load_calibration
 from qconv.errors import UsageError
 from qconv.files import fsync_path
 from qconv.formats.aqlm_layout import solver_state, stored_tensors
 from qconv.formats.aqlm_solver import LayerCodes, decode, quantize_layer
 from qconv.formats.base import Prepared
-from qconv.modeling import assign_parameter
+from qconv.modeling import assign_parameter, context_length
 
 STATE_FILE = "state.json"
 FINETUNE_BETAS = (0.9, 0.95)  # the reference's --finetune_adam_beta1/2 defaults

@@ -259,12 +259,12 @@ def test_source_model_is_the_sources_weights(tiny_llama):
     """verify's float32 source model, filled tensor by tensor, holds the source's values."""
     from safetensors.torch import load_file
 
+    from qconv.modeling import reference_model
     from qconv.sources import open_source
-    from qconv.verify import source_model
 
     expected = load_file(str(tiny_llama / "model.safetensors"))
     with open_source(str(tiny_llama)) as source:
-        model = source_model(source, torch.device("cpu"), torch.float32)
+        model = reference_model(source, torch.device("cpu"), torch.float32)
     state = model.state_dict()
     for name, tensor in expected.items():
         assert torch.equal(state[name], tensor.float()), name
@@ -285,12 +285,12 @@ def test_source_model_is_the_sources_weights(tiny_llama):
 )
 def test_source_model_refuses_a_source_that_does_not_fit(source_copy, change, message):
     from qconv.errors import SourceError
+    from qconv.modeling import reference_model
     from qconv.sources import open_source
-    from qconv.verify import source_model
 
     _rewrite_weights(source_copy, change)
     with open_source(str(source_copy)) as source, pytest.raises(SourceError) as error:
-        source_model(source, torch.device("cpu"), torch.float32)
+        reference_model(source, torch.device("cpu"), torch.float32)
     assert str(error.value) == f"{source_copy}: {message}"
 
 
