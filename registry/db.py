@@ -27,8 +27,8 @@ from typing import Any
 
 from sqlite_utils import Database
 
-from qconv.errors import RegistryError
-from qconv.manifest import MANIFEST_NAME
+from qconv.errors import ArtifactError, RegistryError
+from qconv.manifest import MANIFEST_NAME, read_manifest
 from qconv.registry.location import registry_path
 from qconv.registry.manifest_rows import (
     absolute_path,
@@ -492,7 +492,7 @@ def resolve_artifact(registry: Registry | None, ref: str | Path) -> ResolvedArti
     row is never handed back as if it were the folder's artifact."""
     if is_path_ref(ref):
         path = Path(ref).expanduser()
-        manifest = read_manifest(path)
+        manifest = _manifest_or_none(path)
         ident = _manifest_id(manifest, path)
         row = None
         if ident is not None and registry is not None:
@@ -507,7 +507,7 @@ def resolve_artifact(registry: Registry | None, ref: str | Path) -> ResolvedArti
     path = Path(row["path"])
     if not path.exists():
         raise RegistryError(f"{ref}: artifact {row['id']} was recorded at {path}, which no longer exists")
-    manifest = read_manifest(path)
+    manifest = _manifest_or_none(path)
     found = _manifest_id(manifest, path)
     if found != row["id"]:
         what = f"artifact {found}" if found else "no qconv artifact"
@@ -518,14 +518,13 @@ def resolve_artifact(registry: Registry | None, ref: str | Path) -> ResolvedArti
     return ResolvedArtifact(path, row["id"], manifest, row["verified"])
 
 
-def read_manifest(path: Path) -> dict[str, Any] | None:
-    """The ``qconv.json`` of the folder ``path`` as a dict, or None (no folder, no manifest, or
-    not a JSON object: the caller that needs one says what is wrong with the folder)."""
+def _manifest_or_none(path: Path) -> dict[str, Any] | None:
+    """The manifest of the folder ``path``, or None (no folder, no manifest, or a broken one:
+    the caller that needs one says what is wrong with the folder)."""
     try:
-        manifest = json.loads((path / "qconv.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return read_manifest(path)
+    except ArtifactError:
         return None
-    return manifest if isinstance(manifest, dict) else None
 
 
 def _manifest_id(manifest: dict[str, Any] | None, path: Path) -> str | None:
