@@ -146,13 +146,12 @@ def convert(
     logits: bool | None = None,
     max_rel_error: float | None = None,
     resume: bool = False,
-    registry=None,
     progress: ProgressSink = NO_PROGRESS,
 ) -> ConvertResult:
     """Convert ``source_ref`` into a quantized artifact folder at ``output``.
 
     ``logits``: run the real-loader logits check (None = only for models up to
-    LOGITS_CHECK_AUTO_MAX_PARAMS). ``registry``: an open registry to record the artifact in.
+    LOGITS_CHECK_AUTO_MAX_PARAMS); recording the artifact is :meth:`qconv.Qconv.convert`'s job.
     ``resume``: continue an interrupted calibration stage from its checkpoint folder (kept beside
     ``output`` as ``.NAME.qconv-checkpoint`` until the artifact is in place).
     A folder already quantized with HQQ is imported instead (``method`` None or ``hqq``): its
@@ -236,8 +235,6 @@ def convert(
     result.path = dest
     result.stats["prepare_s"] = prepare_s
     result.stats["total_s"] = time.perf_counter() - started
-    if registry is not None:
-        result.artifact_id = registry.record_artifact(result.manifest, dest.resolve())
     return result
 
 

@@ -267,8 +267,8 @@ def _run_entry(plan, entry, result, registry, source_files, convert_ref, evaluat
             device=plan.device,
             force=True,
             verify=True,
-            registry=registry,
         )
+        converted.artifact_id = registry.record_artifact(converted.manifest, Path(converted.path).resolve())
         result.artifact_id, result.path, manifest = (
             converted.artifact_id,
             str(converted.path),

@@ -374,12 +374,9 @@ def run_verify(
     max_rel_error: float | None = None,
     logits: bool = True,
     progress=None,
-    registry=None,
-    artifact_id: str | None = None,
 ) -> VerifyReport:
     """``qconv verify``: verify a folder against ``source_ref`` (default: the manifest's source
-    when it still exists) and store the result in the registry: on ``artifact_id``'s row when
-    given, else on the newest artifact recorded at ``path``, if any."""
+    when it still exists). Recording the result is :meth:`qconv.Qconv.verify`'s job."""
 
     torch_device = resolve_device(device)
     artifact = Artifact(path)  # fails early, naming the folder, if it is not an artifact
@@ -394,8 +391,4 @@ def run_verify(
     else:
         with open_source(ref) as source:
             report = verify_artifact(path, source, torch_device, max_rel_error, logits, progress)
-    if registry is not None and artifact_id is not None:
-        registry.set_verify(artifact_id, report.manifest_entry())
-    elif registry is not None:
-        registry.record_verify_for_path(Path(path).resolve(), report.manifest_entry())
     return report
