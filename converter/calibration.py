@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qconv.errors import SourceError, UsageError
+from qconv.errors import SourceError, UsageError, literal
 from qconv.files import FLOAT_DTYPES
 from qconv.modeling import ModelSource, assign_parameter, parameters_on_meta
 
@@ -51,12 +51,18 @@ def load_calibration(source: ModelSource, text: str | None, tokens: int, seqlen:
         data = path.read_bytes()
         content = data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"--calibration {path}: cannot read the text ({exc})") from None
+        raise UsageError(
+            "{option} " + literal(f"{path}: cannot read the text ({exc})"), option="calibration"
+        ) from None
     if seqlen < 2:
         raise UsageError("the calibration sequences must hold at least 2 tokens")
     wanted = tokens // seqlen
     if wanted < 1:
-        raise UsageError(f"--calib-tokens {tokens}: fewer than one sequence of {seqlen} tokens")
+        raise UsageError(
+            "{option} {value}: fewer than one sequence of " + f"{seqlen} tokens",
+            option="calib_tokens",
+            value=tokens,
+        )
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="qconv-tokenizer-") as folder:
@@ -71,7 +77,10 @@ def load_calibration(source: ModelSource, text: str | None, tokens: int, seqlen:
     ids = torch.tensor(ids, dtype=torch.long)
     available = ids.numel() // seqlen
     if available < 1:
-        raise UsageError(f"--calibration {path}: {ids.numel()} tokens, fewer than one sequence of {seqlen}")
+        raise UsageError(
+            "{option} " + literal(f"{path}: {ids.numel()} tokens, fewer than one sequence of {seqlen}"),
+            option="calibration",
+        )
     count = min(wanted, available)
     windows = ids[: available * seqlen].view(available, seqlen)
     picked = torch.linspace(0, available - 1, count).round().long().unique()

@@ -12,6 +12,12 @@ from typing import Any
 _UNSET: Any = object()
 
 
+def literal(text: Any) -> str:
+    """``text`` (a path, another error's message) as it is inside a :class:`UsageError`
+    template, whose braces are fields."""
+    return str(text).replace("{", "{{").replace("}", "}}")
+
+
 class QconvError(Exception):
     """Root of qconv's errors. ``exit_code`` is what the CLI exits with."""
 

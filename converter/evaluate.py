@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from qconv.environment import resolve_device, resolve_dtype
-from qconv.errors import ArtifactError, UsageError
+from qconv.errors import ArtifactError, UsageError, literal
 from qconv.files import WORKING_DTYPES, sha256_file
 from qconv.loader import load_model
 from qconv.manifest import is_artifact, read_manifest
@@ -67,7 +67,7 @@ def windows_of(ids: torch.Tensor, window: int, max_windows: int | None = None) -
     if window < 2:
         raise UsageError("the window must hold at least 2 tokens")
     if max_windows is not None and max_windows < 1:
-        raise UsageError("--max-windows must be at least 1")
+        raise UsageError("{option} must be at least 1", option="max_windows")
     count = ids.numel() // window
     if count == 0:
         raise UsageError(f"the text has {ids.numel()} tokens, fewer than one window of {window}")
@@ -228,9 +228,9 @@ def evaluate_source(
 
 def _check_settings(seqlen: int, max_windows: int | None) -> None:
     if seqlen < 2:
-        raise UsageError("--seqlen must be at least 2")
+        raise UsageError("{option} must be at least 2", option="seqlen")
     if max_windows is not None and max_windows < 1:
-        raise UsageError("--max-windows must be at least 1")
+        raise UsageError("{option} must be at least 1", option="max_windows")
 
 
 def _windows(tokenizer_at: Path, text, seqlen: int, max_windows: int | None):
@@ -244,7 +244,11 @@ def _windows(tokenizer_at: Path, text, seqlen: int, max_windows: int | None):
 def _check_context(seqlen: int, config: dict | None) -> None:
     context = context_length(config) if config is not None else None
     if context is not None and seqlen > context:
-        raise UsageError(f"--seqlen {seqlen} is longer than the model's context ({context} positions)")
+        raise UsageError(
+            "{option} {value} is longer than the model's context " + f"({context} positions)",
+            option="seqlen",
+            value=seqlen,
+        )
 
 
 def _results(totals: dict, with_reference: bool, text, text_path: Path, ids, windows, max_windows):
@@ -295,7 +299,7 @@ def _reference(path: Path, manifest: dict | None, source: str | None) -> str:
         if not Path(ref).expanduser().exists():
             raise UsageError(f"--kl: the artifact's source {ref} is gone; pass --source")
     if not Path(ref).expanduser().exists():
-        raise UsageError(f"--source {ref}: no such file or folder")
+        raise UsageError("{option} " + literal(f"{ref}: no such file or folder"), option="source")
     return str(ref)
 
 

@@ -131,9 +131,9 @@ def push(
     ``metrics``: rows ``{"name", "value", "protocol"}`` for the card; default: the registry's.
     Records the commit in ``registry`` (recording the artifact first if it is not there yet)."""
     if not REPO_ID.match(repo):
-        raise UsageError(f"--repo {repo!r}: expected NAMESPACE/NAME")
+        raise UsageError("{option} {value!r}: expected NAMESPACE/NAME", option="repo", value=repo)
     if not BRANCH.fullmatch(revision or ""):
-        raise UsageError(f"--revision {revision!r}: not a branch name")
+        raise UsageError("{option} {value!r}: not a branch name", option="revision", value=revision)
     resolved = resolve_artifact(registry, ref)
     # the manifest checked as an artifact's (ArtifactError names the folder and what is wrong)
     resolved = replace(resolved, manifest=Artifact(resolved.path).manifest)

@@ -23,7 +23,7 @@ import torch
 
 from qconv.artifact import Artifact
 from qconv.environment import environment, peak_rss_bytes, resolve_device, resolve_dtype
-from qconv.errors import DestinationExistsError, QconvError, UsageError
+from qconv.errors import DestinationExistsError, QconvError, UsageError, literal
 from qconv.files import FLOAT_DTYPES, dtype_name, fsync_path, parse_size
 from qconv.formats import all_formats, get_format
 from qconv.formats.base import PrepareContext, Prepared, QuantFormat
@@ -175,7 +175,7 @@ def convert(
     try:
         max_shard_bytes = parse_size(max_shard_size)
     except ValueError as exc:
-        raise UsageError(f"--max-shard-size: {exc}") from None
+        raise UsageError("{option}: " + literal(exc), option="max_shard_size") from None
     resolve_dtype(dtype)
     check_max_rel_error(max_rel_error)
     torch_device = resolve_device(device)

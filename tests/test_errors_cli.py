@@ -332,3 +332,18 @@ def test_a_source_that_does_not_fit_its_architecture_is_refused_before_writing(
         == f"Error: {source_copy}: {message}"
     )
     nothing_written(tmp_path, out, cli)
+
+
+def test_library_errors_name_options_not_flags(tmp_path):
+    """From Python an option is named as the argument it is; the CLI prints the flag (above).
+    Text put into a message as it is (a path, another error) keeps its braces."""
+    from qconv.errors import UsageError, literal
+    from qconv.pipeline import convert
+
+    with pytest.raises(UsageError) as caught:
+        convert("nowhere", tmp_path / "out", "bnb", max_shard_size="huge")
+    assert str(caught.value) == "max_shard_size: not a size: 'huge'"
+    assert caught.value.cli_message() == "--max-shard-size: not a size: 'huge'"
+    error = UsageError("{option} " + literal("{odd}/path: no such file or folder"), option="source")
+    assert str(error) == "source {odd}/path: no such file or folder"
+    assert error.cli_message() == "--source {odd}/path: no such file or folder"
