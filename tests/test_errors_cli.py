@@ -342,8 +342,8 @@ def test_library_errors_name_options_not_flags(tmp_path):
 
     with pytest.raises(UsageError) as caught:
         convert("nowhere", tmp_path / "out", "bnb", max_shard_size="huge")
-    assert str(caught.value) == "max_shard_size: not a size: 'huge'"
-    assert caught.value.cli_message() == "--max-shard-size: not a size: 'huge'"
+    assert str(caught.value) == "max_shard_size: not a size: 'huge' (use e.g. 5GB or 500MB)"
+    assert caught.value.cli_message() == "--max-shard-size: not a size: 'huge' (use e.g. 5GB or 500MB)"
     error = UsageError("{option} " + literal("{odd}/path: no such file or folder"), option="source")
     assert str(error) == "source {odd}/path: no such file or folder"
     assert error.cli_message() == "--source {odd}/path: no such file or folder"
