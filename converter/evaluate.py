@@ -32,7 +32,7 @@ from qconv.environment import resolve_device, resolve_dtype
 from qconv.errors import ArtifactError, UsageError, literal
 from qconv.files import WORKING_DTYPES, sha256_file
 from qconv.loader import load_model
-from qconv.manifest import is_artifact, read_manifest
+from qconv.manifest import imported_from, is_artifact, read_manifest
 from qconv.modeling import context_length, reference_model
 from qconv.progress import NO_PROGRESS, ProgressSink
 from qconv.sources import open_source
@@ -293,7 +293,7 @@ def _reference(path: Path, manifest: dict | None, source: str | None) -> str:
         ref = source
     else:
         recorded = (manifest or {}).get("source") or {}
-        if manifest is None or not recorded.get("ref") or manifest.get("recipe", {}).get("imported_from"):
+        if manifest is None or not recorded.get("ref") or imported_from(manifest):
             raise UsageError(f"--kl: {path} records no float source to compare with; pass --source")
         ref = recorded["ref"]
         if not Path(ref).expanduser().exists():

@@ -141,6 +141,12 @@ def seal(folder: Path, manifest: Manifest, files: dict[str, FileEntry], small_fi
     write_manifest(folder, manifest)
 
 
+def imported_from(manifest: Manifest) -> str | None:
+    """The form of a model another tool quantized, for an artifact qconv imported rather than
+    quantized (``hqq-qmodel.pt``...): its source holds no float weights to compare with."""
+    return manifest.get("recipe", {}).get("imported_from")
+
+
 def base_model_name(kind: str | None, ref: str | None) -> str | None:
     """The short human name of a source: a Hub repo id as it is, a .gguf file's stem, a folder's
     name (for a folder in the Hugging Face cache, ``.../models--org--name/snapshots/<sha>``, the

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from qconv.formats import get_format
-from qconv.manifest import base_model_name
+from qconv.manifest import base_model_name, imported_from
 
 
 def model_card(manifest: dict) -> str:
@@ -25,9 +25,9 @@ def model_card(manifest: dict) -> str:
         f"# {base} ({recipe['label']})",
         "",
         (
-            f"Imported by qconv {manifest['qconv']} from `{base}`, already quantized ({recipe['imported_from']}): "
+            f"Imported by qconv {manifest['qconv']} from `{base}`, already quantized ({imported_from(manifest)}): "
             "re-serialized, not re-quantized."
-            if recipe.get("imported_from")
+            if imported_from(manifest)
             else f"Quantized with qconv {manifest['qconv']} from `{base}` ({source['kind']} source)."
         ),
         "",

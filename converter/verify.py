@@ -27,7 +27,7 @@ from qconv.environment import resolve_device
 from qconv.errors import QconvError, SourceError, UsageError
 from qconv.files import sha256_file
 from qconv.loader import load_model
-from qconv.manifest import MANIFEST_NAME
+from qconv.manifest import MANIFEST_NAME, imported_from
 from qconv.modeling import reference_model
 from qconv.sources import Source, open_source
 
@@ -342,7 +342,7 @@ def verify_artifact(
             {k: v for k, v in artifact.manifest.get("files", {}).items() if k != MANIFEST_NAME},
             report,
         )
-        if source is None and artifact.recipe.get("imported_from"):
+        if source is None and imported_from(artifact.manifest):
             check_decodes(artifact, report)
             if logits:
                 check_runs(artifact.folder, device, report)
