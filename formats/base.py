@@ -112,6 +112,9 @@ class QuantFormat:
     #: the pip extra of pyproject.toml that installs what running the folder needs, or None
     #: when qconv needs nothing more (the model card names it)
     extra: str | None = None
+    #: serving engines that read this method's folders as they are (``"vllm"``, ``"sglang"``):
+    #: the model card shows how to serve the folder with each
+    serving_engines: tuple[str, ...] = ()
     #: the key after a module name that marks the module as quantized in a folder of this format
     #: (used by qconv's own loader, for formats without a stock one)
     marker_suffix: ClassVar[str] = "weight"
