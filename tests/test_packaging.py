@@ -35,7 +35,7 @@ def test_wheel_maps_folders_under_qconv_and_runs_outside_the_repo(tmp_path):
     top_level = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     # converter/, formats/ and registry/ never become top-level packages that could clash
     assert top_level == {"qconv"}
-    assert {"qconv/cli.py", "qconv/formats/format_bnb.py", "qconv/registry/db.py"} <= set(names)
+    assert {"qconv/cli/__init__.py", "qconv/formats/format_bnb.py", "qconv/registry/db.py"} <= set(names)
     # the evaluation text qconv eval uses by default, with its attribution (CC BY-SA)
     assert {"qconv/data/wikitext2-test.txt", "qconv/data/README.md", "qconv/cli/evaluate.py"} <= set(names)
     entry_points = (
