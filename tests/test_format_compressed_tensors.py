@@ -485,3 +485,14 @@ def test_aqlm_and_hqq_still_check_their_own_choices():
     with pytest.raises(UsageError) as error:
         get_format("hqq").make_recipe({"solver": "rtn"})
     assert str(error.value) == "method hqq: solver rtn is not supported; choose from qconv, hqq"
+
+
+def test_model_card_says_how_to_serve():
+    """From the declarations (stock_loader, libraries, serving_engines): transformers, vLLM, SGLang."""
+    from qconv.model_card import _loading
+
+    text = "\n".join(_loading("compressed-tensors", "me/model-W4A16"))
+    assert "Stock transformers loads it (install `compressed-tensors`):" in text
+    assert "Serve with vLLM:\n\n```bash\nvllm serve me/model-W4A16\n```" in text
+    assert "python -m sglang.launch_server --model-path me/model-W4A16" in text
+    assert "vllm" not in "\n".join(_loading("bnb", "me/model"))
