@@ -496,3 +496,44 @@ def test_model_card_says_how_to_serve():
     assert "Serve with vLLM:\n\n```bash\nvllm serve me/model-W4A16\n```" in text
     assert "python -m sglang.launch_server --model-path me/model-W4A16" in text
     assert "vllm" not in "\n".join(_loading("bnb", "me/model"))
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_dequantize_matches_compressed_tensors_on_llm_compressors_bytes(scheme):
+    """qconv's dequantize reads llm-compressor's own folders as compressed-tensors' decompressor
+    does: its float32 values, rounded once to the scale's dtype, are compressed-tensors' bf16
+    weights exactly (a code minus a zero point is exact in bf16, the product is rounded once)."""
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+
+    folder = REFERENCE / scheme
+    config = json.loads((folder / "config.json").read_text())["quantization_config"]
+    group = config["config_groups"]["group_0"]
+    ct_scheme = QuantizationScheme.model_validate(
+        {k: group[k] for k in ("targets", "weights", "input_activations")}
+    )
+    compressor = BaseCompressor.get_value_from_registry(config["format"])
+    tensors = folder_tensors(folder)
+    recipe = {"scheme": scheme, "dtype": "bfloat16"}
+    layers = sorted({k.rsplit(".", 1)[0] for k in tensors if k.endswith(".weight_scale")})
+    assert len(layers) == 7
+    for name in layers:
+        layer = {k.removeprefix(name + "."): v for k, v in tensors.items() if k.startswith(name + ".")}
+        expected = compressor.decompress(dict(layer), ct_scheme)["weight"]
+        assert expected.dtype == torch.bfloat16
+        assert torch.equal(CT.dequantize(layer, recipe).to(torch.bfloat16), expected), name
+
+
+def test_load_model_reads_llm_compressors_folder():
+    """A folder llm-compressor made (config.json only, no qconv.json), through qconv.load_model:
+    the format is found by quant_method, and W4A16_ASYM takes the dequantize=True path."""
+    pytest.importorskip("compressed_tensors")
+    import qconv
+
+    model = qconv.load_model(REFERENCE / "W4A16_ASYM", device="cpu", dtype=torch.float32)
+    tensors = folder_tensors(REFERENCE / "W4A16_ASYM")
+    name = "model.layers.0.self_attn.q_proj"
+    layer = {k.removeprefix(name + "."): v for k, v in tensors.items() if k.startswith(name + ".")}
+    expected = CT.dequantize(layer, {"scheme": "W4A16_ASYM"}).to(torch.bfloat16).float()
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, expected)
