@@ -13,6 +13,7 @@ Names used throughout:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -216,6 +217,12 @@ class QuantFormat:
         apart) and the folder's recipe (``{}`` for a folder qconv did not make). Only formats
         that load through ``qconv.load_model`` (``stock_loader`` None) implement it."""
         raise NotImplementedError
+
+    def input_quantizer(self, recipe: dict) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """What the method's runtime does to a quantized layer's input before its matmul (the
+        dynamic activation quantization of W8A8 schemes), so that qconv's reference does the
+        same; None (the default): the input is used as it is."""
+        return None
 
     def loader_tolerance(self, recipe: dict) -> float:
         """Largest relative logits difference allowed between the real loader's model and

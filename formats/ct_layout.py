@@ -131,6 +131,32 @@ def dequantize(quantized: Quantized, in_features: int) -> torch.Tensor:
     return (values * quantized.scale.to(torch.float32).unsqueeze(-1)).flatten(-2)
 
 
+def quantize_activations(x: torch.Tensor, activations: tuple[int, str]) -> torch.Tensor:
+    """compressed-tensors' dynamic per-token input quantization, as its forward runs it before a
+    W8A8 or FP8_DYNAMIC layer's matmul (``forward_quantize`` with ``compute_dynamic_scales_and_zp``
+    and ``_quantize_dequantize``): per token, ``scale = absmax / 127.5`` (int8) or ``/ 448`` (FP8)
+    in ``x``'s dtype, ``x / scale`` clipped and rounded (int8) or cast to E4M3, times the scale.
+    Its TOKEN strategy keeps dimensions 0 and 1 and reduces the rest: a 3-D ``[batch, seq,
+    hidden]`` input gets a scale per token, a 2-D one a single scale (reproduced)."""
+    bits, kind = activations
+    scheme = Scheme("activations", bits, kind, "token", True, None, None, "")
+    q_min, q_max = code_range(scheme)
+    q_min_t, q_max_t = torch.tensor(q_min, device=x.device), torch.tensor(q_max, device=x.device)
+    if x.dim() > 2:
+        dims = tuple(range(2, x.dim()))
+        low, high = x.amin(dim=dims, keepdim=True), x.amax(dim=dims, keepdim=True)
+    else:
+        low, high = torch.aminmax(x)
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    absmax = torch.max(torch.min(low, zero).abs(), torch.max(high, zero).abs())
+    scale = absmax / ((q_max_t - q_min_t).to(x.dtype) / 2)
+    eps = torch.tensor(torch.finfo(scale.dtype).eps, dtype=scale.dtype, device=scale.device)
+    scale = torch.where(scale == 0, eps, scale)
+    scaled = torch.clamp(x / scale, q_min_t, q_max_t)
+    codes = scaled.to(FP8_DTYPE).to(x.dtype) if kind == "float" else torch.round(scaled)
+    return codes * scale
+
+
 # -- pack-quantized: codes packed into int32 --------------------------------------------------
 def packed_columns(columns: int, bits: int) -> int:
     return math.ceil(columns * bits / 32)

@@ -124,6 +124,26 @@ def test_numbers_and_bytes_match_compressed_tensors(name, dtype):
         assert torch.equal(ct_layout.pack_int32(ours.codes, scheme.bits), pack_to_int32(codes, scheme.bits))
 
 
+@pytest.mark.parametrize("shape", [(2, 5, 256), (7, 256)])
+@pytest.mark.parametrize("name", ["W8A8", "FP8_DYNAMIC"])
+def test_activation_quantization_matches_compressed_tensors(name, shape):
+    """What compressed-tensors' forward does to a W8A8 / FP8_DYNAMIC layer's input (dynamic
+    per-token scales, fake quantization), on a 3-D input (a scale per token) and a 2-D one (its
+    TOKEN strategy then reduces every dimension: one scale)."""
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
+    from compressed_tensors.quantization.utils import compute_dynamic_scales_and_zp
+
+    args = PRESET_SCHEMES[name]["input_activations"]
+    torch.manual_seed(1)
+    x = torch.randn(shape) * 3
+    x[0, ..., :] = 0  # an all-zero token (3-D) or row (2-D)
+    scale, zero = compute_dynamic_scales_and_zp(x, args, module=None)
+    expected = fake_quantize(x, scale, zero, args)
+    assert torch.equal(ct_layout.quantize_activations(x, ct_layout.SCHEMES[name].activations), expected)
+
+
 def test_fp8_codes_clip_at_448():
     """FP8_DYNAMIC: the per-channel scale maps absmax to 448; w / scale is clipped to +-448 (as
     llm-compressor does) so a scale rounded down cannot push a code past E4M3's largest value."""
@@ -313,9 +333,12 @@ def reference_model(source: Path, artifact: Path):
     manifest = json.loads((artifact / "qconv.json").read_text())
     tensors = folder_tensors(artifact)
     modules = dict(model.named_modules())
+    quantize_input = CT.input_quantizer(manifest["recipe"])
     for name in manifest["layers"]:
         layer = {k.removeprefix(name + "."): v for k, v in tensors.items() if k.startswith(name + ".")}
         modules[name].weight.data = CT.dequantize(layer, manifest["recipe"])
+        if quantize_input is not None:  # W8A8, FP8_DYNAMIC: the runtime quantizes each input
+            modules[name].register_forward_pre_hook(lambda _m, args: (quantize_input(args[0]),))
     return model.eval(), manifest
 
 
