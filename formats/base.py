@@ -35,7 +35,7 @@ class Option:
 
     Two methods may declare one name (``bits``) only with the same ``type``, ``choices`` and
     ``flag``: the CLI has one ``--bits`` for all of them (:func:`register` refuses a conflict).
-    ``help`` and ``default`` may differ; the CLI shows the first registered method's help.
+    ``help`` and ``default`` may differ; the CLI joins the methods' helps.
     """
 
     name: str

@@ -560,3 +560,11 @@ def test_load_model_reads_llm_compressors_folder():
     layer = {k.removeprefix(name + "."): v for k, v in tensors.items() if k.startswith(name + ".")}
     expected = CT.dequantize(layer, {"scheme": "W4A16_ASYM"}).to(torch.bfloat16).float()
     assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, expected)
+
+
+def test_shared_options_show_every_methods_help(cli):
+    """--scheme, --group-size and --solver serve several methods: the help names each one's."""
+    text = " ".join(cli("convert", "--help").stdout.split())
+    assert "aqlm: codebooks x bits each (default 1x16); compressed-tensors: llm-compressor's scheme" in text
+    assert "compressed-tensors: 'rtn' (llm-compressor's round to nearest); hqq: 'qconv'" in text
+    assert "--bits INTEGER bits a weight: 4 or 8 (bnb), or the method's own widths --quant-type" in text
