@@ -31,7 +31,12 @@ SAFETENSORS_DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-TORCH_TO_SAFETENSORS = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+# what artifacts may hold: the same, and compressed-tensors' FP8 weights. Sources still refuse
+# F8_E4M3: a checkpoint's FP8 weights need scales no reader here applies.
+TORCH_TO_SAFETENSORS = {
+    **{dtype: name for name, dtype in SAFETENSORS_DTYPES.items()},
+    torch.float8_e4m3fn: "F8_E4M3",
+}
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # the working dtypes a user may name (``--dtype``), by the name torch gives them
 WORKING_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}

@@ -126,6 +126,7 @@ def _loading(method: str, repo: str) -> list[str]:
             f'model = AutoModelForCausalLM.from_pretrained("{repo}", device_map="auto")',
             f'tokenizer = AutoTokenizer.from_pretrained("{repo}")',
             "```",
+            *_serving(fmt.serving_engines, repo),
         ]
     return [
         f"transformers 5.x cannot load {method} folders; `qconv.load_model` can "
@@ -141,6 +142,21 @@ def _loading(method: str, repo: str) -> list[str]:
         "tokenizer = AutoTokenizer.from_pretrained(folder)",
         "```",
     ]
+
+
+#: how each serving engine a method declares (``QuantFormat.serving_engines``) serves a Hub repo
+_SERVE = {
+    "vllm": ("vLLM", "vllm serve {repo}"),
+    "sglang": ("SGLang", "python -m sglang.launch_server --model-path {repo}"),
+}
+
+
+def _serving(engines: tuple[str, ...], repo: str) -> list[str]:
+    lines = []
+    for engine in engines:
+        name, command = _SERVE[engine]
+        lines += ["", f"Serve with {name}:", "", "```bash", command.format(repo=repo), "```"]
+    return lines
 
 
 def _metrics(metrics: list[dict]) -> list[str]:

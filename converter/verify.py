@@ -248,6 +248,11 @@ def logits_comparison(artifact: Artifact, source: Source, device: torch.device) 
     for module in artifact.layers:
         weight = modules[module].weight
         weight.data = artifact.dequantize(module).to(device=device, dtype=torch.float32)
+    # a method whose runtime quantizes each layer's input (W8A8) has the reference do the same
+    quantize_input = artifact.format.input_quantizer(artifact.recipe)
+    if quantize_input is not None:
+        for module in artifact.layers:
+            modules[module].register_forward_pre_hook(lambda _m, args: (quantize_input(args[0]), *args[1:]))
     stored = artifact.unquantized_keys()
     for name, param in model.named_parameters():  # as stored: rounded, or fine-tuned (aqlm's norms)
         if name in stored:

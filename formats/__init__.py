@@ -8,6 +8,7 @@ subclass, call ``register`` at import, add the import below, and add its tests (
 from qconv.formats import (
     format_aqlm,  # noqa: F401  (registers "aqlm")
     format_bnb,  # noqa: F401  (registers "bnb")
+    format_compressed_tensors,  # noqa: F401  (registers "compressed-tensors")
     format_eetq,  # noqa: F401  (registers "eetq")
     format_hqq,  # noqa: F401  (registers "hqq")
 )

@@ -13,6 +13,7 @@ Names used throughout:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -34,7 +35,7 @@ class Option:
 
     Two methods may declare one name (``bits``) only with the same ``type``, ``choices`` and
     ``flag``: the CLI has one ``--bits`` for all of them (:func:`register` refuses a conflict).
-    ``help`` and ``default`` may differ; the CLI shows the first registered method's help.
+    ``help`` and ``default`` may differ; the CLI joins the methods' helps.
     """
 
     name: str
@@ -112,6 +113,9 @@ class QuantFormat:
     #: the pip extra of pyproject.toml that installs what running the folder needs, or None
     #: when qconv needs nothing more (the model card names it)
     extra: str | None = None
+    #: serving engines that read this method's folders as they are (``"vllm"``, ``"sglang"``):
+    #: the model card shows how to serve the folder with each
+    serving_engines: tuple[str, ...] = ()
     #: the key after a module name that marks the module as quantized in a folder of this format
     #: (used by qconv's own loader, for formats without a stock one)
     marker_suffix: ClassVar[str] = "weight"
@@ -213,6 +217,12 @@ class QuantFormat:
         apart) and the folder's recipe (``{}`` for a folder qconv did not make). Only formats
         that load through ``qconv.load_model`` (``stock_loader`` None) implement it."""
         raise NotImplementedError
+
+    def input_quantizer(self, recipe: dict) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """What the method's runtime does to a quantized layer's input before its matmul (the
+        dynamic activation quantization of W8A8 schemes), so that qconv's reference does the
+        same; None (the default): the input is used as it is."""
+        return None
 
     def loader_tolerance(self, recipe: dict) -> float:
         """Largest relative logits difference allowed between the real loader's model and

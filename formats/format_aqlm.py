@@ -86,7 +86,8 @@ class AQLMFormat(QuantFormat):
                     "scheme",
                     str,
                     "aqlm: codebooks x bits each (default 1x16)",
-                    choices=tuple(SCHEMES),
+                    # no choices here: compressed-tensors declares --scheme too (its own names);
+                    # make_recipe checks the value with the same message
                     default="1x16",
                 ),
                 Option("in_group_size", int, "aqlm: input weights a code covers (default 8)", default=8),
@@ -112,6 +113,7 @@ class AQLMFormat(QuantFormat):
     def make_recipe(self, options: dict[str, Any]) -> dict[str, Any]:
         options = self.given_options(options)
         scheme = options["scheme"]
+        check_choice(self, "scheme", scheme, tuple(SCHEMES))
         in_group = options["in_group_size"]
         check_choice(self, "in_group_size", in_group, IN_GROUP_SIZES)
         num_codebooks, nbits = SCHEMES[scheme]

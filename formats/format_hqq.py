@@ -131,7 +131,8 @@ class HQQFormat(QuantFormat):
                     str,
                     "hqq: 'qconv' (default: each group keeps its best iterate, fused GPU kernel) or "
                     "'hqq' (hqq's own algorithm, reproduced exactly)",
-                    choices=SOLVERS,
+                    # no choices here: compressed-tensors declares --solver too (rtn, hqq);
+                    # make_recipe checks the value with the same message
                 ),
             ),
         )
@@ -150,6 +151,8 @@ class HQQFormat(QuantFormat):
                 method=self.name,
             )
         axis = 1 if given["axis"] is None else given["axis"]
+        if given["solver"] is not None:
+            check_choice(self, "solver", given["solver"], SOLVERS)
         return {
             "method": self.name,
             "bits": bits,

@@ -44,6 +44,7 @@ def test_methods_declare_what_they_are():
     assert declared == {
         "aqlm": ("aqlm", "transformers", "aqlm"),
         "bnb": ("bitsandbytes", "transformers", None),
+        "compressed-tensors": ("compressed-tensors", "transformers", "compressed-tensors"),
         "eetq": ("eetq", None, None),  # pure torch: no `eetq` extra to install
         "hqq": ("hqq", None, "hqq"),
     }
@@ -172,6 +173,7 @@ def test_model_card_says_how_each_method_loads():
     assert first == {
         "aqlm": "Stock transformers loads it (install `aqlm`):",
         "bnb": "Stock transformers loads it (install `bitsandbytes`):",
+        "compressed-tensors": "Stock transformers loads it (install `compressed-tensors`):",
         "eetq": "transformers 5.x cannot load eetq folders; `qconv.load_model` can (`pip install qconv`):",
         "hqq": "transformers 5.x cannot load hqq folders; `qconv.load_model` can (`pip install qconv[hqq]`):",
     }

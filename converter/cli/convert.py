@@ -16,13 +16,26 @@ def method_options(f):
     """One click option per method option name: methods declaring one name agree on its type and
     choices (``register`` refuses them otherwise), so one ``--bits`` serves bnb, hqq and eetq."""
     for option in reversed(list(all_options().values())):
+        text = _joined_help(option.name)
         if option.flag:
             flag = option.cli_name
-            f = click.option(f"{flag}/--no-{flag[2:]}", option.name, default=None, help=option.help)(f)
+            f = click.option(f"{flag}/--no-{flag[2:]}", option.name, default=None, help=text)(f)
         else:
             kind = click.Choice(option.choices) if option.choices else option.type
-            f = click.option(option.cli_name, option.name, type=kind, default=None, help=option.help)(f)
+            f = click.option(option.cli_name, option.name, type=kind, default=None, help=text)(f)
     return f
+
+
+def _joined_help(name: str) -> str:
+    """The helps of every method declaring the option, in registration order (``--scheme``:
+    aqlm's codebooks and compressed-tensors' schemes), leaving out one that an earlier help
+    already begins with (``bits a weight``)."""
+    kept: list[str] = []
+    for fmt in all_formats().values():
+        for option in fmt.options:
+            if option.name == name and option.help and not any(k.startswith(option.help) for k in kept):
+                kept.append(option.help)
+    return "; ".join(kept)
 
 
 device_option = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
