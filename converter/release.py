@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from qconv.errors import QconvError, UsageError
-from qconv.evaluate import DEFAULT_SEQLEN, EvalResult, evaluate, evaluate_source
+from qconv.evaluate import DEFAULT_SEQLEN, EvalResult, evaluate, evaluate_source, is_shipped_text
 from qconv.formats import get_format
 from qconv.hub import push
 from qconv.pipeline import convert
@@ -132,7 +132,7 @@ def load_plan(path: str | Path) -> ReleasePlan:
     unknown = set(settings) - set(EVAL_DEFAULTS)
     if unknown:
         raise UsageError(f"{where}: [eval] has unknown key {sorted(unknown)[0]!r}")
-    if settings["text"]:
+    if settings["text"] and not is_shipped_text(settings["text"]):
         settings["text"] = str((path.parent / settings["text"]).expanduser())
     output_dir = (path.parent / doc.get("output_dir", "release-out")).expanduser()
     matrix = doc.get("matrix")

@@ -190,3 +190,14 @@ def test_eval_runs_formats_loaded_by_qconv(cli, source, tmp_path, method):
     assert doc["recorded"] is True and doc["id"] == converted["id"]
     assert math.isfinite(doc["metrics"]["ppl"]) and doc["metrics"]["ppl"] > 1
     assert 0 <= doc["metrics"]["kl"] < 0.05 and doc["metrics"]["top1"] > 0.8
+
+
+def test_eval_text_by_name_is_the_shipped_text(cli, artifact):
+    """``--text wikitext2`` names the shipped WikiText-2 test text: the same protocol as the default."""
+    out, _ = artifact
+    args = ("--max-windows", "1", "--seqlen", SEQLEN, "--device", "cpu")
+    _, named = cli.json("eval", out, "--text", "wikitext2", *args)
+    _, default = cli.json("eval", out, *args)
+    assert named["protocol"]["dataset"] == default["protocol"]["dataset"] == "wikitext-2-raw-v1 test"
+    assert named["protocol"]["dataset_sha256"] == default["protocol"]["dataset_sha256"]
+    assert named["metrics"] == default["metrics"]

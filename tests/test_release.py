@@ -181,3 +181,13 @@ def test_example_plan_parses():
     ]
     assert plan.entries[3].gates == {"max_layer_error": 0.25, "max_ppl_increase": 2.0}
     json.dumps([e.options for e in plan.entries])
+
+
+def test_example_plan_names_the_shipped_text(tmp_path):
+    """The example runs from any clone: its eval text is the shipped one, by name, and a plan
+    moved elsewhere still means it (a file name stays relative to the plan)."""
+    example = Path(__file__).parent.parent / "examples" / "release-smollm2.toml"
+    assert load_plan(example).eval["text"] == "wikitext2"
+    moved = tmp_path / "plan.toml"
+    moved.write_text(example.read_text().replace('text = "wikitext2"', 'text = "mine.txt"'))
+    assert load_plan(moved).eval["text"] == str(tmp_path / "mine.txt")

@@ -17,7 +17,7 @@ from qconv.cli.render import json_option, print_json, progress_bars, stderr, std
     "--text",
     type=click.Path(path_type=Path),
     default=None,
-    help="Text to measure on (default: the WikiText-2 test split shipped with qconv).",
+    help="Text to measure on: a file, or wikitext2 (the default: the WikiText-2 test split shipped with qconv).",
 )
 @click.option("--seqlen", type=int, default=2048, show_default=True, help="Tokens per window.")
 @click.option("--max-windows", type=int, default=None, help="Only the first N windows.")
