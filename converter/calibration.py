@@ -70,8 +70,13 @@ def load_calibration(source: ModelSource, text: str | None, tokens: int, seqlen:
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder)
         except Exception as exc:  # noqa: BLE001 - any failure means the source ships no usable tokenizer
-            raise SourceError(
-                f"{source.ref}: no usable tokenizer for the calibration text ({str(exc).splitlines()[0]})"
+            # the cause is the source, the way out an option: name it (a UsageError's field)
+            detail = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UsageError(
+                literal(f"{source.ref}: no usable tokenizer for the calibration text ({detail}); ")
+                + "{option} {value} quantizes from the weights alone",
+                option="calibration",
+                value="none",
             ) from None
     ids = tokenizer(content, add_special_tokens=False, return_attention_mask=False)["input_ids"]
     ids = torch.tensor(ids, dtype=torch.long)

@@ -439,7 +439,9 @@ def test_a_source_without_tokenizer_cannot_be_calibrated(cli, tiny_llama, tmp_pa
         "convert", tiny_llama, "-o", tmp_path / "out", "--method", "aqlm", "--device", "cpu", ok=None
     )
     assert result.exit_code == 2
-    assert "no usable tokenizer for the calibration text" in result.output
+    error = result.stderr.strip()
+    assert error.startswith(f"Error: {tiny_llama}: no usable tokenizer for the calibration text (")
+    assert error.endswith("); --calibration none quantizes from the weights alone"), error
     assert not (tmp_path / "out").exists() and not (tmp_path / ".out.qconv-checkpoint").exists()
 
 
