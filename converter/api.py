@@ -101,6 +101,8 @@ class Qconv:
         HQQ: ``method`` None), verify it, and record it (``record``): ``result.artifact_id``."""
         # opened first: a registry that cannot be opened fails before the conversion, not after
         registry = self.registry if record else None
+        if registry is not None:
+            registry.check_writable()  # a newer qconv's registry: refused before hours of work
         result = convert(
             str(source),
             output,
@@ -164,6 +166,8 @@ class Qconv:
         divergence from the source and top-1 agreement (:mod:`qconv.evaluate`). Recorded on the
         artifact's registry row, when it has one and ``record``."""
         artifact = self.resolve(ref)
+        if record and artifact.id is not None:
+            self.registry.check_writable()
         result = evaluate(
             artifact.path,
             text=text,
@@ -196,6 +200,8 @@ class Qconv:
         card (the registry's metrics); the commit is recorded. Refused for an artifact that did
         not pass verification unless ``force``. The token: ``token``, else HF_TOKEN or the
         stored login."""
+        if not dry_run:
+            self.registry.check_writable()  # before the upload, not after it
         return push(
             ref,
             repo,
@@ -215,6 +221,8 @@ class Qconv:
         one ends. The plan's own ``device`` is used."""
         if not isinstance(plan, ReleasePlan):
             plan = load_plan(plan)
+        if not dry_run:
+            self.registry.check_writable()
         return release(plan, registry=self.registry, dry_run=dry_run, on_entry=on_entry)
 
     def load_model(self, ref: str | Path, device: str | None = None, dtype=None):

@@ -94,7 +94,11 @@ def open_registry(path: str | Path | None = None) -> Registry:
         # Off by default in SQLite, per connection: without it ON DELETE CASCADE does nothing.
         db.execute("PRAGMA foreign_keys = ON")
         _check_is_registry(db, path)
-        _prepare_schema(db)
+        newer = _unknown_migrations(db)
+        if newer:  # never apply this qconv's migrations to a schema it does not know
+            db.enable_wal()
+        else:
+            _prepare_schema(db)
     except sqlite3.DatabaseError as exc:
         conn.close()
         if _is_not_a_database(exc):
@@ -103,7 +107,17 @@ def open_registry(path: str | Path | None = None) -> Registry:
     except BaseException:
         conn.close()
         raise
-    return Registry(db, path)
+    return Registry(db, path, newer)
+
+
+def _unknown_migrations(db: Database) -> tuple[str, ...]:
+    """Migrations recorded in the file that this qconv does not have: a newer qconv wrote it."""
+    known = {m.name for m in migrations._migrations}
+    return tuple(sorted(m.name for m in migrations.applied(db) if m.name not in known))
+
+
+def known_migrations() -> tuple[str, ...]:
+    return tuple(m.name for m in migrations._migrations)
 
 
 def _prepare_schema(db: Database) -> None:
@@ -129,9 +143,20 @@ def _prepare_schema(db: Database) -> None:
 class Registry:
     """An open registry. Use :func:`open_registry` to get one; close it, or use it in ``with``."""
 
-    def __init__(self, db: Database, path: Path):
+    def __init__(self, db: Database, path: Path, newer: tuple[str, ...] = ()):
         self.db = db
         self.path = path
+        #: migrations a newer qconv recorded in this file (then it is only read, never written)
+        self.newer = newer
+
+    def check_writable(self) -> None:
+        """Refuse to write into a registry a newer qconv wrote: its schema may hold columns and
+        rules this qconv would leave inconsistent. Reading it stays possible."""
+        if self.newer:
+            raise RegistryError(
+                f"{self.path}: written by a newer qconv (migration {', '.join(self.newer)}; this qconv "
+                f"knows {', '.join(known_migrations())}); not writing to it: upgrade qconv"
+            )
 
     def __repr__(self) -> str:
         return f"<Registry {self.path}>"
@@ -153,6 +178,7 @@ class Registry:
         (same id) replaces the rows that come from the manifest and keeps its metrics and pushes;
         a verify result stored since is kept when the manifest carries none.
         """
+        self.check_writable()
         rows = rows_from_manifest(manifest, path)
         ident = rows.artifact["id"]
         with self._writing(f"cannot record {path}"):
@@ -174,6 +200,7 @@ class Registry:
     def set_verify(self, artifact_id: str, verify: dict) -> str:
         """Store a later verify result (``{"passed": bool, "checks": [...], ...}``) for an
         artifact (id or unique prefix); return the full id."""
+        self.check_writable()
         flag = verified_flag(verify)
         with self._writing(f"cannot store the verify result for {artifact_id}"):
             ident = self.resolve_id(artifact_id)
@@ -183,6 +210,7 @@ class Registry:
     def record_verify_for_path(self, path: str | Path, verify: dict) -> str | None:
         """Store a verify result for the newest artifact recorded at ``path`` (the folder there
         now); return its id, or None when nothing was recorded there."""
+        self.check_writable()
         flag = verified_flag(verify)
         with self._writing(f"cannot store the verify result for {path}"):
             ident = self._newest_at_path(path)
@@ -197,6 +225,7 @@ class Registry:
         """Record an upload of an artifact (id or unique prefix) to a hub: the repo id, the
         revision (branch or tag) pushed to, the commit it made, a url to it. Returns the stored
         row (keys ``PUSH_COLUMNS``); ``created`` is now, in UTC."""
+        self.check_writable()
         if not isinstance(repo, str) or not repo.strip():
             raise RegistryError("a push needs the repo it went to")
         row = {
@@ -216,10 +245,12 @@ class Registry:
         top1...), its value, and the protocol it was measured with (a JSON object; its keys
         dataset, dataset_sha256, seqlen, windows and tokens are copied into columns too).
         Returns the stored row."""
+        self.check_writable()
         return self.record_metrics(artifact_id, {name: value}, protocol)[0]
 
     def record_metrics(self, artifact_id: str, values: dict[str, float], protocol: dict) -> list[dict]:
         """Several measurements made together under one protocol, in one transaction."""
+        self.check_writable()
         if not isinstance(protocol, dict):
             raise RegistryError("a metric's protocol must be an object (dict)")
         columns = {
@@ -249,6 +280,7 @@ class Registry:
         folder whose ``qconv.json`` gives this id, holding nothing but the files it lists.
         Otherwise RegistryError, and nothing is removed. Returns ``{"id", "path",
         "files_deleted"}`` (False when the folder was gone already)."""
+        self.check_writable()
         row = self.resolve(ref)
         ident, folder = row["id"], Path(row["path"])
         if not delete_files:

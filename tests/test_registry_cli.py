@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sqlite3
 
 import pytest
 from test_registry import PASSED, artifact_folder, make_manifest
@@ -179,3 +180,37 @@ def test_an_id_whose_folder_was_replaced_is_refused(cli, tiny_llama, tmp_path):
     assert run_error(cli, "verify", ident) == (
         f"Error: {ident}: artifact {ident} was recorded at {out.resolve()}, which no longer exists"
     )
+
+
+def test_a_registry_written_by_a_newer_qconv_is_read_but_never_written(cli, recorded, tiny_llama, tmp_path):
+    """A newer qconv recorded a migration this one does not know: ls and show still read it and
+    say so; every command that would write refuses in one line naming the versions, before any
+    work (convert writes no artifact)."""
+    db = tmp_path / "qconv-home" / "registry.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute(
+            "INSERT INTO _sqlite_migrations (migration_set, name, applied_at) VALUES (?, ?, ?)",
+            ("qconv", "m099_future", "2027-01-01 00:00:00+00:00"),
+        )
+    result = cli("ls", "--json")
+    assert [row["id"] for row in json.loads(result.stdout)] == ids_of(recorded)
+    assert (
+        result.stderr.strip() == f"note: {db} was written by a newer qconv (migration m099_future): read only"
+    )
+    assert cli("show", recorded["b"][:6]).exit_code == 0
+    refused = (
+        f"Error: {db}: written by a newer qconv (migration m099_future; this qconv knows "
+        "m001_initial, m002_provenance_columns); not writing to it: upgrade qconv"
+    )
+    assert run_error(cli, "rm", recorded["a"]) == refused
+    out = tmp_path / "new"
+    assert run_error(cli, "convert", tiny_llama, "-o", out, "--method", "bnb", "--device", "cpu") == refused
+    assert not out.exists()
+    with sqlite3.connect(db) as conn:  # nothing removed, nothing added, the future row kept
+        assert conn.execute("SELECT count(*) FROM artifacts").fetchone() == (3,)
+        assert conn.execute("SELECT count(*) FROM _sqlite_migrations").fetchone() == (3,)
+
+
+def ids_of(recorded) -> list[str]:
+    """The three recorded artifacts, newest first (as ls lists them)."""
+    return [recorded["c"], recorded["b"], recorded["a"]]

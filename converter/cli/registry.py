@@ -12,7 +12,16 @@ import click
 from rich.table import Table
 
 from qconv.api import Qconv
-from qconv.cli.render import checks_table, fmt_float, fmt_size, json_option, layers_table, print_json, stdout
+from qconv.cli.render import (
+    checks_table,
+    fmt_float,
+    fmt_size,
+    json_option,
+    layers_table,
+    print_json,
+    stderr,
+    stdout,
+)
 from qconv.formats import all_formats
 
 SORT_CHOICES = ("created", "size", "bits", "error", "ppl", "method", "base")
@@ -37,6 +46,7 @@ SORT_CHOICES = ("created", "size", "bits", "error", "ppl", "method", "base")
 def list_artifacts(method, bits, base, pushed, sort, reverse, as_json):
     """List recorded artifacts, newest first."""
     with Qconv() as api:
+        _say_if_newer(api)
         rows = api.registry.list_artifacts(
             method=method, bits=bits, base=base, pushed=pushed, sort=sort, reverse=reverse
         )
@@ -83,6 +93,7 @@ def list_artifacts(method, bits, base, pushed, sort, reverse, as_json):
 def show(ref, all_layers, as_json):
     """Everything recorded about one artifact: provenance, metrics, pushes and its files."""
     with Qconv() as api:
+        _say_if_newer(api)
         record = api.registry.get_artifact(api.registry.resolve(ref)["id"])
     if as_json:
         print_json(record)
@@ -232,3 +243,12 @@ def _render_record(record: dict, all_layers: bool) -> None:
         shown = layers if all_layers else layers[:10]
         stdout.print(layers_table(f"layers ({len(shown)} of {len(layers)}, worst first)", shown))
     stdout.print(_file_table(f"files ({len(record['files'])})", record["files"]))
+
+
+def _say_if_newer(api: Qconv) -> None:
+    """A registry a newer qconv wrote is read as it is, and never written (one line on stderr)."""
+    if api.registry.newer:
+        stderr.print(
+            f"note: {api.registry.path} was written by a newer qconv "
+            f"(migration {', '.join(api.registry.newer)}): read only"
+        )
