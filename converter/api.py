@@ -136,6 +136,8 @@ class Qconv:
         default the manifest's, and the real loader's logits); the result is stored on its
         registry row when it has one."""
         artifact = self.resolve(ref)
+        if artifact.id is not None:
+            self.registry.check_writable()
         report = run_verify(
             artifact.path,
             source,

@@ -203,6 +203,7 @@ def test_a_registry_written_by_a_newer_qconv_is_read_but_never_written(cli, reco
         "m001_initial, m002_provenance_columns); not writing to it: upgrade qconv"
     )
     assert run_error(cli, "rm", recorded["a"]) == refused
+    assert run_error(cli, "verify", recorded["c"], "--device", "cpu") == refused
     out = tmp_path / "new"
     assert run_error(cli, "convert", tiny_llama, "-o", out, "--method", "bnb", "--device", "cpu") == refused
     assert not out.exists()
