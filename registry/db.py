@@ -112,12 +112,14 @@ def open_registry(path: str | Path | None = None) -> Registry:
 
 def _unknown_migrations(db: Database) -> tuple[str, ...]:
     """Migrations recorded in the file that this qconv does not have: a newer qconv wrote it."""
-    known = {m.name for m in migrations._migrations}
+    known = set(known_migrations())
     return tuple(sorted(m.name for m in migrations.applied(db) if m.name not in known))
 
 
 def known_migrations() -> tuple[str, ...]:
-    return tuple(m.name for m in migrations._migrations)
+    """This qconv's migrations, in order: all of them are pending on an empty database
+    (sqlite-utils' public view of the set, rather than its private list)."""
+    return tuple(m.name for m in migrations.pending(Database(memory=True)))
 
 
 def _prepare_schema(db: Database) -> None:
