@@ -254,6 +254,17 @@ def aqlm_block8b_table(path: Path, rel: str) -> list[str]:
     notes += sorted(
         {c["extrapolation"]["tokens_note"] for c in timed if c["extrapolation"].get("tokens_note")}
     )
+    for name in names:
+        partial = cases[name]
+        if "partial" in partial:  # what a case cut off at the budget measured before it stopped
+            totals, done = partial["totals_s"], partial.get("layers_done", [])
+            notes.append(
+                f"{_block8b_case(name)} was cut off at the run's time budget after "
+                f"{partial['seconds_so_far']:.0f} s, {len(done)} of {len(r['block']['linears'])} "
+                f"layers done: beam search {totals.get('beam_search_s', 0):.0f} s, Adam "
+                f"{totals.get('adam_s', 0):.0f} s, init {totals.get('init_s', 0):.1f} s; so its block takes "
+                "longer than that"
+            )
     if notes:
         lines += [""] + [f"_{note}._" for note in notes]
     return lines
