@@ -70,6 +70,9 @@ MODELS = {
     "qwen2-biases": TinyModel("qwen2", n_embd=128, n_head=4, n_head_kv=2, n_ff=256, n_layer=8, biases=True),
     # 8 experts: attn_v and attn_k Q8_0, attn_output Q5_K; a router kept in F32; 3-D expert tensors
     "llama-moe8": TinyModel("llama", n_embd=256, n_head=4, n_head_kv=4, n_ff=256, n_layer=3, n_expert=8),
+    # falcon: a fused attn_qkv (ruled as attn_v), its own ffn_down/attn_output/output rules,
+    # layer norms with biases; 16 blocks
+    "falcon-qkv": TinyModel("falcon", n_embd=256, n_head=4, n_head_kv=1, n_ff=512, n_layer=16),
     # 80 blocks with grouped KV heads: llama.cpp calls it a 70B, whose attn_v gets Q5_K
     "llama-70b": TinyModel(
         "llama", n_embd=256, n_head=8, n_head_kv=1, n_ff=256, n_layer=80, only_v_and_down=True
@@ -90,6 +93,16 @@ def tensor_list(model: TinyModel) -> list[tuple[str, tuple[int, ...], type]]:
         out.append(("rope_freqs.weight", (head // 2,), np.float32))
     for i in sorted(range(model.n_layer), key=str):  # safetensors' order: 0, 1, 10, 11, 2...
         b = f"blk.{i}."
+        if model.arch == "falcon":
+            out += [
+                (b + "attn_norm.weight", (d,), np.float32),
+                (b + "attn_norm.bias", (d,), np.float32),
+                (b + "attn_qkv.weight", (d + 2 * kv, d), np.float16),
+                (b + "attn_output.weight", (d, d), np.float16),
+                (b + "ffn_up.weight", (f, d), np.float16),
+                (b + "ffn_down.weight", (d, f), np.float16),
+            ]
+            continue
         if model.only_v_and_down:
             out += [(b + "attn_v.weight", (16, d), np.float16), (b + "ffn_down.weight", (16, f), np.float16)]
             continue
@@ -135,6 +148,7 @@ def write_gguf(path: Path, model: TinyModel, seed: int = 0) -> None:
     writer.add_head_count(model.n_head)
     writer.add_head_count_kv(model.n_head_kv)
     writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_layer_norm_eps(1e-5)  # falcon's
     writer.add_rope_freq_base(10000.0)
     if model.n_expert:
         writer.add_expert_count(model.n_expert)
