@@ -87,7 +87,7 @@ class Qconv:
         *,
         skip: tuple[str, ...] | list[str] = (),
         dtype: str = "auto",
-        max_shard_size: str | int = "5GB",
+        max_shard_size: str | int | None = None,
         force: bool = False,
         verify: bool = True,
         logits: bool | None = None,

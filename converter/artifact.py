@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from qconv.errors import ArtifactError
 from qconv.files import SafetensorsFolder
 from qconv.formats import get_format
 from qconv.formats.base import QuantFormat
@@ -35,6 +36,14 @@ class Artifact:
         if self._tensors is None:  # opened on first use: checks of the manifest alone need no weights
             self._tensors = SafetensorsFolder(self.folder)
         return self._tensors
+
+    @property
+    def gguf_file(self) -> Path:
+        """A GGUF artifact's file llama.cpp opens: the only .gguf, or the first of its parts."""
+        names = sorted(name for name in self.manifest.get("files", {}) if name.endswith(".gguf"))
+        if not names:
+            raise ArtifactError(f"{self.folder}: its manifest lists no .gguf file")
+        return self.folder / names[0]
 
     def unquantized_keys(self) -> set[str]:
         """Tensors stored as plain values (everything but the quantized layers' own tensors)."""

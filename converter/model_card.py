@@ -40,6 +40,15 @@ def model_card(manifest: dict) -> str:
             else "- Layer errors: unknown (no float source to measure them against)"
         ),
         f"- Left unquantized: {', '.join(f'`{m}`' for m in manifest['skipped']) or 'none'}",
+        *(
+            [
+                f"- GGUF file: `{n}` (llama.cpp loads it)"
+                for n in sorted(manifest["files"])
+                if n.endswith(".gguf")
+            ][:1]
+            if manifest.get("files")
+            else []
+        ),
         "",
         "Every file's sha256 and each layer's error are in `qconv.json`; `qconv verify` re-checks them.",
         "",
@@ -60,7 +69,11 @@ def hub_model_card(manifest: dict, metrics: list[dict], repo: str) -> str:
         front += [f"base_model: {_yaml_str(base)}", "base_model_relation: quantized"]
     if source.get("license"):
         front.append(f"license: {_yaml_str(source['license'])}")
-    front += ["library_name: transformers", "tags:", "- qconv", f"- {method}", "- quantized"]
+    if get_format(method).container == "gguf":
+        # the Hub's GGUF convention: no transformers library, the gguf tag and the file type
+        front += ["tags:", "- qconv", "- gguf", "- quantized", f"- {recipe['type']}"]
+    else:
+        front += ["library_name: transformers", "tags:", "- qconv", f"- {method}", "- quantized"]
     bits = recipe.get("bits")
     if bits:
         front.append(f"- {bits}-bit")
@@ -91,7 +104,7 @@ def hub_model_card(manifest: dict, metrics: list[dict], repo: str) -> str:
         "",
         "## Use",
         "",
-        *_loading(method, repo),
+        *_loading(method, repo, manifest),
         "",
         "## Metrics",
         "",
@@ -113,9 +126,11 @@ def _base_model(source: dict) -> str | None:
     return None
 
 
-def _loading(method: str, repo: str) -> list[str]:
+def _loading(method: str, repo: str, manifest: dict) -> list[str]:
     """How to load it, as the method declares (``stock_loader``, ``libraries``, ``extra``)."""
     fmt = get_format(method)
+    if fmt.stock_loader == "llama.cpp":
+        return _gguf_loading(repo, manifest)
     if fmt.stock_loader == "transformers":
         return [
             f"Stock transformers loads it (install `{' '.join(fmt.libraries)}`):",
@@ -140,6 +155,34 @@ def _loading(method: str, repo: str) -> list[str]:
         f'folder = snapshot_download("{repo}")',
         'model = qconv.load_model(folder, device="cuda")',
         "tokenizer = AutoTokenizer.from_pretrained(folder)",
+        "```",
+    ]
+
+
+def _gguf_loading(repo: str, manifest: dict) -> list[str]:
+    """llama.cpp and what is built on it, by the file type (the Hub's ``repo:TYPE`` shorthand)."""
+    file_type = manifest["recipe"]["type"]
+    names = sorted(n for n in manifest.get("files", {}) if n.endswith(".gguf"))
+    first = names[0] if names else f"*{file_type}.gguf"
+    verified = (manifest.get("verify") or {}).get("logits") or {}
+    lines = [
+        f"One GGUF file, `{first}`" + (f" (first of {len(names)} parts)" if len(names) > 1 else "") + ".",
+    ]
+    if verified.get("loader"):
+        lines[0] += f" Verified with {verified['loader']}."
+    return [
+        *lines,
+        "",
+        "```bash",
+        f"llama-cli -hf {repo}:{file_type} -p 'Hello'",
+        f"ollama run hf.co/{repo}:{file_type}",
+        "```",
+        "",
+        "```python",
+        "from llama_cpp import Llama",
+        "",
+        f'llm = Llama.from_pretrained(repo_id="{repo}", filename="{first}")',
+        'print(llm("Hello", max_tokens=32)["choices"][0]["text"])',
         "```",
     ]
 

@@ -12,15 +12,17 @@ import json
 import os
 import queue
 import shutil
+import tempfile
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from qconv import gguf_export
 from qconv.artifact import Artifact
 from qconv.environment import environment, peak_rss_bytes, resolve_device, resolve_dtype
 from qconv.errors import DestinationExistsError, QconvError, UsageError, literal
@@ -47,6 +49,8 @@ from qconv.writer import PlannedTensor, SafetensorsShardWriter
 # float32 and the artifact) is skipped unless asked for; `qconv verify` can run it later.
 LOGITS_CHECK_AUTO_MAX_PARAMS = 2_000_000_000
 READ_AHEAD = 4  # tensors read ahead of the one being quantized
+#: the largest output file unless --max-shard-size says otherwise, by container
+DEFAULT_MAX_SHARD = {"safetensors": "5GB", "gguf": gguf_export.DEFAULT_MAX_SHARD}
 WRITE_QUEUE = 8  # tensors waiting for the writer thread
 
 
@@ -140,7 +144,7 @@ def convert(
     skip: tuple[str, ...] | list[str] = (),
     device: str = "auto",
     dtype: str = "auto",
-    max_shard_size: str | int = "5GB",
+    max_shard_size: str | int | None = None,
     force: bool = False,
     verify: bool = True,
     logits: bool | None = None,
@@ -172,6 +176,8 @@ def convert(
         recipe = fmt.make_recipe(dict(options or {}))
     dest = Path(output).expanduser()
     check_destination(dest, str(source_ref), force)
+    if max_shard_size is None:
+        max_shard_size = DEFAULT_MAX_SHARD[fmt.container]
     try:
         max_shard_bytes = parse_size(max_shard_size)
     except ValueError as exc:
@@ -189,6 +195,11 @@ def convert(
                 {"dtype": dtype_name(working_dtype), "skip": list(skip), "label": fmt.label(recipe)}
             )
         plan = make_plan(source, fmt, recipe, list(skip))
+        gguf_model = None
+        if fmt.container == "gguf":  # refused here, before anything is written, if llama.cpp cannot take it
+            with tempfile.TemporaryDirectory(prefix="qconv-gguf-") as scratch:
+                gguf_model = gguf_export.describe_source(source, Path(scratch))
+                gguf_plan = gguf_export.plan_tensors(source, gguf_model, recipe, list(skip))
         dest.parent.mkdir(parents=True, exist_ok=True)
         checkpoint = dest.parent / f".{dest.name}.qconv-checkpoint"
         if checkpoint.exists() and not resume and force:
@@ -211,21 +222,38 @@ def convert(
             shutil.rmtree(tmp)
         tmp.mkdir()
         try:
-            result = _convert_into(
-                source,
-                plan,
-                fmt,
-                recipe,
-                tmp,
-                torch_device,
-                working_dtype,
-                max_shard_bytes,
-                verify,
-                logits,
-                max_rel_error,
-                progress,
-                prepared,
-            )
+            if gguf_model is not None:
+                result = _convert_gguf_into(
+                    source,
+                    plan,
+                    gguf_model,
+                    gguf_plan,
+                    fmt,
+                    recipe,
+                    tmp,
+                    torch_device,
+                    max_shard_bytes,
+                    verify,
+                    logits,
+                    max_rel_error,
+                    progress,
+                )
+            else:
+                result = _convert_into(
+                    source,
+                    plan,
+                    fmt,
+                    recipe,
+                    tmp,
+                    torch_device,
+                    working_dtype,
+                    max_shard_bytes,
+                    verify,
+                    logits,
+                    max_rel_error,
+                    progress,
+                    prepared,
+                )
             _move_into_place(tmp, dest)
             if prepared is not None:
                 shutil.rmtree(checkpoint, ignore_errors=True)  # the artifact holds it all now
@@ -455,6 +483,82 @@ def _convert_into(
         "source_hash_wait_s": source_hash_wait_s,
         "verify_s": time.perf_counter() - t1,
         "bytes_written": writer.bytes_written,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_gpu_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+    }
+    return ConvertResult(path=tmp, manifest=finite(manifest), report=report, stats=stats)
+
+
+def _convert_gguf_into(
+    source: Source,
+    plan: Plan,
+    model: gguf_export.GGUFModel,
+    planned: list[gguf_export.PlannedTensor],
+    fmt: QuantFormat,
+    recipe: dict,
+    tmp: Path,
+    device: torch.device,
+    max_shard_bytes: int,
+    verify: bool,
+    logits: bool | None,
+    max_rel_error: float | None,
+    progress: ProgressSink,
+) -> ConvertResult:
+    """The GGUF path (``fmt.container == "gguf"``): one llama.cpp file instead of safetensors
+    shards and config.json; the manifest, model card and verification as for every method."""
+    t0 = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.init()
+        torch.cuda.reset_peak_memory_stats(device)
+    source.start_hashing()
+    path = tmp / f"{gguf_export.file_stem(source)}-{recipe['type']}.gguf"
+    written = gguf_export.write_gguf(
+        source, model, planned, fmt, recipe, path, device, max_shard_bytes, progress
+    )
+    convert_s = time.perf_counter() - t0
+    source_file_hashes = source.file_hashes()
+    layers = written.layers
+    measured = [kv for kv in layers.items() if kv[1]["rel_error"] is not None]
+    worst = max(measured, key=lambda kv: kv[1]["rel_error"]) if measured else (None, {"rel_error": None})
+    recipe["gguf_architecture"] = model.arch
+    manifest = new_manifest(
+        source_entry(source, plan.architecture, source_file_hashes),
+        recipe,
+        None,
+        environment(device, fmt.libraries),
+        layers,
+        written.skipped,
+        {
+            "quantized_params": written.quantized_params,
+            "total_params": written.total_params,
+            "quantized_layers": len(layers),
+            "bits_per_weight": 8 * written.quantized_bytes / max(written.quantized_params, 1),
+            "worst_layer": worst[0],
+            "worst_rel_error": worst[1]["rel_error"],
+            "tensor_types": dict(sorted(Counter(t.ggml_type for t in planned).items())),
+        },
+    )
+    manifest["files"] = dict(written.files)  # the model card names the .gguf file
+    seal_artifact(tmp, manifest, dict(written.files), [])
+    report = None
+    t1 = time.perf_counter()
+    run_logits = logits if logits is not None else written.total_params <= LOGITS_CHECK_AUTO_MAX_PARAMS
+    if verify:
+        report = VerifyReport(path=str(tmp))
+        check_layers(layers, max_rel_error, report)
+        if run_logits:
+            progress.start("verify", None, "models")
+            artifact = Artifact(tmp)
+            check_loader(artifact, source, device, report)
+            artifact.close()
+            progress.finish("verify")
+        manifest["verify"] = report.manifest_entry()
+        write_manifest(tmp, manifest)
+    stats = {
+        "convert_s": convert_s,
+        **{k: round(v, 3) for k, v in written.timers.items()},
+        "verify_s": time.perf_counter() - t1,
+        "bytes_written": sum(f["size"] for f in written.files.values()),
         "peak_rss_bytes": peak_rss_bytes(),
         "peak_gpu_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
     }

@@ -178,6 +178,8 @@ def recompute_layer_errors(
     artifact: Artifact, source: Source, device: torch.device, progress=None
 ) -> dict[str, dict]:
     """Dequantize every layer from the artifact's files and compare with the source, anew."""
+    if artifact.format.container == "gguf":
+        return _recompute_gguf_errors(artifact, source, device, progress)
     dtype = getattr(torch, artifact.recipe.get("dtype", "bfloat16"))
     infos = {t.name: t for t in source.tensors()}
     errors = {}
@@ -196,6 +198,30 @@ def recompute_layer_errors(
         }
         if progress:
             progress.advance("verify")
+    return errors
+
+
+def _recompute_gguf_errors(
+    artifact: Artifact, source: Source, device: torch.device, progress=None
+) -> dict[str, dict]:
+    """A GGUF artifact's layers read back through transformers' own GGUF reader (the ``gguf``
+    package's dequantizer and transformers' undoing of llama.cpp's renames and permutations:
+    nothing of qconv's writer), compared with the source's float weights."""
+    infos = {t.name for t in source.tensors()}
+    errors = {}
+    with open_source(str(artifact.gguf_file)) as stored:
+        for module, recorded in artifact.layers.items():
+            key = f"{module}.weight"
+            if key not in infos:
+                raise SourceError(f"{source.ref}: the source has no tensor {key!r}")
+            reference = source.read(key).to(device=device, dtype=torch.float32)
+            errors[module] = {
+                **layer_error(reference, stored.read(key).to(device=device, dtype=torch.float32)),
+                "shape": list(reference.shape),
+                "format": recorded.get("format"),
+            }
+            if progress:
+                progress.advance("verify")
     return errors
 
 
@@ -241,6 +267,8 @@ def next_token_divergence(reference_logits: torch.Tensor, logits: torch.Tensor) 
 
 def logits_comparison(artifact: Artifact, source: Source, device: torch.device) -> dict[str, Any]:
     """Source logits, qconv's dequantized reference, and the real loader's, on the same prompts."""
+    if artifact.format.container == "gguf":
+        return _gguf_logits_comparison(artifact, source, device)
     model = reference_model(source, device, getattr(torch, artifact.recipe.get("dtype", "float32")))
     prompts = prompt_ids(artifact.folder, model.config.vocab_size)
     source_logits = _logits(model, prompts, device)
@@ -280,6 +308,58 @@ def logits_comparison(artifact: Artifact, source: Source, device: torch.device) 
         "loader_top1_vs_reference": (loaded_all.argmax(-1) == reference_all.argmax(-1)).float().mean().item(),
         "top1_agreement": top1,
         "kl": kl,
+        "finite": bool(torch.isfinite(loaded_all).all()),
+    }
+
+
+def _gguf_logits_comparison(artifact: Artifact, source: Source, device: torch.device) -> dict[str, Any]:
+    """llama.cpp (llama-cpp-python) runs the file; qconv's reference is the model transformers
+    builds from the same file (every weight dequantized by the ``gguf`` package, computing in
+    float32); the source runs in float32. All three see the token ids llama.cpp's own tokenizer
+    gives the prompts."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        raise ImportError("llama-cpp-python is not installed (pip install 'qconv[llama]')") from None
+    import numpy as np
+
+    path = artifact.gguf_file
+    llm = Llama(model_path=str(path), n_ctx=256, logits_all=True, verbose=False)
+    try:
+        prompts = [torch.tensor([llm.tokenize(p.encode("utf-8"), add_bos=True)]) for p in PROMPTS]
+        loaded_logits = []
+        for ids in prompts:
+            llm.reset()
+            llm.eval(ids[0].tolist())
+            loaded_logits.append(torch.from_numpy(np.array(llm.scores[: ids.shape[1]], dtype=np.float32)))
+    finally:
+        llm.close()
+    with open_source(str(path)) as stored:
+        model = reference_model(stored, device, torch.float32)
+        reference_logits = _logits(model, prompts, device)
+        del model
+    model = reference_model(source, device, torch.float32)
+    source_logits = _logits(model, prompts, device)
+    del model
+    vocab = min(x.shape[-1] for x in (loaded_logits[0], reference_logits[0], source_logits[0]))
+    loaded_all, reference_all, source_all = (
+        torch.cat([t[:, :vocab] for t in x]) for x in (loaded_logits, reference_logits, source_logits)
+    )
+    loader_rel = (
+        torch.linalg.vector_norm(loaded_all - reference_all) / torch.linalg.vector_norm(reference_all)
+    ).item()
+    kl_sum, same_top1 = next_token_divergence(source_all, loaded_all)
+    import llama_cpp
+
+    return {
+        "prompts": len(prompts),
+        "tokens": int(sum(p.numel() for p in prompts)),
+        "loader": f"llama.cpp (llama-cpp-python {llama_cpp.__version__})",
+        "loader_rel_diff": loader_rel,
+        "loader_max_abs_diff": (loaded_all - reference_all).abs().max().item(),
+        "loader_top1_vs_reference": (loaded_all.argmax(-1) == reference_all.argmax(-1)).float().mean().item(),
+        "top1_agreement": same_top1 / source_all.shape[0],
+        "kl": kl_sum / source_all.shape[0],
         "finite": bool(torch.isfinite(loaded_all).all()),
     }
 

@@ -10,6 +10,7 @@ from qconv.formats import (
     format_bnb,  # noqa: F401  (registers "bnb")
     format_compressed_tensors,  # noqa: F401  (registers "compressed-tensors")
     format_eetq,  # noqa: F401  (registers "eetq")
+    format_gguf,  # noqa: F401  (registers "gguf")
     format_hqq,  # noqa: F401  (registers "hqq")
 )
 from qconv.formats.base import (

@@ -123,6 +123,10 @@ class QuantFormat:
     #: subclass keeps its float weight there, so the planner leaves it unquantized, naming this),
     #: or None when every ``nn.Linear`` can be stored quantized
     exact_linear_loader: ClassVar[str | None] = None
+    #: what the artifact's weights are stored in: ``"safetensors"`` (a Hugging Face folder, the
+    #: pipeline's streaming shard writer) or ``"gguf"`` (one llama.cpp file, written by
+    #: ``qconv.gguf_export``, with its own names, metadata and per-tensor types)
+    container: ClassVar[str] = "safetensors"
 
     # -- recipe -------------------------------------------------------------------------------
     def make_recipe(self, options: dict[str, Any]) -> dict[str, Any]:

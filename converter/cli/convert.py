@@ -72,7 +72,11 @@ max_rel_error_option = click.option(
     show_default=True,
     help="dtype of unquantized tensors and of the weights fed to the quantizer (auto: the source's).",
 )
-@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard.")
+@click.option(
+    "--max-shard-size",
+    default=None,
+    help="Largest output file (default 5GB for safetensors shards; 48GB for gguf, split as gguf-split does).",
+)
 @click.option("--force", is_flag=True, help="Replace an existing artifact folder.")
 @click.option(
     "--resume",

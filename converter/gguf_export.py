@@ -1,0 +1,285 @@
+"""The GGUF conversion: read -> plan -> quantize -> write, for methods whose container is one
+llama.cpp file (``formats/format_gguf.py``). The pipeline (:mod:`qconv.pipeline`) calls
+:func:`convert_into` in place of its safetensors writer, and does the rest as for every method:
+destination checks, the temporary folder renamed into place, the manifest, verify, record.
+
+Line by line:
+- describe the source for GGUF (``formats/gguf_metadata.py``): llama.cpp's architecture, its
+  hyper-parameters and tokenizer as metadata, each tensor's GGUF name and transform;
+- plan every tensor's GGML type with llama.cpp's own rules for the file type
+  (``formats/gguf_mix.py``), in the order llama.cpp's quantizer writes them;
+- write the header (metadata and every tensor's name, shape, type and offset) first, then the
+  tensors one at a time: read, transform, quantize (on the GPU where there is one), measure the
+  error with the ``gguf`` package's own dequantizer, write. Memory: one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from qconv.errors import QconvError, SourceError
+from qconv.files import sha256_file
+from qconv.formats.format_gguf import FLOAT_TYPES, GGUFFormat
+from qconv.formats.gguf_metadata import GGUFModel, describe_gguf, describe_hf
+from qconv.formats.gguf_mix import ModelFacts, quantize_order, tensor_types
+from qconv.manifest import base_model_name
+from qconv.plan import compile_skip_patterns
+from qconv.progress import ProgressSink
+from qconv.sources import Source
+
+#: rows dequantized at a time when measuring a tensor's error (bounded memory for a 128k-row
+#: token embedding: this many elements of float32 at most, about 64 MB)
+ERROR_CHUNK_ELEMENTS = 16 * 2**20
+#: a tensor kept unquantized by --skip is stored in this type (llama.cpp's intermediate type)
+SKIPPED_TYPE = "F16"
+#: the default --max-shard-size of a GGUF artifact: the Hub refuses files over 50 GB, so a model
+#: bigger than this is split as llama.cpp's gguf-split splits it (llama.cpp loads the first part)
+DEFAULT_MAX_SHARD = "48GB"
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One tensor of the GGUF file, in write order."""
+
+    source_name: str  # the Hugging Face name read from the source
+    name: str  # the GGUF name
+    shape: tuple[int, ...]  # torch order ([rows, row length]; [n] for 1-D)
+    ggml_type: str
+    module: str | None  # the layer it belongs to, for weights of 2 dimensions (manifest key)
+
+    @property
+    def quantized(self) -> bool:
+        return self.ggml_type not in ("F32", "F16", "BF16")
+
+
+def file_stem(source: Source) -> str:
+    """NAME of ``NAME-TYPE.gguf``: the source's short name, without a GGUF source's type suffix
+    (``SmolLM2-135M-Instruct.Q4_1.gguf`` -> ``SmolLM2-135M-Instruct``)."""
+    name = base_model_name(source.kind, source.ref) or "model"
+    name = name.rsplit("/", 1)[-1]
+    if source.kind == "gguf":
+        name = re.sub(r"[.-](?:[FQ]\d+(?:_[0-9A-Z]+)*|BF16|IQ\d\w*)$", "", name, flags=re.IGNORECASE)
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "model"
+
+
+def describe_source(source: Source, scratch: Path) -> GGUFModel:
+    """The source as llama.cpp needs it described. A GGUF source keeps its own metadata (the
+    tokenizer exactly as it was); other sources are described from config.json and their
+    tokenizer files, written into ``scratch`` first."""
+    name = file_stem(source)
+    if source.kind == "gguf":
+        import gguf
+
+        return describe_gguf(gguf.GGUFReader(str(source.path)), name)
+    scratch.mkdir(parents=True, exist_ok=True)
+    source.write_support_files(scratch)
+    return describe_hf(source.config_dict(), scratch, name)
+
+
+def plan_tensors(source: Source, model: GGUFModel, recipe: dict, skip: list[str]) -> list[PlannedTensor]:
+    """Every tensor of the file with its GGML type, in the order llama.cpp's quantizer writes
+    them. A weight matching ``--skip`` stays in float (:data:`SKIPPED_TYPE`)."""
+    patterns = compile_skip_patterns(skip)
+    entries: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for info in source.tensors():
+        name = model.tensor_name(info.name)
+        if name is None:
+            continue
+        if name in entries:
+            raise SourceError(
+                f"{source.ref}: tensors {entries[name][0]!r} and {info.name!r} both map to {name}"
+            )
+        entries[name] = (info.name, tuple(info.shape))
+    if not entries:
+        raise SourceError(f"{source.ref}: no tensor llama.cpp's {model.arch} architecture uses")
+    order = quantize_order(list(entries))
+    facts = ModelFacts(
+        arch=model.arch,
+        n_layer=model.n_layer,
+        n_head=model.n_head,
+        n_head_kv=model.n_head_kv,
+        n_expert=model.n_expert,
+    )
+    types = tensor_types(recipe["type"], [(name, entries[name][1]) for name in order], facts)
+    planned = []
+    for name in order:
+        source_name, shape = entries[name]
+        module = (
+            source_name[: -len(".weight")] if source_name.endswith(".weight") and len(shape) >= 2 else None
+        )
+        ggml_type = types[name]
+        if module is not None and ggml_type not in FLOAT_TYPES and _matches(module, patterns):
+            ggml_type = SKIPPED_TYPE
+        planned.append(PlannedTensor(source_name, name, shape, ggml_type, module))
+    return planned
+
+
+def _matches(module: str, patterns: list[re.Pattern]) -> bool:
+    return any(p.fullmatch(module) or p.fullmatch(module.rsplit(".", 1)[-1]) for p in patterns)
+
+
+def _add_metadata(writer, model: GGUFModel, recipe: dict) -> None:
+    import gguf
+
+    for key, value, vtype in model.metadata():
+        if key == gguf.Keys.General.ARCHITECTURE:
+            continue  # the writer adds it from its arch
+        if vtype is None:
+            _add_inferred(writer, key, value)
+        elif vtype == gguf.GGUFValueType.ARRAY:
+            writer.add_array(key, value)
+        else:
+            writer.add_key_value(key, value, vtype)
+    writer.add_file_type(recipe["file_type"])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _add_inferred(writer, key: str, value: Any) -> None:
+    if isinstance(value, bool):
+        writer.add_bool(key, value)
+    elif isinstance(value, int):
+        writer.add_uint32(key, value) if value >= 0 else writer.add_int32(key, value)
+    elif isinstance(value, float):
+        writer.add_float32(key, value)
+    elif isinstance(value, str):
+        writer.add_string(key, value)
+    else:
+        writer.add_array(key, list(value))
+
+
+def byte_shape(shape: tuple[int, ...], ggml_type: str) -> tuple[int, ...]:
+    """The shape of a tensor's bytes as uint8 (the last dimension in bytes)."""
+    import gguf
+
+    block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[ggml_type]]
+    *rows, n = shape
+    if n % block:
+        raise SourceError(f"rows of {n} are not a multiple of {ggml_type}'s block of {block}")
+    return (*rows, n // block * type_size)
+
+
+@dataclass
+class WrittenGGUF:
+    files: dict[str, dict]  # file name -> {"sha256", "size"}
+    layers: dict[str, dict]  # module -> error entry
+    skipped: dict[str, str]  # module -> why it stays in float
+    quantized_params: int
+    total_params: int
+    quantized_bytes: int
+    timers: dict[str, float]
+
+
+def write_gguf(
+    source: Source,
+    model: GGUFModel,
+    planned: list[PlannedTensor],
+    fmt: GGUFFormat,
+    recipe: dict,
+    path: Path,
+    device: torch.device,
+    max_shard_bytes: int,
+    progress: ProgressSink,
+) -> WrittenGGUF:
+    """Write the GGUF file(s) at ``path`` (parts named as gguf-split names them when the file
+    would exceed ``max_shard_bytes``) and measure every quantized tensor's error."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), model.arch, split_max_size=max_shard_bytes)
+    _add_metadata(writer, model, recipe)
+    for tensor in planned:
+        shape = byte_shape(tensor.shape, tensor.ggml_type)
+        nbytes = int(np.prod(shape))
+        writer.add_tensor_info(
+            tensor.name,
+            shape,
+            np.dtype(np.uint8),
+            nbytes,
+            raw_dtype=gguf.GGMLQuantizationType[tensor.ggml_type],
+        )
+    layers: dict[str, dict] = {}
+    skipped: dict[str, str] = {}
+    timers = {"read_s": 0.0, "quantize_s": 0.0, "measure_s": 0.0, "write_s": 0.0}
+    quantized_params = total_params = quantized_bytes = 0
+    progress.start("quantize", len(planned))
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for tensor in planned:
+            clock = time.perf_counter()
+            values = source.read(tensor.source_name)
+            timers["read_s"] += time.perf_counter() - clock
+            clock = time.perf_counter()
+            if tuple(values.shape) != tensor.shape:
+                raise SourceError(f"tensor {tensor.source_name!r} changed shape while reading")
+            values = values.to(device=device, dtype=torch.float32)
+            try:
+                values = model.transform(tensor.source_name, values)
+                rows = values.reshape(-1, tensor.shape[-1])
+                data = fmt.quantize_as(rows, tensor.ggml_type, recipe["solver"]).cpu().numpy()
+            except QconvError as exc:
+                raise exc.with_context(tensor.source_name) from None
+            timers["quantize_s"] += time.perf_counter() - clock
+            total_params += values.numel()
+            if tensor.module is not None and tensor.quantized:
+                clock = time.perf_counter()
+                layers[tensor.module] = {
+                    **_tensor_error(fmt, rows, data, tensor.ggml_type),
+                    "shape": list(tensor.shape),
+                    "format": tensor.ggml_type,
+                    "gguf_name": tensor.name,
+                }
+                quantized_params += values.numel()
+                quantized_bytes += data.nbytes
+                timers["measure_s"] += time.perf_counter() - clock
+            elif tensor.module is not None:
+                skipped[tensor.module] = _float_reason(tensor, recipe)
+            del values, rows
+            clock = time.perf_counter()
+            writer.write_tensor_data(data.reshape(byte_shape(tensor.shape, tensor.ggml_type)))
+            timers["write_s"] += time.perf_counter() - clock
+            progress.advance("quantize")
+        writer.flush()
+    finally:
+        writer.close()
+        progress.finish("quantize")
+    names = [p.name for p in writer.format_shard_names(path)]
+    files = {}
+    for name in names:
+        file = path.parent / name
+        files[name] = {"sha256": sha256_file(file), "size": file.stat().st_size}
+    return WrittenGGUF(files, layers, skipped, quantized_params, total_params, quantized_bytes, timers)
+
+
+def _float_reason(tensor: PlannedTensor, recipe: dict) -> str:
+    if tensor.ggml_type == SKIPPED_TYPE and recipe.get("skip"):
+        return f"kept {tensor.ggml_type} (matches --skip, or llama.cpp's rules for {recipe['type']})"
+    return f"kept {tensor.ggml_type} by llama.cpp's rules for {recipe['type']}"
+
+
+def _tensor_error(fmt: GGUFFormat, rows: torch.Tensor, data: np.ndarray, ggml_type: str) -> dict[str, float]:
+    """Relative Frobenius error, max abs error and SNR of a tensor's stored bytes against its
+    float32 rows, dequantized by the ``gguf`` package in chunks of rows (bounded memory)."""
+    import math
+
+    chunk = max(1, ERROR_CHUNK_ELEMENTS // rows.shape[1])
+    ref_sq = diff_sq = 0.0
+    max_abs = 0.0
+    for start in range(0, rows.shape[0], chunk):
+        part = rows[start : start + chunk].to("cpu", torch.float64)
+        restored = torch.from_numpy(fmt.dequantize_bytes(data[start : start + chunk], ggml_type)).double()
+        diff = restored.reshape(part.shape) - part
+        ref_sq += float((part * part).sum())
+        diff_sq += float((diff * diff).sum())
+        max_abs = max(max_abs, float(diff.abs().max()) if diff.numel() else 0.0)
+    ref_norm, diff_norm = math.sqrt(ref_sq), math.sqrt(diff_sq)
+    rel = diff_norm / ref_norm if ref_norm > 0 else (0.0 if diff_norm == 0 else math.inf)
+    snr = 20 * math.log10(ref_norm / diff_norm) if diff_norm > 0 and ref_norm > 0 else math.inf
+    return {"rel_error": rel, "max_abs": max_abs, "snr_db": snr}
