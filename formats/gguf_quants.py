@@ -123,23 +123,25 @@ def _first_at(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, index[:, None])[:, 0]
 
 
-def _sequential_sum(terms: torch.Tensor) -> torch.Tensor:
-    """``s = 0; for j: s += terms[:, j]`` in float32, the C's order (torch.sum adds pairwise)."""
-    columns = terms.t().contiguous()
-    total = torch.zeros_like(columns[0])
-    for column in columns:
-        total = total + column
-    return total
+def _iq4nl_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lookup tables for :func:`_best_index`: the index and the level of the nearest IQ4_NL
+    level for ``floor(2 t)``, -256..256 (offset by 256)."""
+    values = torch.tensor(_IQ4NL_VALUES, dtype=torch.float32)
+    midpoints = (values[1:] + values[:-1]) / 2
+    twice = torch.arange(-256, 257, dtype=torch.float32)
+    index = (twice[:, None] >= 2 * midpoints[None]).sum(dim=1)
+    return index.to(device), values[index].to(device)
 
 
-def _best_index(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """ggml-quants.c best_index_int8: the index of the level nearest ``x``, ties to the upper one
-    unless ``x - lower < upper - x`` in float32; below the first level 0, above the last 15."""
-    upper = torch.bucketize(x, values, right=True).clamp(1, len(values) - 1)
-    below, above = values[upper - 1], values[upper]
-    index = torch.where((x - below) < (above - x), upper - 1, upper)
-    index = torch.where(x <= values[0], 0, index)
-    return torch.where(x >= values[-1], len(values) - 1, index)
+def _best_index(tables: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, level: bool = False):
+    """ggml-quants.c best_index_int8 over kvalues_iq4nl: the nearest level's index (or, with
+    ``level``, the level itself), a tie going to the upper one. The C's float32 test
+    ``x - lower < upper - x`` is true exactly below the midpoint for these integer levels (every
+    float32 near each midpoint checked: test_best_index_is_ggmls). The midpoints are multiples of
+    1/2, so ``x >= midpoint`` is ``floor(2 x) >= 2 midpoint`` (doubling is exact) and the answer
+    a table lookup on ``floor(2 x)``, which is faster than a binary search (bucketize)."""
+    key = (x * 2).floor_().clamp_(-256, 256).to(torch.int64) + 256
+    return torch.take(tables[1] if level else tables[0], key)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,33 +187,51 @@ def _llama_iq4_nl(x: torch.Tensor, spec: _Legacy) -> tuple[torch.Tensor, None, t
     """quantize_iq4_nl without an imatrix: quantize_row_iq4_nl_impl(QK4_NL, 32, ..., ntry=7).
     Weights ``x*x``; a first scale ``-max/values[0]`` refit by weighted least squares, then 15
     tries ``id = (itry + values[0]) / max``, itry -7..7, each kept when ``sumqx^2 > best*sumq2``;
-    the codes are taken again with the float32 scale (not its fp16 rounding) at the end."""
-    values = torch.tensor(_IQ4NL_VALUES, dtype=torch.float32, device=x.device)
-    weight = x * x
+    the codes are taken again with the float32 scale (not its fp16 rounding) at the end. The 16
+    sets of codes and sums are computed together (fewer, larger tensor ops), on
+    ``_IQ4NL_BLOCKS`` blocks at a time to bound the memory they take."""
+    parts = [_llama_iq4_nl_blocks(part) for part in x.split(_IQ4NL_BLOCKS)]
+    return torch.cat([p[0] for p in parts]), None, torch.cat([p[2] for p in parts])
+
+
+#: blocks per batch of _llama_iq4_nl: 16 tries x 32 values x this, about 16 MB per float tensor
+_IQ4NL_BLOCKS = 1 << 13
+
+
+def _llama_iq4_nl_blocks(x: torch.Tensor) -> tuple[torch.Tensor, None, torch.Tensor]:
+    tables = _iq4nl_tables(x.device)
+    first_level = _const(x, float(_IQ4NL_VALUES[0]))
     magnitude = x.abs()
     amax = magnitude.amax(dim=1)
     signed = _first_at(x, magnitude.argmax(dim=1))
     empty = amax < _const(x, _GROUP_MAX_EPS)
     signed = torch.where(empty, torch.ones_like(signed), signed)  # empty blocks: scale 0 below
 
-    def sums(inverse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        level = values[_best_index(values, inverse[:, None] * x)]
-        wq = weight * level
-        return _sequential_sum(wq * x), _sequential_sum(wq * level)
+    first = (-signed) / first_level
+    tries = torch.arange(-7, 8, dtype=torch.float32, device=x.device) + first_level
+    inverses = torch.cat([(_const(x, 1.0) / first)[None], tries[:, None] / signed[None]])
+    # [tries, 32, blocks]: value j of every block is one contiguous row, so the C's sums over
+    # j run as 32 additions of whole rows
+    xt = x.t().contiguous()
+    level = _best_index(tables, inverses[:, None, :] * xt, level=True)
+    wq = (xt * xt) * level
+    qx, q2 = wq * xt, wq * level
+    sumqx = torch.zeros_like(inverses)
+    sumq2 = torch.zeros_like(inverses)
+    for j in range(x.shape[1]):
+        sumqx += qx[:, j]
+        sumq2 += q2[:, j]
 
-    d = (-signed) / values[0]
-    sumqx, sumq2 = sums(_const(x, 1.0) / d)
-    d = torch.where(sumq2 > 0, sumqx / sumq2, torch.zeros_like(sumqx))
-    best = d * sumqx
-    for itry in range(-7, 8):
-        sumqx, sumq2 = sums(_const(x, float(itry + _IQ4NL_VALUES[0])) / signed)
-        better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
-        refit = sumqx / sumq2
+    d = torch.where(sumq2[0] > 0, sumqx[0] / sumq2[0], torch.zeros_like(first))
+    best = d * sumqx[0]
+    for t in range(1, len(tries) + 1):
+        better = (sumq2[t] > 0) & (sumqx[t] * sumqx[t] > best * sumq2[t])
+        refit = sumqx[t] / sumq2[t]
         d = torch.where(better, refit, d)
-        best = torch.where(better, refit * sumqx, best)
+        best = torch.where(better, refit * sumqx[t], best)
     d = torch.where(empty, torch.zeros_like(d), d)
     inverse = torch.where(d != 0, _const(x, 1.0) / d, torch.zeros_like(d))
-    return _fp16(d), None, _best_index(values, inverse[:, None] * x)
+    return _fp16(d), None, _best_index(tables, inverse[:, None] * x)
 
 
 def _llama(x: torch.Tensor, spec: _Legacy):
@@ -243,8 +263,7 @@ def _values(spec: _Legacy, d16: torch.Tensor, m16: torch.Tensor | None, codes: t
 def _nearest(spec: _Legacy, t: torch.Tensor) -> torch.Tensor:
     """The code of the level nearest ``t`` (in units of the scale)."""
     if spec.nonlinear:
-        levels = torch.tensor(_IQ4NL_VALUES, dtype=torch.float32, device=t.device)
-        return torch.bucketize(t, (levels[1:] + levels[:-1]) / 2)
+        return _best_index(_iq4nl_tables(t.device), t)
     return torch.round(t).clamp(spec.low, spec.high).to(torch.int32)
 
 
