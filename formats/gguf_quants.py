@@ -267,6 +267,13 @@ def _nearest(spec: _Legacy, t: torch.Tensor) -> torch.Tensor:
     return torch.round(t).clamp(spec.low, spec.high).to(torch.int32)
 
 
+def _nearest_level(spec: _Legacy, t: torch.Tensor) -> torch.Tensor:
+    """The level nearest ``t`` (in units of the scale), as float32."""
+    if spec.nonlinear:
+        return _best_index(_iq4nl_tables(t.device), t, level=True)
+    return torch.round(t).clamp_(spec.low, spec.high)
+
+
 def _codes_for(spec: _Legacy, x: torch.Tensor, d16: torch.Tensor, m16: torch.Tensor | None):
     """Nearest codes for the stored (fp16) scale and min: the best codes these numbers allow."""
     d = d16.to(torch.float32)
@@ -300,12 +307,14 @@ def _search_symmetric(x: torch.Tensor, spec: _Legacy) -> torch.Tensor:
     best_err = torch.full_like(signed, float("inf"))
     best_d = torch.zeros_like(signed, dtype=torch.float16)
     for landing in _scale_candidates(spec):
-        codes = _nearest(spec, x * (landing / signed)[:, None])
-        level = _levels(spec, codes)
+        level = _nearest_level(spec, x * (landing / signed)[:, None])
         sumq2 = (level * level).sum(dim=1)
         d = torch.where(sumq2 > 0, (level * x).sum(dim=1) / sumq2, torch.zeros_like(sumq2))
         d16 = _fp16(d)
-        err = _error(x, _values(spec, d16, None, _codes_for(spec, x, d16, None)))
+        scale = d16.to(torch.float32)
+        inverse = torch.where(scale != 0, 1.0 / scale, torch.zeros_like(scale))
+        level = _nearest_level(spec, x * inverse[:, None])
+        err = (x - scale[:, None] * level).square_().sum(dim=1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_d = torch.where(better, d16, best_d)
