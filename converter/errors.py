@@ -144,3 +144,8 @@ class HubError(QconvError, RuntimeError):
 
 class NotVerifiedError(QconvError, ValueError):
     """An artifact whose verification failed or never ran, asked to be published without --force."""
+
+
+class QconvWarning(UserWarning):
+    """What the library warns about without refusing (re-quantizing an already quantized
+    source...); the CLI prints each as one ``warning:`` line on stderr."""

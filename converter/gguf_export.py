@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import re
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from qconv.errors import QconvError, SourceError
+from qconv.errors import QconvError, QconvWarning, SourceError, literal
 from qconv.files import sha256_file
 from qconv.formats.format_gguf import FLOAT_TYPES, GGUFFormat
 from qconv.formats.gguf_metadata import GGUFModel, describe_gguf, describe_hf
@@ -37,6 +37,8 @@ from qconv.sources import Source
 #: rows dequantized at a time when measuring a tensor's error (bounded memory for a 128k-row
 #: token embedding: this many elements of float32 at most, about 64 MB)
 ERROR_CHUNK_ELEMENTS = 16 * 2**20
+#: the source name of a tensor llama.cpp's converter adds (GGUFModel.extra_tensors)
+EXTRA = "<llama.cpp>"
 #: a tensor kept unquantized by --skip is stored in this type (llama.cpp's intermediate type)
 SKIPPED_TYPE = "F16"
 #: the default --max-shard-size of a GGUF artifact: the Hub refuses files over 50 GB, so a model
@@ -53,6 +55,7 @@ class PlannedTensor:
     shape: tuple[int, ...]  # torch order ([rows, row length]; [n] for 1-D)
     ggml_type: str
     module: str | None  # the layer it belongs to, for weights of 2 dimensions (manifest key)
+    values: torch.Tensor | None = None  # a tensor llama.cpp adds that no source holds (float32)
 
     @property
     def quantized(self) -> bool:
@@ -77,10 +80,34 @@ def describe_source(source: Source, scratch: Path) -> GGUFModel:
     if source.kind == "gguf":
         import gguf
 
-        return describe_gguf(gguf.GGUFReader(str(source.path)), name)
+        reader = gguf.GGUFReader(str(source.path))
+        _warn_if_quantized(source, reader)
+        return describe_gguf(reader, name)
     scratch.mkdir(parents=True, exist_ok=True)
     source.write_support_files(scratch)
-    return describe_hf(source.config_dict(), scratch, name)
+    try:
+        return describe_hf(source.config_dict(), scratch, name)
+    except QconvError as exc:  # name the source, not the scratch folder its tokenizer went to
+        raise type(exc)(literal(str(exc).replace(str(scratch), source.ref))) from None
+
+
+#: GGUF source types whose values re-quantize without a loss beyond the new type's own
+LOSSLESS_SOURCE_TYPES = ("F32", "F16", "BF16", "Q8_0")
+
+
+def _warn_if_quantized(source: Source, reader) -> None:
+    """A source quantized below 8 bits is accepted, with a warning: its values carry that
+    quantization's error already, and the new type adds its own on top."""
+    lossy = sorted(
+        {t.tensor_type.name for t in reader.tensors if len(t.shape) > 1} - set(LOSSLESS_SOURCE_TYPES)
+    )
+    if lossy:
+        warnings.warn(
+            f"{source.ref} holds {', '.join(lossy)} tensors: re-quantizing them adds error to what "
+            "that quantization lost already (a F16/BF16/F32 or Q8_0 source gives a better artifact)",
+            QconvWarning,
+            stacklevel=2,
+        )
 
 
 def plan_tensors(source: Source, model: GGUFModel, recipe: dict, skip: list[str]) -> list[PlannedTensor]:
@@ -99,6 +126,9 @@ def plan_tensors(source: Source, model: GGUFModel, recipe: dict, skip: list[str]
         entries[name] = (info.name, tuple(info.shape))
     if not entries:
         raise SourceError(f"{source.ref}: no tensor llama.cpp's {model.arch} architecture uses")
+    extras = dict(model.extra_tensors())  # llama.cpp's own tensors (Llama 3's rope_freqs...)
+    for name, values in extras.items():
+        entries[name] = (EXTRA, tuple(values.shape))
     order = quantize_order(list(entries))
     facts = ModelFacts(
         arch=model.arch,
@@ -115,6 +145,9 @@ def plan_tensors(source: Source, model: GGUFModel, recipe: dict, skip: list[str]
             source_name[: -len(".weight")] if source_name.endswith(".weight") and len(shape) >= 2 else None
         )
         ggml_type = types[name]
+        if source_name == EXTRA:
+            planned.append(PlannedTensor(name, name, shape, "F32", None, extras[name]))
+            continue
         if module is not None and ggml_type not in FLOAT_TYPES and _matches(module, patterns):
             ggml_type = SKIPPED_TYPE
         planned.append(PlannedTensor(source_name, name, shape, ggml_type, module))
@@ -128,30 +161,9 @@ def _matches(module: str, patterns: list[re.Pattern]) -> bool:
 def _add_metadata(writer, model: GGUFModel, recipe: dict) -> None:
     import gguf
 
-    for key, value, vtype in model.metadata():
-        if key == gguf.Keys.General.ARCHITECTURE:
-            continue  # the writer adds it from its arch
-        if vtype is None:
-            _add_inferred(writer, key, value)
-        elif vtype == gguf.GGUFValueType.ARRAY:
-            writer.add_array(key, value)
-        else:
-            writer.add_key_value(key, value, vtype)
+    model.add_metadata(writer)
     writer.add_file_type(recipe["file_type"])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-
-
-def _add_inferred(writer, key: str, value: Any) -> None:
-    if isinstance(value, bool):
-        writer.add_bool(key, value)
-    elif isinstance(value, int):
-        writer.add_uint32(key, value) if value >= 0 else writer.add_int32(key, value)
-    elif isinstance(value, float):
-        writer.add_float32(key, value)
-    elif isinstance(value, str):
-        writer.add_string(key, value)
-    else:
-        writer.add_array(key, list(value))
 
 
 def byte_shape(shape: tuple[int, ...], ggml_type: str) -> tuple[int, ...]:
@@ -191,7 +203,10 @@ def write_gguf(
     would exceed ``max_shard_bytes``) and measure every quantized tensor's error."""
     import gguf
 
-    writer = gguf.GGUFWriter(str(path), model.arch, split_max_size=max_shard_bytes)
+    total = sum(int(np.prod(byte_shape(t.shape, t.ggml_type))) for t in planned)
+    # split only a file over the limit (the writer warns about every unsplit file otherwise)
+    split = max_shard_bytes if total > max_shard_bytes else 0
+    writer = gguf.GGUFWriter(str(path), model.arch, split_max_size=split)
     _add_metadata(writer, model, recipe)
     for tensor in planned:
         shape = byte_shape(tensor.shape, tensor.ggml_type)
@@ -214,14 +229,15 @@ def write_gguf(
         writer.write_ti_data_to_file()
         for tensor in planned:
             clock = time.perf_counter()
-            values = source.read(tensor.source_name)
+            values = tensor.values if tensor.values is not None else source.read(tensor.source_name)
             timers["read_s"] += time.perf_counter() - clock
             clock = time.perf_counter()
             if tuple(values.shape) != tensor.shape:
                 raise SourceError(f"tensor {tensor.source_name!r} changed shape while reading")
             values = values.to(device=device, dtype=torch.float32)
             try:
-                values = model.transform(tensor.source_name, values)
+                if tensor.values is None:
+                    values = model.transform(tensor.source_name, values)
                 rows = values.reshape(-1, tensor.shape[-1])
                 data = fmt.quantize_as(rows, tensor.ggml_type, recipe["solver"]).cpu().numpy()
             except QconvError as exc:

@@ -455,7 +455,7 @@ def _convert_into(
             "worst_rel_error": worst[1]["rel_error"],
         },
     )
-    seal_artifact(tmp, manifest, files, support)
+    seal_artifact(tmp, manifest, files, ["config.json", *support])
 
     report = None
     t1 = time.perf_counter()
@@ -593,9 +593,10 @@ def source_entry(source: Source, architecture: str | None, files: dict) -> Sourc
 
 def seal_artifact(folder: Path, manifest: Manifest, files: dict, support: list[str]) -> None:
     """Write the model card, then list every file with its sha256 (the shards' ``files`` are
-    hashed already, while written) and write the manifest."""
+    hashed already, while written) and write the manifest. ``support``: the small files beside
+    the weights (config.json, the tokenizer's), hashed here."""
     (folder / "README.md").write_text(model_card(manifest))
-    seal(folder, manifest, files, ["config.json", "README.md", *support])
+    seal(folder, manifest, files, ["README.md", *support])
 
 
 def _drain(q: queue.Queue) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from qconv import llamacpp
 from qconv.artifact import Artifact
 from qconv.environment import resolve_device
 from qconv.errors import QconvError, SourceError, UsageError
@@ -317,23 +318,10 @@ def _gguf_logits_comparison(artifact: Artifact, source: Source, device: torch.de
     builds from the same file (every weight dequantized by the ``gguf`` package, computing in
     float32); the source runs in float32. All three see the token ids llama.cpp's own tokenizer
     gives the prompts."""
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        raise ImportError("llama-cpp-python is not installed (pip install 'qconv[llama]')") from None
-    import numpy as np
-
     path = artifact.gguf_file
-    llm = Llama(model_path=str(path), n_ctx=256, logits_all=True, verbose=False)
-    try:
+    with llamacpp.open_llama(path, n_ctx=256) as llm:
         prompts = [torch.tensor([llm.tokenize(p.encode("utf-8"), add_bos=True)]) for p in PROMPTS]
-        loaded_logits = []
-        for ids in prompts:
-            llm.reset()
-            llm.eval(ids[0].tolist())
-            loaded_logits.append(torch.from_numpy(np.array(llm.scores[: ids.shape[1]], dtype=np.float32)))
-    finally:
-        llm.close()
+        loaded_logits = [torch.from_numpy(llamacpp.logits(llm, ids[0].tolist())) for ids in prompts]
     with open_source(str(path)) as stored:
         model = reference_model(stored, device, torch.float32)
         reference_logits = _logits(model, prompts, device)
@@ -349,12 +337,10 @@ def _gguf_logits_comparison(artifact: Artifact, source: Source, device: torch.de
         torch.linalg.vector_norm(loaded_all - reference_all) / torch.linalg.vector_norm(reference_all)
     ).item()
     kl_sum, same_top1 = next_token_divergence(source_all, loaded_all)
-    import llama_cpp
-
     return {
         "prompts": len(prompts),
         "tokens": int(sum(p.numel() for p in prompts)),
-        "loader": f"llama.cpp (llama-cpp-python {llama_cpp.__version__})",
+        "loader": f"llama.cpp (llama-cpp-python {llamacpp.version()})",
         "loader_rel_diff": loader_rel,
         "loader_max_abs_diff": (loaded_all - reference_all).abs().max().item(),
         "loader_top1_vs_reference": (loaded_all.argmax(-1) == reference_all.argmax(-1)).float().mean().item(),

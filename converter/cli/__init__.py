@@ -27,10 +27,26 @@ if not os.environ.get("QCONV_DEBUG"):
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
+import warnings  # noqa: E402
+
 from qconv import __version__  # noqa: E402
 from qconv.cli import convert, evaluate, hub, registry  # noqa: E402  (after the environment above)
 from qconv.cli.render import fail  # noqa: E402
 from qconv.errors import QconvError, VerificationFailed  # noqa: E402
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """qconv's own warnings as one line on stderr (``warning: ...``), not Python's two lines
+    with a file and a source line; other libraries' warnings stay hidden unless QCONV_DEBUG."""
+    from qconv.errors import QconvWarning
+
+    if issubclass(category, QconvWarning):
+        click.echo(f"warning: {message}", err=True)
+    elif os.environ.get("QCONV_DEBUG"):
+        click.echo(warnings.formatwarning(message, category, filename, lineno, line), err=True, nl=False)
+
+
+warnings.showwarning = _show_warning
 
 # click 8.2 and later answer a bare `qconv` with this error carrying the help; 8.1 prints the help
 # itself and exits (the tuple is then empty: nothing to catch)
