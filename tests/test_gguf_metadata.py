@@ -37,17 +37,21 @@ def relative_l2(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-@pytest.fixture(scope="session")
-def smollm2_tokenizer(smollm2_gguf, tmp_path_factory) -> Path:
-    """SmolLM2's real byte-level BPE tokenizer (49152 tokens), rebuilt by transformers from the gguf."""
+@pytest.fixture(scope="module")
+def smollm2_source(smollm2_gguf):
+    """The real SmolLM2 gguf through qconv's GGUF source reader, opened once (it takes seconds)."""
     from qconv.sources import open_source
 
-    folder = tmp_path_factory.mktemp("smollm2-tokenizer")
     source = open_source(smollm2_gguf)
-    try:
-        source.write_support_files(folder)
-    finally:
-        source.close()
+    yield source
+    source.close()
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer(smollm2_source, tmp_path_factory) -> Path:
+    """SmolLM2's real byte-level BPE tokenizer (49152 tokens), rebuilt by transformers from the gguf."""
+    folder = tmp_path_factory.mktemp("smollm2-tokenizer")
+    smollm2_source.write_support_files(folder)
     return folder
 
 
@@ -283,6 +287,19 @@ def test_unknown_pre_tokenizer_is_refused_as_llama_cpp_does(tmp_path):
         describe_hf(saved_config(model, tmp_path), tmp_path, "tiny")
 
 
+def test_tokenizer_model_llama_cpp_cannot_take_is_refused(tmp_path):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    unigram = Tokenizer(models.Unigram([("<unk>", 0.0), ("a", -1.0), ("b", -2.0)], unk_id=0))
+    PreTrainedTokenizerFast(tokenizer_object=unigram, unk_token="<unk>").save_pretrained(tmp_path)
+    model = tiny_model("qwen2", vocab_size=3, num_hidden_layers=1)
+    with pytest.raises(
+        UsageError, match="tokenizer.json holds a Unigram tokenizer; llama.cpp's converter takes"
+    ):
+        describe_hf(saved_config(model, tmp_path), tmp_path, "tiny")
+
+
 def test_gemma2_without_tokenizer_model_is_refused(smollm2_tokenizer, tmp_path):
     model = tiny_model("gemma2", vocab_size=49152, **BPE_ARCHITECTURES["gemma2"])
     with pytest.raises(UsageError, match="gemma2 needs tokenizer.model"):
@@ -347,9 +364,7 @@ def test_llama_hf_sentencepiece_style_tokenizer_json(tmp_path):
         special_tokens=specials + [f"<0x{b:02X}>" for b in range(256)],
         show_progress=False,
     )
-    tokenizer.train_from_iterator(
-        [default_text_path().read_text(encoding="utf-8")[:100_000]], trainer=trainer
-    )
+    tokenizer.train_from_iterator([default_text_path().read_text(encoding="utf-8")[:30_000]], trainer=trainer)
     PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     ).save_pretrained(tmp_path)
@@ -367,21 +382,15 @@ def test_llama_hf_sentencepiece_style_tokenizer_json(tmp_path):
 
 
 @needs_llama_cpp
-def test_gguf_source_round_trip(smollm2_gguf, tmp_path):
+def test_gguf_source_round_trip(smollm2_gguf, smollm2_source, tmp_path):
     """SmolLM2's Q4_1 gguf read through qconv's GGUF source (HF names, q/k un-permuted, dequantized),
     written back as F32 with describe_gguf: llama.cpp computes what it computes on the source file.
     The F32 values are exactly the dequantized Q4_1/Q8_0 ones, so only ggml's quantized-vs-float dot
     products differ (Q4_1 x Q8_1 activations on the source side): a few per cent at most, far from a
     wrong layout (O(1))."""
-    from qconv.sources import open_source
-
     reader = gguf.GGUFReader(smollm2_gguf)
     description = describe_gguf(reader, "SmolLM2")
-    source = open_source(smollm2_gguf)
-    try:
-        state = {info.name: source.read(info.name).float() for info in source.tensors()}
-    finally:
-        source.close()
+    state = {info.name: smollm2_source.read(info.name).float() for info in smollm2_source.tensors()}
     path = tmp_path / "roundtrip.gguf"
     write_gguf(path, description, state, exact=True)
 
