@@ -246,6 +246,13 @@ def _text_parameters(w, config: dict, rope: dict) -> None:
 
 
 def _llama_parameters(w, config: dict, rope: dict) -> None:  # LlamaModel.set_gguf_parameters
+    if (window := config.get("sliding_window")) and window < config.get("max_position_embeddings", 0):
+        # Mistral 7B v0.1: the converter drops the window and llama.cpp's llama attends to everything
+        warnings.warn(
+            f"{config.get('model_type')} sliding_window {window} is not in the GGUF: llama.cpp attends to the "
+            f"whole context, so outputs differ from transformers' past {window} tokens",
+            stacklevel=3,
+        )
     _text_parameters(w, config, rope)
     w.add_vocab_size(config["vocab_size"])
     w.add_rope_dimension_count(_head_dim(config))

@@ -261,6 +261,18 @@ def test_metadata_keys_and_names(smollm2_tokenizer, tmp_path):
         description.tensor_name("model.layers.0.mystery.weight")
 
 
+def test_mistral_sliding_window_dropped_with_a_warning(smollm2_tokenizer):
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(
+        "mistral", vocab_size=49152, hidden_size=64, num_hidden_layers=1, sliding_window=4096
+    ).to_dict()
+    with pytest.warns(UserWarning, match="mistral sliding_window 4096 is not in the GGUF"):
+        description = describe_hf(config, smollm2_tokenizer, "tiny")
+    assert description.arch == "llama"
+    assert not any("sliding_window" in key for key, _, _ in description.metadata())
+
+
 def test_unknown_architecture_is_refused_in_one_line(tmp_path):
     with pytest.raises(UsageError) as caught:
         describe_hf({"model_type": "mamba2", "num_hidden_layers": 2}, tmp_path, "tiny")
