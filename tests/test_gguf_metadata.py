@@ -321,9 +321,10 @@ def test_gemma2_without_tokenizer_model_is_refused(smollm2_tokenizer, tmp_path):
 # --- SentencePiece-style tokenizers ----------------------------------------------------------------------
 
 
-def train_sentencepiece(folder: Path, vocab_size: int = 400) -> Path:
-    """A tiny SentencePiece BPE model trained here, with Gemma's settings: byte fallback, no
-    normalization, no dummy prefix (llama.cpp's gemma2 vocabulary adds no space prefix)."""
+def train_sentencepiece(folder: Path, vocab_size: int = 400, *, dummy_prefix: bool = False) -> Path:
+    """A tiny SentencePiece BPE model trained here, with byte fallback and no normalization, as Llama 2's
+    and Gemma's; a dummy prefix (a space before the text) as Llama 2's, none as Gemma's (llama.cpp's
+    gemma2 vocabulary adds no space prefix)."""
     import sentencepiece as spm
 
     from qconv.calibration import default_text_path
@@ -337,7 +338,7 @@ def train_sentencepiece(folder: Path, vocab_size: int = 400) -> Path:
         byte_fallback=True,
         character_coverage=1.0,
         normalization_rule_name="identity",
-        add_dummy_prefix=False,
+        add_dummy_prefix=dummy_prefix,
         remove_extra_whitespaces=False,
         minloglevel=2,
     )
@@ -357,11 +358,25 @@ def test_gemma2_sentencepiece_matches_transformers(tmp_path):
 
 
 @needs_llama_cpp
+def test_llama_sentencepiece_matches_transformers(tmp_path):
+    spm = pytest.importorskip("sentencepiece", reason="needs sentencepiece to train a tokenizer.model")
+    train_sentencepiece(tmp_path, vocab_size=1024, dummy_prefix=True)
+    model = tiny_model("llama", vocab_size=1024, tie_word_embeddings=True)
+    config = saved_config(model, tmp_path)
+    kv = {key: value for key, value, _ in describe_hf(config, tmp_path, "tiny").metadata()}
+    assert kv["tokenizer.ggml.model"] == "llama" and len(kv["tokenizer.ggml.scores"]) == 1024
+    path = check_logits(tmp_path, model, config, tmp_path, ids=[i % 1024 for i in IDS])
+    text = "The capital of France is Paris, and 1234 apples."
+    processor = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
+    assert llama_cpp_tokens(path, text) == processor.encode(text)
+
+
+@needs_llama_cpp
 def test_llama_hf_sentencepiece_style_tokenizer_json(tmp_path):
     """A Llama whose tokenizer.json is SentencePiece-style BPE (byte fallback) and has no
     tokenizer.model: read through gguf's LlamaHfVocab as llama.cpp does, tokenizer model "llama"."""
     from tokenizers import Tokenizer, decoders, models, normalizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     from qconv.calibration import default_text_path
 
@@ -387,7 +402,10 @@ def test_llama_hf_sentencepiece_style_tokenizer_json(tmp_path):
     kv = {key: value for key, value, _ in description.metadata()}
     assert kv["tokenizer.ggml.model"] == "llama" and kv["tokenizer.ggml.pre"] == "default"
     assert kv["tokenizer.ggml.bos_token_id"] == 1 and kv["tokenizer.ggml.eos_token_id"] == 2
-    check_logits(tmp_path, model, config, tmp_path, ids=[i % n_vocab for i in IDS])
+    path = check_logits(tmp_path, model, config, tmp_path, ids=[i % n_vocab for i in IDS])
+    text = "The capital of France is Paris, and 1234 apples."
+    expected = AutoTokenizer.from_pretrained(tmp_path)(text, add_special_tokens=False).input_ids
+    assert llama_cpp_tokens(path, text) == expected
 
 
 # --- GGUF source -----------------------------------------------------------------------------------------
