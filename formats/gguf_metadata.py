@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from qconv.errors import SourceError, UsageError
+from qconv.errors import MissingDependencyError, SourceError, UsageError
 
 # Keys the writer adds itself (they depend on the quantization, not on the model).
 _WRITER_KEYS = ("general.file_type", "general.quantization_version")
@@ -47,16 +47,17 @@ _PRE_TOKENIZER_CHECK_TEXT = (
 # hashes are the upstream table's (conversion/base.py, get_vocab_base_pre, llama.cpp as vendored by
 # llama-cpp-python 0.3.36). A hash not here is refused, as the converter refuses it.
 _PRE_TOKENIZERS = {
-    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",  # Llama 3
-    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",  # SmolLM/SmolLM2
-    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",  # Qwen1.5/2/2.5
-    "d4540891389ea895b53b399da6ac824becc30f2fba0e9ddbb98f92e55ca0e97c": "qwen2",  # Qwen3
-    "63b97e4253352e6f357cc59ea5b583e3a680eaeaf2632188c2b952de2588485e": "tekken",  # Mistral Nemo
-    "fcace8b9cac38ce847670c970cd5892031a753a1ef381abd1d9af00f713da085": "phi-2",  # Phi-2 / GPT-2 style
-    "ccc2ef013c104be7bae2965776d611e1d7a8a2a9c547dd93a682c9a9fc80352e": "gpt-4o",  # Phi-4
-    "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",
-    "0fe1cf6eda062318a1af7270f3331a85c539a01778ff948e24388e949c5282f4": "gpt-2",
-    "b3f499bb4255f8ca19fccd664443283318f2fd2414d5e0b040fbdd0cc195d6c5": "deepseek-r1-qwen",
+    # upstream ref: the model the hash was taken from
+    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",  # Meta-Llama-3-8B
+    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",  # SmolLM-135M
+    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",  # Qwen1.5-7B
+    "d4540891389ea895b53b399da6ac824becc30f2fba0e9ddbb98f92e55ca0e97c": "qwen2",  # Qwen3-Embedding-0.6B
+    "b3f499bb4255f8ca19fccd664443283318f2fd2414d5e0b040fbdd0cc195d6c5": "deepseek-r1-qwen",  # R1-Distill-Qwen
+    "63b97e4253352e6f357cc59ea5b583e3a680eaeaf2632188c2b952de2588485e": "tekken",  # Mistral-Nemo-Base-2407
+    "fcace8b9cac38ce847670c970cd5892031a753a1ef381abd1d9af00f713da085": "phi-2",  # microsoft/phi-2
+    "ccc2ef013c104be7bae2965776d611e1d7a8a2a9c547dd93a682c9a9fc80352e": "gpt-4o",  # Xenova/gpt-4o
+    "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",  # openai-community/gpt2
+    "0fe1cf6eda062318a1af7270f3331a85c539a01778ff948e24388e949c5282f4": "gpt-2",  # ruGPT3XL
 }
 
 
@@ -64,6 +65,19 @@ def _gguf():
     import gguf
 
     return gguf
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers logs (to stderr) while loading a tokenizer; library code does not print."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 # --- the description ---------------------------------------------------------------------------------
@@ -232,6 +246,13 @@ def _text_parameters(w, config: dict, rope: dict) -> None:
 
 
 def _llama_parameters(w, config: dict, rope: dict) -> None:  # LlamaModel.set_gguf_parameters
+    if (window := config.get("sliding_window")) and window < config.get("max_position_embeddings", 0):
+        # Mistral 7B v0.1: the converter drops the window and llama.cpp's llama attends to everything
+        warnings.warn(
+            f"{config.get('model_type')} sliding_window {window} is not in the GGUF: llama.cpp attends to the "
+            f"whole context, so outputs differ from transformers' past {window} tokens",
+            stacklevel=3,
+        )
     _text_parameters(w, config, rope)
     w.add_vocab_size(config["vocab_size"])
     w.add_rope_dimension_count(_head_dim(config))
@@ -421,6 +442,7 @@ class _Vocab:
         self.config = config
         self.model_type = model_type
         self.n_tokens = 0
+        self.model = ""  # tokenizer.ggml.model written: "gpt2" or "llama"
 
     def special_vocab(self, **kwargs):
         """gguf.SpecialVocab over the tokenizer files, plus config.json's *_token_id (SpecialVocab reads
@@ -436,8 +458,16 @@ class _Vocab:
         gguf = _gguf()
         from transformers import AutoTokenizer
 
+        tokenizer_json = self.folder / "tokenizer.json"
+        kind = _read_json(tokenizer_json).get("model", {}).get("type") if tokenizer_json.is_file() else "BPE"
+        if kind != "BPE":
+            raise UsageError(
+                f"{self.folder}: tokenizer.json holds a {kind} tokenizer; llama.cpp's converter takes a BPE "
+                f"tokenizer.json or a SentencePiece tokenizer.model for {self.model_type}"
+            )
         try:
-            tokenizer = AutoTokenizer.from_pretrained(str(self.folder), local_files_only=True)
+            with _quiet_transformers():
+                tokenizer = AutoTokenizer.from_pretrained(str(self.folder), local_files_only=True)
         except Exception as exc:
             raise SourceError(f"{self.folder}: transformers cannot load the tokenizer: {exc}") from exc
         vocab = tokenizer.get_vocab()
@@ -471,6 +501,7 @@ class _Vocab:
             else:
                 types.append(gguf.TokenType.NORMAL)
             tokens.append(token)
+        self.model = "gpt2"
         self.w.add_tokenizer_model("gpt2")
         self.w.add_tokenizer_pre(pre)
         self.w.add_token_list(tokens)
@@ -497,7 +528,7 @@ class _Vocab:
         try:
             import sentencepiece  # noqa: F401 - gguf.SentencePieceVocab needs it
         except ImportError as exc:
-            raise UsageError(
+            raise MissingDependencyError(
                 f"{self.folder}: reading tokenizer.model (SentencePiece) needs the sentencepiece package "
                 f"(pip install sentencepiece)"
             ) from exc
@@ -536,6 +567,7 @@ class _Vocab:
                     text = text.replace("\u2581", " ")
                 types[i] = int(gguf.TokenType.USER_DEFINED)
             tokens[i], scores[i] = text.encode(), -1000.0
+        self.model = "llama"
         self.w.add_tokenizer_model("llama")
         self.w.add_tokenizer_pre("default")
         self.w.add_token_list(tokens)
@@ -547,7 +579,9 @@ class _Vocab:
     # SentencePiece-style BPE in tokenizer.json only: TextModel._set_vocab_llama_hf
     def llama_hf(self) -> None:
         gguf = _gguf()
-        reader = gguf.LlamaHfVocab(self.folder)  # FileNotFoundError / TypeError: not this kind
+        with _quiet_transformers():  # it loads the tokenizer with AutoTokenizer
+            reader = gguf.LlamaHfVocab(self.folder)  # FileNotFoundError / TypeError: not this kind
+        self.model = "llama"
         tokens, scores, types = [], [], []
         for text, score, kind in reader.all_tokens():
             tokens.append(text)
@@ -640,7 +674,7 @@ def describe_hf(config: dict, tokenizer_folder: Path, name: str) -> GGUFModel:
         w.add_name(name)
         spec.parameters(w, config, rope)
         vocab.add(spec.vocab)
-        if spec.add_space_prefix is not None:
+        if spec.add_space_prefix is not None and vocab.model == "llama":  # Gemma's SentencePiece vocabularies
             w.add_add_space_prefix(spec.add_space_prefix)
     for key in _WRITER_KEYS:
         _pop_key(w, key)
@@ -693,15 +727,24 @@ def describe_hf(config: dict, tokenizer_folder: Path, name: str) -> GGUFModel:
 # --- GGUF sources ---------------------------------------------------------------------------------------
 
 
+def _text(raw) -> str | bytes:
+    """A GGUF string: ``str`` when it is UTF-8 (it encodes back to the same bytes), else its bytes."""
+    raw = bytes(raw)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw
+
+
 def _field_value(reader_field) -> tuple[Any, Any, Any]:
-    """A reader field as (value, type, element type), strings as the file's bytes (copied exactly)."""
+    """A reader field as (value, type, element type); strings keep their exact bytes."""
     gguf = _gguf()
     types = reader_field.types
     main = types[0]
     if main == gguf.GGUFValueType.ARRAY:
         sub = types[-1]
         if sub == gguf.GGUFValueType.STRING:
-            value = [bytes(reader_field.parts[i]) for i in reader_field.data]
+            value = [_text(reader_field.parts[i]) for i in reader_field.data]
         elif sub == gguf.GGUFValueType.ARRAY:
             raise SourceError(
                 f"GGUF key {reader_field.name!r} is an array of arrays, which qconv cannot copy"
@@ -710,7 +753,7 @@ def _field_value(reader_field) -> tuple[Any, Any, Any]:
             value = [reader_field.parts[i].tolist()[0] for i in reader_field.data]
         return value, main, sub
     if main == gguf.GGUFValueType.STRING:
-        return bytes(reader_field.parts[reader_field.data[0]]), main, None
+        return _text(reader_field.parts[reader_field.data[0]]), main, None
     return reader_field.parts[reader_field.data[0]].tolist()[0], main, None
 
 
@@ -728,7 +771,7 @@ def describe_gguf(reader, name: str) -> GGUFModel:  # noqa: ARG001 - the name is
     arch_field = kv.get("general.architecture")
     if arch_field is None:
         raise SourceError("GGUF source has no general.architecture")
-    arch_name = arch_field.value.decode("utf-8")
+    arch_name = str(arch_field.value)
     arch = next((a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name), None)
     if arch is None:
         raise UsageError(f"llama.cpp/qconv does not know GGUF architecture {arch_name!r}")

@@ -37,17 +37,21 @@ def relative_l2(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-@pytest.fixture(scope="session")
-def smollm2_tokenizer(smollm2_gguf, tmp_path_factory) -> Path:
-    """SmolLM2's real byte-level BPE tokenizer (49152 tokens), rebuilt by transformers from the gguf."""
+@pytest.fixture(scope="module")
+def smollm2_source(smollm2_gguf):
+    """The real SmolLM2 gguf through qconv's GGUF source reader, opened once (it takes seconds)."""
     from qconv.sources import open_source
 
-    folder = tmp_path_factory.mktemp("smollm2-tokenizer")
     source = open_source(smollm2_gguf)
-    try:
-        source.write_support_files(folder)
-    finally:
-        source.close()
+    yield source
+    source.close()
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer(smollm2_source, tmp_path_factory) -> Path:
+    """SmolLM2's real byte-level BPE tokenizer (49152 tokens), rebuilt by transformers from the gguf."""
+    folder = tmp_path_factory.mktemp("smollm2-tokenizer")
+    smollm2_source.write_support_files(folder)
     return folder
 
 
@@ -257,6 +261,18 @@ def test_metadata_keys_and_names(smollm2_tokenizer, tmp_path):
         description.tensor_name("model.layers.0.mystery.weight")
 
 
+def test_mistral_sliding_window_dropped_with_a_warning(smollm2_tokenizer):
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(
+        "mistral", vocab_size=49152, hidden_size=64, num_hidden_layers=1, sliding_window=4096
+    ).to_dict()
+    with pytest.warns(UserWarning, match="mistral sliding_window 4096 is not in the GGUF"):
+        description = describe_hf(config, smollm2_tokenizer, "tiny")
+    assert description.arch == "llama"
+    assert not any("sliding_window" in key for key, _, _ in description.metadata())
+
+
 def test_unknown_architecture_is_refused_in_one_line(tmp_path):
     with pytest.raises(UsageError) as caught:
         describe_hf({"model_type": "mamba2", "num_hidden_layers": 2}, tmp_path, "tiny")
@@ -283,6 +299,19 @@ def test_unknown_pre_tokenizer_is_refused_as_llama_cpp_does(tmp_path):
         describe_hf(saved_config(model, tmp_path), tmp_path, "tiny")
 
 
+def test_tokenizer_model_llama_cpp_cannot_take_is_refused(tmp_path):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    unigram = Tokenizer(models.Unigram([("<unk>", 0.0), ("a", -1.0), ("b", -2.0)], unk_id=0))
+    PreTrainedTokenizerFast(tokenizer_object=unigram, unk_token="<unk>").save_pretrained(tmp_path)
+    model = tiny_model("qwen2", vocab_size=3, num_hidden_layers=1)
+    with pytest.raises(
+        UsageError, match="tokenizer.json holds a Unigram tokenizer; llama.cpp's converter takes"
+    ):
+        describe_hf(saved_config(model, tmp_path), tmp_path, "tiny")
+
+
 def test_gemma2_without_tokenizer_model_is_refused(smollm2_tokenizer, tmp_path):
     model = tiny_model("gemma2", vocab_size=49152, **BPE_ARCHITECTURES["gemma2"])
     with pytest.raises(UsageError, match="gemma2 needs tokenizer.model"):
@@ -292,9 +321,10 @@ def test_gemma2_without_tokenizer_model_is_refused(smollm2_tokenizer, tmp_path):
 # --- SentencePiece-style tokenizers ----------------------------------------------------------------------
 
 
-def train_sentencepiece(folder: Path, vocab_size: int = 400) -> Path:
-    """A tiny SentencePiece BPE model trained here, with Gemma's settings: byte fallback, no
-    normalization, no dummy prefix (llama.cpp's gemma2 vocabulary adds no space prefix)."""
+def train_sentencepiece(folder: Path, vocab_size: int = 400, *, dummy_prefix: bool = False) -> Path:
+    """A tiny SentencePiece BPE model trained here, with byte fallback and no normalization, as Llama 2's
+    and Gemma's; a dummy prefix (a space before the text) as Llama 2's, none as Gemma's (llama.cpp's
+    gemma2 vocabulary adds no space prefix)."""
     import sentencepiece as spm
 
     from qconv.calibration import default_text_path
@@ -308,7 +338,7 @@ def train_sentencepiece(folder: Path, vocab_size: int = 400) -> Path:
         byte_fallback=True,
         character_coverage=1.0,
         normalization_rule_name="identity",
-        add_dummy_prefix=False,
+        add_dummy_prefix=dummy_prefix,
         remove_extra_whitespaces=False,
         minloglevel=2,
     )
@@ -328,11 +358,25 @@ def test_gemma2_sentencepiece_matches_transformers(tmp_path):
 
 
 @needs_llama_cpp
+def test_llama_sentencepiece_matches_transformers(tmp_path):
+    spm = pytest.importorskip("sentencepiece", reason="needs sentencepiece to train a tokenizer.model")
+    train_sentencepiece(tmp_path, vocab_size=1024, dummy_prefix=True)
+    model = tiny_model("llama", vocab_size=1024, tie_word_embeddings=True)
+    config = saved_config(model, tmp_path)
+    kv = {key: value for key, value, _ in describe_hf(config, tmp_path, "tiny").metadata()}
+    assert kv["tokenizer.ggml.model"] == "llama" and len(kv["tokenizer.ggml.scores"]) == 1024
+    path = check_logits(tmp_path, model, config, tmp_path, ids=[i % 1024 for i in IDS])
+    text = "The capital of France is Paris, and 1234 apples."
+    processor = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
+    assert llama_cpp_tokens(path, text) == processor.encode(text)
+
+
+@needs_llama_cpp
 def test_llama_hf_sentencepiece_style_tokenizer_json(tmp_path):
     """A Llama whose tokenizer.json is SentencePiece-style BPE (byte fallback) and has no
     tokenizer.model: read through gguf's LlamaHfVocab as llama.cpp does, tokenizer model "llama"."""
     from tokenizers import Tokenizer, decoders, models, normalizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     from qconv.calibration import default_text_path
 
@@ -347,9 +391,7 @@ def test_llama_hf_sentencepiece_style_tokenizer_json(tmp_path):
         special_tokens=specials + [f"<0x{b:02X}>" for b in range(256)],
         show_progress=False,
     )
-    tokenizer.train_from_iterator(
-        [default_text_path().read_text(encoding="utf-8")[:100_000]], trainer=trainer
-    )
+    tokenizer.train_from_iterator([default_text_path().read_text(encoding="utf-8")[:30_000]], trainer=trainer)
     PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     ).save_pretrained(tmp_path)
@@ -360,28 +402,25 @@ def test_llama_hf_sentencepiece_style_tokenizer_json(tmp_path):
     kv = {key: value for key, value, _ in description.metadata()}
     assert kv["tokenizer.ggml.model"] == "llama" and kv["tokenizer.ggml.pre"] == "default"
     assert kv["tokenizer.ggml.bos_token_id"] == 1 and kv["tokenizer.ggml.eos_token_id"] == 2
-    check_logits(tmp_path, model, config, tmp_path, ids=[i % n_vocab for i in IDS])
+    path = check_logits(tmp_path, model, config, tmp_path, ids=[i % n_vocab for i in IDS])
+    text = "The capital of France is Paris, and 1234 apples."
+    expected = AutoTokenizer.from_pretrained(tmp_path)(text, add_special_tokens=False).input_ids
+    assert llama_cpp_tokens(path, text) == expected
 
 
 # --- GGUF source -----------------------------------------------------------------------------------------
 
 
 @needs_llama_cpp
-def test_gguf_source_round_trip(smollm2_gguf, tmp_path):
+def test_gguf_source_round_trip(smollm2_gguf, smollm2_source, tmp_path):
     """SmolLM2's Q4_1 gguf read through qconv's GGUF source (HF names, q/k un-permuted, dequantized),
     written back as F32 with describe_gguf: llama.cpp computes what it computes on the source file.
     The F32 values are exactly the dequantized Q4_1/Q8_0 ones, so only ggml's quantized-vs-float dot
     products differ (Q4_1 x Q8_1 activations on the source side): a few per cent at most, far from a
     wrong layout (O(1))."""
-    from qconv.sources import open_source
-
     reader = gguf.GGUFReader(smollm2_gguf)
     description = describe_gguf(reader, "SmolLM2")
-    source = open_source(smollm2_gguf)
-    try:
-        state = {info.name: source.read(info.name).float() for info in source.tensors()}
-    finally:
-        source.close()
+    state = {info.name: smollm2_source.read(info.name).float() for info in smollm2_source.tensors()}
     path = tmp_path / "roundtrip.gguf"
     write_gguf(path, description, state, exact=True)
 
