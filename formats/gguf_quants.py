@@ -298,26 +298,52 @@ def _scale_candidates(spec: _Legacy) -> list[float]:
     return [spec.low + s for s in steps] + [spec.high - s for s in steps]
 
 
+def _symmetric_error(x: torch.Tensor, spec: _Legacy, d16: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The squared error of the fp16 scale ``d16`` with its nearest levels, and those levels."""
+    scale = d16.to(torch.float32)
+    inverse = torch.where(scale != 0, 1.0 / scale, torch.zeros_like(scale))
+    level = _nearest_level(spec, x * inverse[:, None])
+    return (x - scale[:, None] * level).square_().sum(dim=1), level
+
+
+def _refit(x: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+    """The least-squares scale for these levels, ``sum(q x) / sum(q q)``, in fp16."""
+    sumq2 = (level * level).sum(dim=1)
+    return _fp16(torch.where(sumq2 > 0, (level * x).sum(dim=1) / sumq2, torch.zeros_like(sumq2)))
+
+
+def _fp16_step(d16: torch.Tensor, steps: int) -> torch.Tensor:
+    """The fp16 value ``steps`` representable values away from ``d16`` (same sign)."""
+    bits = d16.view(torch.int16).to(torch.int32)
+    moved = (bits & 0x7FFF) + steps
+    moved = torch.where((moved >= 0) & (moved < 0x7C00), moved, bits & 0x7FFF) | (bits & 0x8000)
+    return torch.where(moved >= 0x8000, moved - 0x10000, moved).to(torch.int16).view(torch.float16)
+
+
 def _search_symmetric(x: torch.Tensor, spec: _Legacy) -> torch.Tensor:
-    """The best fp16 scale over the candidates: codes for each candidate, a least-squares refit of
-    the scale given them (``sum(q x) / sum(q q)``), rounded to fp16, codes again, error."""
+    """The best fp16 scale: for each candidate, its nearest levels, a least-squares refit of the
+    scale given them, rounded to fp16, nearest levels again, error; then, from the best, two more
+    refits, each also trying the fp16 neighbours of the refit scale (rounding to fp16 moves the
+    scale by up to 1/2048, which at 4 bits is worth a look)."""
     magnitude = x.abs()
     signed = _first_at(x, magnitude.argmax(dim=1))
     signed = torch.where(signed != 0, signed, torch.ones_like(signed))
     best_err = torch.full_like(signed, float("inf"))
     best_d = torch.zeros_like(signed, dtype=torch.float16)
-    for landing in _scale_candidates(spec):
-        level = _nearest_level(spec, x * (landing / signed)[:, None])
-        sumq2 = (level * level).sum(dim=1)
-        d = torch.where(sumq2 > 0, (level * x).sum(dim=1) / sumq2, torch.zeros_like(sumq2))
-        d16 = _fp16(d)
-        scale = d16.to(torch.float32)
-        inverse = torch.where(scale != 0, 1.0 / scale, torch.zeros_like(scale))
-        level = _nearest_level(spec, x * inverse[:, None])
-        err = (x - scale[:, None] * level).square_().sum(dim=1)
+
+    def keep(d16: torch.Tensor) -> None:
+        nonlocal best_err, best_d
+        err = _symmetric_error(x, spec, d16)[0]
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_d = torch.where(better, d16, best_d)
+
+    for landing in _scale_candidates(spec):
+        keep(_refit(x, _nearest_level(spec, x * (landing / signed)[:, None])))
+    for _ in range(2):
+        refit = _refit(x, _symmetric_error(x, spec, best_d)[1])
+        for steps in (0, -1, 1):
+            keep(_fp16_step(refit, steps))
     return best_d
 
 
