@@ -28,6 +28,7 @@ refuses them as a broken source); the float types pass them through as ggml does
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -103,12 +104,9 @@ def _const(x: torch.Tensor, value: float) -> torch.Tensor:
 def _fp16(x: torch.Tensor) -> torch.Tensor:
     """GGML_FP32_TO_FP16: round to nearest even, overflow to inf (torch's cast does the same);
     a NaN becomes ``sign | 0x7E00`` as ggml_compute_fp32_to_fp16 makes it, whatever the device."""
-    half = x.to(torch.float16)
-    nan = torch.isnan(x)
-    if bool(nan.any()):
-        quiet = torch.where(torch.signbit(x), -32768 | 0x7E00, 0x7E00).to(torch.int16)
-        half = torch.where(nan, quiet, half.view(torch.int16)).view(torch.float16)
-    return half
+    # no `if nan.any()`: on CUDA that would wait for the GPU at every call
+    quiet = torch.where(torch.signbit(x), -32768 | 0x7E00, 0x7E00).to(torch.int16)
+    return torch.where(torch.isnan(x), quiet, x.to(torch.float16).view(torch.int16)).view(torch.float16)
 
 
 def _roundf(x: torch.Tensor) -> torch.Tensor:
@@ -123,6 +121,7 @@ def _first_at(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, index[:, None])[:, 0]
 
 
+@functools.cache
 def _iq4nl_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Lookup tables for :func:`_best_index`: the index and the level of the nearest IQ4_NL
     level for ``floor(2 t)``, -256..256 (offset by 256)."""
