@@ -28,6 +28,7 @@ refuses them as a broken source); the float types pass them through as ggml does
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -103,12 +104,9 @@ def _const(x: torch.Tensor, value: float) -> torch.Tensor:
 def _fp16(x: torch.Tensor) -> torch.Tensor:
     """GGML_FP32_TO_FP16: round to nearest even, overflow to inf (torch's cast does the same);
     a NaN becomes ``sign | 0x7E00`` as ggml_compute_fp32_to_fp16 makes it, whatever the device."""
-    half = x.to(torch.float16)
-    nan = torch.isnan(x)
-    if bool(nan.any()):
-        quiet = torch.where(torch.signbit(x), -32768 | 0x7E00, 0x7E00).to(torch.int16)
-        half = torch.where(nan, quiet, half.view(torch.int16)).view(torch.float16)
-    return half
+    # no `if nan.any()`: on CUDA that would wait for the GPU at every call
+    quiet = torch.where(torch.signbit(x), -32768 | 0x7E00, 0x7E00).to(torch.int16)
+    return torch.where(torch.isnan(x), quiet, x.to(torch.float16).view(torch.int16)).view(torch.float16)
 
 
 def _roundf(x: torch.Tensor) -> torch.Tensor:
@@ -123,6 +121,7 @@ def _first_at(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, index[:, None])[:, 0]
 
 
+@functools.cache
 def _iq4nl_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Lookup tables for :func:`_best_index`: the index and the level of the nearest IQ4_NL
     level for ``floor(2 t)``, -256..256 (offset by 256)."""
@@ -298,26 +297,52 @@ def _scale_candidates(spec: _Legacy) -> list[float]:
     return [spec.low + s for s in steps] + [spec.high - s for s in steps]
 
 
+def _symmetric_error(x: torch.Tensor, spec: _Legacy, d16: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The squared error of the fp16 scale ``d16`` with its nearest levels, and those levels."""
+    scale = d16.to(torch.float32)
+    inverse = torch.where(scale != 0, 1.0 / scale, torch.zeros_like(scale))
+    level = _nearest_level(spec, x * inverse[:, None])
+    return (x - scale[:, None] * level).square_().sum(dim=1), level
+
+
+def _refit(x: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+    """The least-squares scale for these levels, ``sum(q x) / sum(q q)``, in fp16."""
+    sumq2 = (level * level).sum(dim=1)
+    return _fp16(torch.where(sumq2 > 0, (level * x).sum(dim=1) / sumq2, torch.zeros_like(sumq2)))
+
+
+def _fp16_step(d16: torch.Tensor, steps: int) -> torch.Tensor:
+    """The fp16 value ``steps`` representable values away from ``d16`` (same sign)."""
+    bits = d16.view(torch.int16).to(torch.int32)
+    moved = (bits & 0x7FFF) + steps
+    moved = torch.where((moved >= 0) & (moved < 0x7C00), moved, bits & 0x7FFF) | (bits & 0x8000)
+    return torch.where(moved >= 0x8000, moved - 0x10000, moved).to(torch.int16).view(torch.float16)
+
+
 def _search_symmetric(x: torch.Tensor, spec: _Legacy) -> torch.Tensor:
-    """The best fp16 scale over the candidates: codes for each candidate, a least-squares refit of
-    the scale given them (``sum(q x) / sum(q q)``), rounded to fp16, codes again, error."""
+    """The best fp16 scale: for each candidate, its nearest levels, a least-squares refit of the
+    scale given them, rounded to fp16, nearest levels again, error; then, from the best, two more
+    refits, each also trying the fp16 neighbours of the refit scale (rounding to fp16 moves the
+    scale by up to 1/2048, which at 4 bits is worth a look)."""
     magnitude = x.abs()
     signed = _first_at(x, magnitude.argmax(dim=1))
     signed = torch.where(signed != 0, signed, torch.ones_like(signed))
     best_err = torch.full_like(signed, float("inf"))
     best_d = torch.zeros_like(signed, dtype=torch.float16)
-    for landing in _scale_candidates(spec):
-        level = _nearest_level(spec, x * (landing / signed)[:, None])
-        sumq2 = (level * level).sum(dim=1)
-        d = torch.where(sumq2 > 0, (level * x).sum(dim=1) / sumq2, torch.zeros_like(sumq2))
-        d16 = _fp16(d)
-        scale = d16.to(torch.float32)
-        inverse = torch.where(scale != 0, 1.0 / scale, torch.zeros_like(scale))
-        level = _nearest_level(spec, x * inverse[:, None])
-        err = (x - scale[:, None] * level).square_().sum(dim=1)
+
+    def keep(d16: torch.Tensor) -> None:
+        nonlocal best_err, best_d
+        err = _symmetric_error(x, spec, d16)[0]
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_d = torch.where(better, d16, best_d)
+
+    for landing in _scale_candidates(spec):
+        keep(_refit(x, _nearest_level(spec, x * (landing / signed)[:, None])))
+    for _ in range(2):
+        refit = _refit(x, _symmetric_error(x, spec, best_d)[1])
+        for steps in (0, -1, 1):
+            keep(_fp16_step(refit, steps))
     return best_d
 
 
