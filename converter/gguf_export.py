@@ -88,7 +88,10 @@ def describe_source(source: Source, scratch: Path) -> GGUFModel:
     try:
         return describe_hf(source.config_dict(), scratch, name)
     except QconvError as exc:  # name the source, not the scratch folder its tokenizer went to
-        raise type(exc)(literal(str(exc).replace(str(scratch), source.ref))) from None
+        message = str(exc).replace(str(scratch), source.ref)
+        if not message.startswith(source.ref):
+            message = f"{source.ref}: {message}"
+        raise type(exc)(literal(message)) from None
 
 
 #: GGUF source types whose values re-quantize without a loss beyond the new type's own

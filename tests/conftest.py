@@ -91,6 +91,31 @@ def add_tiny_tokenizer(folder: Path, vocab_size: int = 300) -> Path:
     return folder
 
 
+def train_sentencepiece(folder: Path, vocab_size: int = 400, *, dummy_prefix: bool = False) -> Path:
+    """A tiny SentencePiece BPE model trained here, with byte fallback and no normalization, as Llama 2's
+    and Gemma's; a dummy prefix (a space before the text) as Llama 2's, none as Gemma's (llama.cpp's
+    gemma2 vocabulary adds no space prefix)."""
+    import sentencepiece as spm
+
+    from qconv.calibration import default_text_path
+
+    text = default_text_path().read_text(encoding="utf-8")[:100_000]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(text.splitlines()),
+        model_prefix=str(folder / "tokenizer"),
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        normalization_rule_name="identity",
+        add_dummy_prefix=dummy_prefix,
+        remove_extra_whitespaces=False,
+        minloglevel=2,
+    )
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("src") / "tiny-llama")

@@ -76,3 +76,27 @@ def ggml_quantize(rows: np.ndarray, type_name: str, imatrix: np.ndarray | None =
     if written != out.size:
         raise RuntimeError(f"ggml_quantize_chunk wrote {written} bytes, expected {out.size}")
     return out
+
+
+def llama_model_quantize(source, dest, file_type: int, nthread: int = 2) -> None:
+    """llama.cpp's own whole-file quantizer (``llama-quantize``), default parameters but the file
+    type (``general.file_type`` number, gguf_mix.FILE_TYPES[...].ftype)."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = file_type
+    params.nthread = nthread
+    rc = llama_cpp.llama_model_quantize(str(source).encode(), str(dest).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize failed ({rc}) on {source}")
+
+
+def tensors_of(path) -> dict[str, tuple[str, tuple[int, ...], bytes]]:
+    """Every tensor of a GGUF file: name -> (GGML type name, shape as GGUF lists it, data bytes)."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    return {
+        t.name: (t.tensor_type.name, tuple(int(d) for d in t.shape), bytes(np.asarray(t.data).tobytes()))
+        for t in reader.tensors
+    }

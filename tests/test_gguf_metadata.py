@@ -22,6 +22,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from conftest import train_sentencepiece
 
 from qconv.errors import UsageError
 from qconv.formats.gguf_metadata import describe_gguf, describe_hf
@@ -319,31 +320,6 @@ def test_gemma2_without_tokenizer_model_is_refused(smollm2_tokenizer, tmp_path):
 
 
 # --- SentencePiece-style tokenizers ----------------------------------------------------------------------
-
-
-def train_sentencepiece(folder: Path, vocab_size: int = 400, *, dummy_prefix: bool = False) -> Path:
-    """A tiny SentencePiece BPE model trained here, with byte fallback and no normalization, as Llama 2's
-    and Gemma's; a dummy prefix (a space before the text) as Llama 2's, none as Gemma's (llama.cpp's
-    gemma2 vocabulary adds no space prefix)."""
-    import sentencepiece as spm
-
-    from qconv.calibration import default_text_path
-
-    text = default_text_path().read_text(encoding="utf-8")[:100_000]
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(text.splitlines()),
-        model_prefix=str(folder / "tokenizer"),
-        vocab_size=vocab_size,
-        model_type="bpe",
-        byte_fallback=True,
-        character_coverage=1.0,
-        normalization_rule_name="identity",
-        add_dummy_prefix=dummy_prefix,
-        remove_extra_whitespaces=False,
-        minloglevel=2,
-    )
-    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
-    return folder
 
 
 @needs_llama_cpp

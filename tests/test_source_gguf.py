@@ -372,12 +372,20 @@ def test_unsupported_architecture(tmp_path):
         GGUFSource(path)
 
 
-def test_split_gguf(tmp_path):
+def test_split_gguf_needs_every_part_beside_the_first(tmp_path):
+    """A split GGUF is read from its first part, the others found beside it by gguf-split's names
+    (tests/test_gguf.py reads a whole split artifact); a missing part, or a later part given, is
+    named."""
     path = write_one_tensor_gguf(tmp_path / "model-00001-of-00002.gguf", "llama", split__count=2)
     with pytest.raises(
-        SourceError, match=re.escape(f"{path}: one part of a 2-part split GGUF; merge the parts")
+        SourceError, match=re.escape(f"{path}: part 2 of 2 is missing (model-00002-of-00002.gguf)")
     ):
         GGUFSource(path)
+    later = write_one_tensor_gguf(tmp_path / "model-00002-of-00002.gguf", "llama", split__count=2)
+    with pytest.raises(
+        SourceError, match=re.escape(f"{later}: one part of a 2-part split GGUF; give its first part")
+    ):
+        GGUFSource(later)
 
 
 def test_missing_tensor(tmp_path):

@@ -32,21 +32,17 @@ import warnings  # noqa: E402
 from qconv import __version__  # noqa: E402
 from qconv.cli import convert, evaluate, hub, registry  # noqa: E402  (after the environment above)
 from qconv.cli.render import fail  # noqa: E402
-from qconv.errors import QconvError, VerificationFailed  # noqa: E402
+from qconv.errors import QconvError, QconvWarning, VerificationFailed  # noqa: E402
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """qconv's own warnings as one line on stderr (``warning: ...``), not Python's two lines
     with a file and a source line; other libraries' warnings stay hidden unless QCONV_DEBUG."""
-    from qconv.errors import QconvWarning
-
     if issubclass(category, QconvWarning):
         click.echo(f"warning: {message}", err=True)
     elif os.environ.get("QCONV_DEBUG"):
         click.echo(warnings.formatwarning(message, category, filename, lineno, line), err=True, nl=False)
 
-
-warnings.showwarning = _show_warning
 
 # click 8.2 and later answer a bare `qconv` with this error carrying the help; 8.1 prints the help
 # itself and exits (the tuple is then empty: nothing to catch)
@@ -85,6 +81,14 @@ class QconvGroup(click.Group):
         sys.exit(code if isinstance(code, int) else 0)
 
     def invoke(self, ctx: click.Context) -> Any:
+        # qconv's warnings as one line each, as they happen, whatever filters the process has
+        # (restored after the command: a program calling main() keeps its own)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", QconvWarning)
+            warnings.showwarning = _show_warning
+            return self._invoke(ctx)
+
+    def _invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except VerificationFailed as exc:

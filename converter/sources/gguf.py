@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -100,26 +101,42 @@ class GGUFSource(Source):
     # --- opening -------------------------------------------------------------------------------------
 
     def _open_reader(self):
+        """The first file's reader (the metadata); a split GGUF's other parts are opened too,
+        named as gguf-split names them beside the first (``NAME-00001-of-00003.gguf``)."""
+        reader = self._read(self.path)
+        split = reader.fields.get("split.count")
+        parts = int(split.parts[split.data[0]][0]) if split is not None and split.data else 1
+        self._parts = [reader]
+        self._part_paths = [self.path]
+        if parts > 1:
+            match = re.fullmatch(r"(.*)-(\d{5})-of-(\d{5})\.gguf", self.path.name)
+            if match is None or int(match.group(2)) != 1 or int(match.group(3)) != parts:
+                raise SourceError(
+                    f"{self.path}: one part of a {parts}-part split GGUF; give its first part, "
+                    f"NAME-00001-of-{parts:05d}.gguf"
+                )
+            for index in range(2, parts + 1):
+                part = self.path.with_name(f"{match.group(1)}-{index:05d}-of-{parts:05d}.gguf")
+                if not part.is_file():
+                    raise SourceError(f"{self.path}: part {index} of {parts} is missing ({part.name})")
+                self._parts.append(self._read(part))
+                self._part_paths.append(part)
+        return reader
+
+    def _read(self, path: Path):
         from gguf import GGUFReader
 
         try:
-            reader = GGUFReader(self.path)
+            reader = GGUFReader(path)
         except OSError as exc:
-            raise SourceError(f"{self.path}: cannot read: {exc.strerror or exc}") from exc
+            raise SourceError(f"{path}: cannot read: {exc.strerror or exc}") from exc
         except Exception as exc:  # the reader raises ValueError, IndexError, struct errors... on bad bytes
-            raise SourceError(f"{self.path}: not a valid GGUF file (truncated or corrupt?): {exc}") from exc
-        split = reader.fields.get("split.count")
-        parts = int(split.parts[split.data[0]][0]) if split is not None and split.data else 1
-        if parts > 1:  # transformers reads one file; so do we
-            raise SourceError(
-                f"{self.path}: one part of a {parts}-part split GGUF; "
-                f"merge the parts into one file first (llama-gguf-split --merge)"
-            )
+            raise SourceError(f"{path}: not a valid GGUF file (truncated or corrupt?): {exc}") from exc
         for tensor in reader.tensors:
             # A file cut inside the tensor data can still parse: the memory map just ends early.
             if tensor.data.nbytes != tensor.n_bytes:
                 raise SourceError(
-                    f"{self.path}: truncated: tensor {tensor.name!r} has {tensor.data.nbytes} of its "
+                    f"{path}: truncated: tensor {tensor.name!r} has {tensor.data.nbytes} of its "
                     f"{tensor.n_bytes} bytes"
                 )
         return reader
@@ -220,7 +237,7 @@ class GGUFSource(Source):
         state = meta_model.state_dict()
         infos: list[TensorInfo] = []
         by_name: dict[str, tuple[Any, TensorInfo]] = {}
-        for tensor in self._reader.tensors:
+        for tensor in (t for part in self._parts for t in part.tensors):
             hf_name = self._key_map.get(tensor.name)
             if hf_name is None:  # no HF counterpart (rope_freqs...): transformers skips these too
                 continue
@@ -325,7 +342,7 @@ class GGUFSource(Source):
         return out.to(info.dtype)
 
     def hashed_files(self) -> list[Path]:
-        return [self.path]
+        return list(self._part_paths)
 
     def default_dtype(self) -> torch.dtype:
         """bfloat16 for a quantized GGUF (its weights were dequantized); else the weights' stored type."""
@@ -356,4 +373,5 @@ class GGUFSource(Source):
     def close(self) -> None:
         # Drop the memory map; names and shapes stay answerable, reads do not.
         self._reader = None
+        self._parts = []
         self._by_name = {}
