@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from qconv.errors import SourceError
+from qconv.errors import ArtifactError, SourceError
 from qconv.formats import gguf_kquants, gguf_quants
 from qconv.formats.base import Option, QuantFormat, check_choice, register
 from qconv.formats.gguf_mix import FILE_TYPES
@@ -98,6 +98,24 @@ class GGUFFormat(QuantFormat):
         import gguf
 
         return gguf.quants.dequantize(data, gguf.GGMLQuantizationType[ggml_type]).astype(np.float32)
+
+    def load_pretrained(self, folder, device: torch.device, dtype: torch.dtype):
+        """``qconv.load_model`` of a GGUF artifact: transformers' own GGUF loader, every weight
+        dequantized into ``dtype`` (llama.cpp is the loader users run; this is for Python work
+        on the same weights). A split file is llama.cpp's to read: transformers reads one file."""
+        from pathlib import Path
+
+        from transformers import AutoModelForCausalLM  # heavy: only loading needs it
+
+        files = sorted(p.name for p in Path(folder).glob("*.gguf"))
+        if len(files) != 1:
+            raise ArtifactError(
+                f"{folder}: {len(files)} .gguf files; transformers reads one unsplit GGUF (llama.cpp "
+                "reads a split one from its first part)"
+            )
+        return AutoModelForCausalLM.from_pretrained(
+            str(folder), gguf_file=files[0], dtype=dtype, device_map=str(device)
+        )
 
     def loader_tolerance(self, recipe: dict) -> float:
         # llama.cpp's CPU matmuls quantize each activation row to 8 bits (Q8_0 / Q8_K blocks)

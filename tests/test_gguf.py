@@ -197,6 +197,25 @@ def test_hub_card_follows_the_gguf_conventions(cli, tiny_source, tmp_path):
     assert "Verified with llama.cpp (llama-cpp-python " in card
 
 
+def test_push_and_load_model(cli, hub, tiny_source, tmp_path):
+    import qconv
+
+    out = tmp_path / "q4"
+    cli("convert", tiny_source, "-o", out, "--method", "gguf", "--type", "Q4_0", "--solver", "llama")
+    _, doc = cli.json("push", out, "--repo", "qconv-test/tiny-llama-GGUF")
+    assert doc["status"] == "committed"
+    manifest = json.loads((out / "qconv.json").read_text())
+    remote = hub.files("qconv-test/tiny-llama-GGUF")
+    name = "tiny-llama-Q4_0.gguf"
+    assert name in remote
+    assert remote[name].lfs_oid in (None, manifest["files"][name]["sha256"])
+    card = hub.file_bytes("qconv-test/tiny-llama-GGUF", "README.md").decode()
+    assert card.startswith("---\ntags:\n- qconv\n- gguf\n- quantized\n- Q4_0\n---\n")
+    # Python access to the same weights: transformers' GGUF loader, dequantized
+    model = qconv.load_model(out, device="cpu", dtype=torch.float32)
+    assert model.config.vocab_size == VOCAB and not model.training
+
+
 def test_quantized_gguf_source_is_requantized_with_a_warning(cli, tiny_source, tmp_path):
     first = tmp_path / "q4"
     cli(
