@@ -45,8 +45,10 @@ QK_K = 256  # values per super-block (ggml-common.h)
 SOLVERS = ("llama", "qconv")
 # ggml-quants.c: GROUP_MAX_EPS, below which a group's max |x| counts as all zero
 GROUP_MAX_EPS = 1e-15
-# elements per chunk of rows; the candidate grids multiply it by about 20 floats
-CHUNK_ELEMENTS = 1 << 18
+# values per chunk of rows: the solvers hold a few dozen float32 temporaries of a chunk's size,
+# so 2^20 values stay under about 200 MB whatever the tensor (a GPU takes 4x more per chunk)
+CHUNK_ELEMENTS = 1 << 20
+CUDA_CHUNK_FACTOR = 4
 QCONV_ITERATIONS = 4
 QCONV_RADIUS = 1  # sub-scale / sub-min neighbourhood searched exactly
 
@@ -345,7 +347,9 @@ def _llama_k4(x: torch.Tensor, nmax: int, rmin: float, nstep: int) -> dict:
     """quantize_row_q4_K_ref / quantize_row_q5_K_ref on super-blocks x [B, 256]."""
     sub = x.reshape(-1, 32)
     sum_x2 = _seqsum((sub * sub).T)
-    av_x = torch.sqrt(sum_x2 / _const(sum_x2, 32.0))
+    # sqrtf is correctly rounded; torch's float32 sqrt on the CPU (vectorized) can be 1 ulp off,
+    # which changed 2 of 65536 blocks of a 4096 x 4096 tensor: take it in float64 and round once
+    av_x = torch.sqrt((sum_x2 / _const(sum_x2, 32.0)).double()).to(torch.float32)
     weights = av_x[:, None] + sub.abs()
     scales, mins, codes = _make_qkx2_quants(sub, weights, nmax, rmin, 0.1, nstep, False)
     scales, mins, codes = scales.reshape(-1, 8), mins.reshape(-1, 8), codes.reshape(-1, 256)
@@ -692,7 +696,8 @@ def _quantizer(type_name: str) -> Callable[[torch.Tensor, str], torch.Tensor]:
         rows, n = weight.shape
         size = type_size(type_name)
         out = torch.empty((rows, n // QK_K * size), dtype=torch.uint8, device=weight.device)
-        chunk = max(1, CHUNK_ELEMENTS // n)
+        per_chunk = CHUNK_ELEMENTS * (CUDA_CHUNK_FACTOR if weight.is_cuda else 1)
+        chunk = max(1, per_chunk // n)
         solve = _LLAMA[type_name] if solver == "llama" else lambda x: _qconv(type_name, x)
         for start in range(0, rows, chunk):
             x = weight[start : start + chunk].to(torch.float32).reshape(-1, QK_K)

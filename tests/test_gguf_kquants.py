@@ -84,6 +84,16 @@ def test_llama_solver_writes_ggml_bytes_on_edge_rows(type_name):
     assert same_blocks(ours, gguf_reference.ggml_quantize(x, type_name), type_name) == 1.0
 
 
+@needs_ggml
+@pytest.mark.parametrize("type_name", ["Q4_K", "Q5_K"])
+def test_llama_solver_rounds_sqrt_as_c(type_name):
+    # rows 1419 and 2068 of this tensor hold the only blocks (of 65536) where torch's float32 sqrt
+    # on the CPU was 1 ulp off sqrtf, which moved a sub-block's weights and its scale
+    x = np.ascontiguousarray(weights("normal", 4096, 4096)[[1419, 2068]])
+    ours = QUANTIZERS[type_name](torch.from_numpy(x), "llama").numpy()
+    assert same_blocks(ours, gguf_reference.ggml_quantize(x, type_name), type_name) == 1.0
+
+
 # bytes pinned without llama.cpp: sha256 of the llama solver's output for an exact input (these
 # equal ggml_quantize's bytes, which test_llama_solver_writes_ggml_bytes checks where it can run)
 PINNED = {
