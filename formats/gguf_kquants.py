@@ -20,13 +20,24 @@ Solvers:
   Measured (tests/test_gguf_kquants.py; run as a script it times a 4096 x 4096 tensor): 100%
   identical 256-blocks against ggml_quantize for all five types, on random-normal, Student-t and
   edge-case rows (zeros, an outlier, all-negative, constant, tiny values).
-- ``"qconv"`` writes the same block format, searched for a lower unweighted squared error: from
-  llama's solution and from an unweighted sub-block fit, it alternates (1) nearest codes for the
-  current scales, (2) per sub-block least-squares refit of (scale, min) given the codes, rounded
-  to the best neighbouring integer sub-scale/sub-min, (3) per super-block least-squares refit of
-  (d, dmin) given codes and integer sub-scales, rounded to fp16; then per 256-block it keeps
-  whichever of llama's and its own solutions has the lower error, so it is never worse than
-  llama on any block.
+- ``"qconv"`` writes the same block format, searched for a lower unweighted squared error. From
+  two starts (llama's solution; sub-blocks fitted with weights 1 by make_qkx2_quants' search,
+  sub-scales quantized against the largest) it alternates, QCONV_ITERATIONS times: (1) nearest
+  codes for the current scales; (2) per sub-block, the least-squares (scale, min) given the codes,
+  rounded to the best integer pair (floor/ceil) by the exact error at fixed codes, then an exact
+  search of the integer sub-scales and sub-mins within QCONV_RADIUS of it, each with its own
+  nearest codes; (3) per super-block, the least-squares (d, dmin) given the codes and integer
+  sub-scales, rounded to fp16. The best state seen is kept, and per 256-block the final answer is
+  whichever of llama's and qconv's stored solutions has the lower error, so qconv is never worse
+  than llama on any block. Measured on 1024 x 2048 tensors (squared error qconv / llama, whole
+  tensor; median over blocks):
+
+                 Q2_K           Q3_K           Q4_K           Q5_K           Q6_K
+      normal     0.768 (0.773)  0.904 (0.908)  0.952 (0.955)  0.901 (0.905)  0.941 (0.946)
+      t, df=4    0.704 (0.725)  0.910 (0.912)  0.943 (0.948)  0.895 (0.900)  0.943 (0.947)
+
+  It costs 2-5x llama's time on a GPU and 2-40x on the CPU (4096 x 4096 on an H100: llama
+  0.05-0.17 s, qconv 0.15-0.61 s per type).
 
 Rows are processed in chunks so that memory stays bounded (a few hundred MB) for any tensor.
 """
