@@ -84,6 +84,16 @@ def test_llama_solver_writes_ggml_bytes_on_edge_rows(type_name):
     assert same_blocks(ours, gguf_reference.ggml_quantize(x, type_name), type_name) == 1.0
 
 
+@needs_ggml
+@pytest.mark.parametrize("type_name", ["Q4_K", "Q5_K"])
+def test_llama_solver_rounds_sqrt_as_c(type_name):
+    # rows 1419 and 2068 of this tensor hold the only blocks (of 65536) where torch's float32 sqrt
+    # on the CPU was 1 ulp off sqrtf, which moved a sub-block's weights and its scale
+    x = np.ascontiguousarray(weights("normal", 4096, 4096)[[1419, 2068]])
+    ours = QUANTIZERS[type_name](torch.from_numpy(x), "llama").numpy()
+    assert same_blocks(ours, gguf_reference.ggml_quantize(x, type_name), type_name) == 1.0
+
+
 # bytes pinned without llama.cpp: sha256 of the llama solver's output for an exact input (these
 # equal ggml_quantize's bytes, which test_llama_solver_writes_ggml_bytes checks where it can run)
 PINNED = {
@@ -109,6 +119,10 @@ def test_llama_solver_bytes_are_pinned(type_name):
 # ---------------------------------------------------------------- qconv: never worse than llama
 
 
+# qconv's squared error / llama's on a whole tensor stays below (measured values a bit under)
+QCONV_BOUND = {"Q2_K": 0.82, "Q3_K": 0.93, "Q4_K": 0.97, "Q5_K": 0.93, "Q6_K": 0.96}
+
+
 @pytest.mark.parametrize("type_name", TYPES)
 @pytest.mark.parametrize("kind", ["normal", "t4", "edge"])
 def test_qconv_error_is_never_above_llamas(type_name, kind):
@@ -124,7 +138,7 @@ def test_qconv_error_is_never_above_llamas(type_name, kind):
     else:
         # measured on 16 x 1024: Q2_K 0.78 (normal) / 0.71 (t4), Q3_K 0.91 / 0.90, Q4_K 0.95,
         # Q5_K 0.90, Q6_K 0.94
-        assert qconv.sum() < 0.97 * llama.sum()
+        assert qconv.sum() < QCONV_BOUND[type_name] * llama.sum()
 
 
 @pytest.mark.parametrize("type_name", TYPES)
@@ -215,8 +229,8 @@ def main(rows: int = 4096, cols: int = 4096) -> None:
             / block_errors(outputs["llama"], x, type_name).sum()
         )
         print(
-            f"{type_name}: ggml {times['ggml']:.2f}s  llama {times['llama']:.2f}s  qconv {times['qconv']:.2f}s"
-            f"  identical blocks {same:.4%}  qconv/llama error {ratio:.4f}"
+            f"{type_name}: ggml {times['ggml']:.2f}s  llama {times['llama']:.2f}s"
+            f"  qconv {times['qconv']:.2f}s  identical blocks {same:.4%}  qconv/llama error {ratio:.4f}"
         )
 
 
