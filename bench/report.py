@@ -256,7 +256,7 @@ def aqlm_block8b_table(path: Path, rel: str) -> list[str]:
     )
     for name in names:
         partial = cases[name]
-        if "partial" in partial:  # what a case cut off at the budget measured before it stopped
+        if "totals_s" in partial:  # what a case cut off at the budget measured before it stopped
             totals, done = partial["totals_s"], partial.get("layers_done", [])
             notes.append(
                 f"{_block8b_case(name)} was cut off at the run's time budget after "

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from qconv import llamacpp
+from qconv.artifact import Artifact
 from qconv.environment import resolve_device, resolve_dtype
 from qconv.errors import ArtifactError, UsageError, literal
 from qconv.files import WORKING_DTYPES, sha256_file
@@ -231,8 +232,6 @@ def _evaluate_with_llama_cpp(
 ) -> EvalResult:
     """A GGUF artifact measured by llama.cpp itself (its tokenizer, its arithmetic) under the
     same protocol; with a reference, the source runs in float32 on the same windows."""
-    from qconv.artifact import Artifact
-
     artifact = Artifact(folder)
     gguf_file = artifact.gguf_file
     text_path = default_text() if is_shipped_text(text) else Path(text).expanduser()

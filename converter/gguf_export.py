@@ -247,7 +247,10 @@ def write_gguf(
                 raise exc.with_context(tensor.source_name) from None
             timers["quantize_s"] += time.perf_counter() - clock
             total_params += values.numel()
-            if tensor.module is not None and tensor.quantized:
+            # a weight is a layer of the manifest when stored in the file type's own kind: any
+            # GGML type in a quantized file (a float one stands out as skipped), F16/BF16 in theirs
+            stored_as_layer = tensor.quantized or recipe["type"] in FLOAT_TYPES
+            if tensor.module is not None and stored_as_layer:
                 clock = time.perf_counter()
                 layers[tensor.module] = {
                     **_tensor_error(fmt, rows, data, tensor.ggml_type),
