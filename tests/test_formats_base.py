@@ -46,6 +46,8 @@ def test_methods_declare_what_they_are():
         "bnb": ("bitsandbytes", "transformers", None),
         "compressed-tensors": ("compressed-tensors", "transformers", "compressed-tensors"),
         "eetq": ("eetq", None, None),  # pure torch: no `eetq` extra to install
+        # a .gguf file, no config.json: its quant_method names it only inside qconv's manifest
+        "gguf": ("gguf", "llama.cpp", "llama"),
         "hqq": ("hqq", None, "hqq"),
     }
     assert {fmt.quant_method: format_of_quant_method(fmt.quant_method) for fmt in all_formats().values()} == {
