@@ -25,6 +25,10 @@ import click
 if not os.environ.get("QCONV_DEBUG"):
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # huggingface_hub's "Retrying in 1s [Retry 1/5]" lines: qconv says a failure once, as one line
+    # (the environment for a client imported later, the logger for one imported already)
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 import warnings  # noqa: E402

@@ -82,13 +82,20 @@ def _download(repo_id: str, revision: str | None) -> Path:
 
     where = f"{repo_id}@{revision}" if revision else repo_id
     with _hub_errors(where):
-        # config.json at the requested revision first: its path names the commit, and the cache
-        # records revision -> commit, which offline mode resolves later.
-        config = Path(hf_hub_download(repo_id, "config.json", revision=revision))
-        sha = config.parent.name
-        info = HfApi().model_info(repo_id, revision=sha)
+        # The repo's listing first: one request that the client does not retry, so an unreachable
+        # Hub is said at once (hf_hub_download retries a refused connection five times over ~25 s
+        # before it falls back to the cache), and a repo without config.json is told apart from it.
+        api = HfApi()
+        info = api.model_info(repo_id, revision=revision)
         names = [s.rfilename for s in info.siblings or []]
         wanted = _wanted(names, where)
+        # config.json at the requested revision: its path names the commit, and the cache records
+        # revision -> commit, which offline mode resolves later.
+        config = Path(hf_hub_download(repo_id, "config.json", revision=revision))
+        sha = config.parent.name
+        if sha != info.sha:  # the branch moved between the two requests: list that commit
+            names = [s.rfilename for s in api.model_info(repo_id, revision=sha).siblings or []]
+            wanted = _wanted(names, where)
         for name in wanted:
             hf_hub_download(repo_id, name, revision=sha)
         folder = config.parent
@@ -140,6 +147,10 @@ class _hub_errors:
         )
 
         where = self.where
+        transport = network_error(exc)
+        if transport is not None:  # before EntryNotFoundError: the client says a failed
+            # connection as LocalEntryNotFoundError ("not in the cache"), a subclass of it
+            raise SourceError(unreachable(where, transport)) from None
         if isinstance(exc, RevisionNotFoundError):
             raise SourceNotFoundError(f"{where}: no such revision in the repo") from None
         if isinstance(exc, RepositoryNotFoundError):
@@ -154,6 +165,37 @@ class _hub_errors:
         if is_retryable(exc):
             raise SourceError(f"{where}: cannot reach the Hub ({type(exc).__name__})") from None
         return False
+
+
+def network_error(exc: BaseException) -> BaseException | None:
+    """The transport failure (refused connection, unknown host, timeout) behind ``exc``, if that
+    is what it is: from whichever HTTP library this huggingface_hub uses, or the OS's own."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        module = type(exc).__module__.split(".")[0]
+        if module in ("httpx", "httpx2", "httpcore", "requests", "urllib3") and any(
+            word in type(exc).__name__ for word in ("Connect", "Timeout", "NetworkError", "Proxy")
+        ):
+            return exc
+        if isinstance(exc, (ConnectionRefusedError, TimeoutError)):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def unreachable(where: str, transport: BaseException) -> str:
+    """One line: the Hub cannot be reached (with why, as the OS says it), and the way out."""
+    from huggingface_hub import constants
+
+    reason = re.sub(
+        r"^\[Errno -?\d+\]\s*", "", str(transport).strip().splitlines()[0] if str(transport).strip() else ""
+    )
+    reason = reason or type(transport).__name__
+    return (
+        f"{where}: cannot reach the Hub at {constants.ENDPOINT} ({reason}); to use a copy in the local "
+        "Hugging Face cache without the network, set HF_HUB_OFFLINE=1"
+    )
 
 
 def _token() -> str | None:
