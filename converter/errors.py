@@ -118,6 +118,10 @@ class DestinationExistsError(QconvError, FileExistsError):
     """The output folder exists and --force was not given."""
 
 
+class DiskSpaceError(QconvError, OSError):
+    """The destination's file system cannot hold the artifact (found before any quantization)."""
+
+
 class VerificationFailed(QconvError):
     """A verification gate failed; the report is attached. The CLI renders the report itself,
     so it exits 1 without printing this message."""
