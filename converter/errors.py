@@ -150,6 +150,12 @@ class NotVerifiedError(QconvError, ValueError):
     """An artifact whose verification failed or never ran, asked to be published without --force."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised by the CLI's handler as Ctrl-C raises KeyboardInterrupt, so that the same
+    cleanup runs (a temporary folder removed, a calibration checkpoint kept). Not an ``Exception``:
+    ``except Exception`` blocks let it through, as they let Ctrl-C through."""
+
+
 class QconvWarning(UserWarning):
     """What the library warns about without refusing (re-quantizing an already quantized
     source...); the CLI prints each as one ``warning:`` line on stderr."""
