@@ -87,3 +87,23 @@ def test_the_way_out_works(cli, hub, tiny_llama, tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     cli("convert", SOURCE, "-o", tmp_path / "b", "--method", "bnb", "--device", "cpu", "--no-verify")
+
+
+def test_push_to_an_unreachable_hub(cli, hub, tiny_llama, tmp_path, monkeypatch):
+    """The first request finds no Hub: said at once (not after the retries' backoff), nothing
+    recorded; a fault once the upload has begun is retried as before (tests/test_push.py)."""
+    import huggingface_hub.constants as constants
+
+    folder = tmp_path / "art"
+    cli("convert", tiny_llama, "-o", folder, "--method", "bnb", "--device", "cpu")
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    started = time.monotonic()
+    result = cli("push", folder, "--repo", "off-org/art", ok=False)
+    assert time.monotonic() - started < 3
+    assert (result.exit_code, result.stdout) == (2, "")
+    assert result.stderr == (
+        f"Error: off-org/art: cannot reach the Hub at {endpoint} (Connection refused); nothing was pushed\n"
+    )
+    assert cli.json("ls", "--pushed")[1] == []
+    assert not [p for p in tmp_path.iterdir() if ".qconv-push-" in p.name]

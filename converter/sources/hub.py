@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 from qconv.errors import SourceError, SourceNotFoundError
-from qconv.hub import is_retryable, scrub
+from qconv.hub import is_retryable, network_error, scrub, unreachable
 from qconv.sources.hf_folder import HFFolderSource
 
 HUB_REF = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[\w./-]+))?$")
@@ -150,7 +150,10 @@ class _hub_errors:
         transport = network_error(exc)
         if transport is not None:  # before EntryNotFoundError: the client says a failed
             # connection as LocalEntryNotFoundError ("not in the cache"), a subclass of it
-            raise SourceError(unreachable(where, transport)) from None
+            raise SourceError(
+                unreachable(where, transport)
+                + "; to use a copy in the local Hugging Face cache without the network, set HF_HUB_OFFLINE=1"
+            ) from None
         if isinstance(exc, RevisionNotFoundError):
             raise SourceNotFoundError(f"{where}: no such revision in the repo") from None
         if isinstance(exc, RepositoryNotFoundError):
@@ -165,37 +168,6 @@ class _hub_errors:
         if is_retryable(exc):
             raise SourceError(f"{where}: cannot reach the Hub ({type(exc).__name__})") from None
         return False
-
-
-def network_error(exc: BaseException) -> BaseException | None:
-    """The transport failure (refused connection, unknown host, timeout) behind ``exc``, if that
-    is what it is: from whichever HTTP library this huggingface_hub uses, or the OS's own."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        module = type(exc).__module__.split(".")[0]
-        if module in ("httpx", "httpx2", "httpcore", "requests", "urllib3") and any(
-            word in type(exc).__name__ for word in ("Connect", "Timeout", "NetworkError", "Proxy")
-        ):
-            return exc
-        if isinstance(exc, (ConnectionRefusedError, TimeoutError)):
-            return exc
-        exc = exc.__cause__ or exc.__context__
-    return None
-
-
-def unreachable(where: str, transport: BaseException) -> str:
-    """One line: the Hub cannot be reached (with why, as the OS says it), and the way out."""
-    from huggingface_hub import constants
-
-    reason = re.sub(
-        r"^\[Errno -?\d+\]\s*", "", str(transport).strip().splitlines()[0] if str(transport).strip() else ""
-    )
-    reason = reason or type(transport).__name__
-    return (
-        f"{where}: cannot reach the Hub at {constants.ENDPOINT} ({reason}); to use a copy in the local "
-        "Hugging Face cache without the network, set HF_HUB_OFFLINE=1"
-    )
 
 
 def _token() -> str | None:
