@@ -126,3 +126,31 @@ def test_gguf_counts_the_planned_tensors(cli, tmp_path, free_space):
     gguf_bytes = sum(p.stat().st_size for p in (tmp_path / "g").glob("*.gguf"))
     assert total < gguf_bytes <= needed(total)  # the tensors, and the metadata within the margin
     assert sum(p.stat().st_size for p in (tmp_path / "g").iterdir()) <= needed(total)
+
+
+def test_a_disk_that_fills_anyway_leaves_nothing(cli, tiny_llama, tmp_path, monkeypatch):
+    """The check passed but the disk filled while writing (another process took the space): one
+    line, exit 2, nothing under the final name, no temporary folder, no registry row."""
+    import errno
+    import os
+
+    from qconv.writer import SafetensorsShardWriter
+
+    add, calls = SafetensorsShardWriter.add, []
+
+    def add_until_full(self, key, value):
+        calls.append(key)
+        if len(calls) == 5:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.folder / "model.safetensors"))
+        return add(self, key, value)
+
+    monkeypatch.setattr(SafetensorsShardWriter, "add", add_until_full)
+    out = tmp_path / "out"
+    result = cli(
+        "convert", tiny_llama, "-o", out, "--method", "bnb", "--bits", "8", "--device", "cpu", ok=False
+    )
+    assert result.exit_code == 2 and len(calls) == 5
+    temp = tmp_path / f".out.qconv-tmp-{os.getpid()}"
+    assert result.stderr == f"Error: {temp / 'model.safetensors'}: No space left on device\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["qconv-home"]
+    assert cli.json("ls")[1] == []

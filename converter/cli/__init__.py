@@ -127,12 +127,11 @@ class QconvGroup(click.Group):
         """Click answers a usage mistake (an unknown option, a missing argument, a value not among
         the choices) with the usage, a hint and the error on four lines; qconv's rule is one line
         naming the mistake (and the JSON document under --json), exit 2."""
+        # signals are the CLI's to handle only here (a program calling main() keeps its own)
+        self.standalone = standalone_mode
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
         argv = list(sys.argv[1:] if args is None else args)
-        self.standalone = (
-            standalone_mode  # signals are the CLI's to handle (a program calling main() keeps its own)
-        )
         try:
             # not standalone: click returns ctx.exit's code (commands themselves return None)
             code = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
