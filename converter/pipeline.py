@@ -262,10 +262,10 @@ def convert(
             raise UsageError(f"out of memory while calibrating ({str(exc).splitlines()[0]})") from None
         prepare_s = time.perf_counter() - started
         tmp = dest.parent / f".{dest.name}.qconv-tmp-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        try:
+        try:  # made inside the try: a Ctrl-C just after mkdir must remove it too (tests/test_signals.py)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
             if gguf_model is not None:
                 result = _convert_gguf_into(
                     source,

@@ -28,16 +28,32 @@ def two_blocks_text(tmp_path_factory) -> Path:
     return add_tiny_tokenizer(make_tiny_llama(tmp_path_factory.mktemp("src") / "tiny-text"))
 
 
+STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def no_process_left():
+    """A test that fails before its process exits must not leave it running."""
+    yield
+    while STARTED:
+        process = STARTED.pop()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
 def start(*args) -> subprocess.Popen:
     """``python -m qconv ARGS`` with SIGINT handled by default, as in a terminal's foreground (a
     test run started in the background by a shell without job control ignores SIGINT, and its
     children would inherit that: qconv leaves an ignored signal ignored)."""
-    return subprocess.Popen(
+    process = subprocess.Popen(
         [sys.executable, "-m", "qconv", *map(str, args)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
+    STARTED.append(process)
+    return process
 
 
 def wait_for(process: subprocess.Popen, ready, what: str, timeout: float = 240) -> None:
@@ -87,11 +103,14 @@ def test_a_signal_while_quantizing(cli, four_blocks, tmp_path, signum, code, lin
 
 
 def test_json_says_it_on_stdout_too(cli, four_blocks, tmp_path):
+    """Signalled the instant the temporary folder appears: this once left the folder behind (made
+    before the try that removes it) and hung at exit (a pool worker started as the signal came)."""
     process = start("convert", four_blocks, "-o", tmp_path / "out", *DATA_FREE, "--json")
     wait_for(process, lambda: temp_folders(tmp_path), "the temporary folder")
     returncode, stdout, stderr = stop(process, signal.SIGTERM)
     line = "Terminated (SIGTERM): convert stopped; its temporary files were removed"
     assert (returncode, json.loads(stdout), stderr) == (143, {"error": line, "exit_code": 143}, line + "\n")
+    assert temp_folders(tmp_path) == []
 
 
 def test_sigterm_keeps_the_checkpoint_and_resume_finishes(cli, two_blocks_text, tmp_path):

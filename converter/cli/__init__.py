@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,21 @@ def _stopped_message(exc: KeyboardInterrupt) -> tuple[int, str]:
     return signum, text
 
 
+def _leave_soon(code: int, after_s: float = 5.0) -> None:
+    """Python's exit joins every non-daemon thread, and one can hold a stopped process forever: a
+    pool worker started just as the signal came (never registered, so never told to stop: a
+    stdlib race, tests/test_signals.py hit it) or a hash of a large source file still running. The
+    cleanup has run by now, so whatever is still running after a few seconds is left behind."""
+
+    def leave() -> None:
+        time.sleep(after_s)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+    threading.Thread(target=leave, name="qconv-exit", daemon=True).start()
+
+
 class QconvGroup(click.Group):
     """Turns qconv's errors (and OS errors such as a full disk) into one line and an exit code."""
 
@@ -143,6 +159,8 @@ class QconvGroup(click.Group):
             if "--json" in argv:
                 click.echo(json.dumps({"error": str(exc), "exit_code": code}))
             click.echo(str(exc), err=True)
+            if args is None:  # a process of its own (the `qconv` command), not a caller's main(args)
+                _leave_soon(code)
             sys.exit(code)
         except click.UsageError as exc:
             message = exc.format_message().strip().splitlines()[0]
