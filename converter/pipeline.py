@@ -58,7 +58,7 @@ WRITE_QUEUE = 8  # tensors waiting for the writer thread
 # vocabulary of 100k+ tokens), config, tokenizer (Gemma's tokenizer.json is 33 MB), model card and
 # manifest, and the file system's blocks and metadata; a disk filled to the last byte also leaves
 # nothing for the registry's WAL. 2% of a large model covers the first kind; 32 MiB the small files.
-DISK_MARGIN_FRACTION = 0.02
+DISK_MARGIN_PERCENT = 2
 DISK_MARGIN_BYTES = 32 * 2**20
 
 
@@ -108,7 +108,7 @@ def check_free_space(dest: Path, artifact_bytes: int) -> None:
     folder = Path(os.path.abspath(dest)).parent
     while not folder.exists():  # created later; the space is its nearest existing parent's
         folder = folder.parent
-    needed = math.ceil(artifact_bytes * (1 + DISK_MARGIN_FRACTION)) + DISK_MARGIN_BYTES
+    needed = -(-artifact_bytes * (100 + DISK_MARGIN_PERCENT) // 100) + DISK_MARGIN_BYTES  # in integers: exact
     free = free_bytes(folder)
     if needed > free:
         raise DiskSpaceError(
