@@ -118,6 +118,10 @@ class DestinationExistsError(QconvError, FileExistsError):
     """The output folder exists and --force was not given."""
 
 
+class DiskSpaceError(QconvError, OSError):
+    """The destination's file system cannot hold the artifact (found before any quantization)."""
+
+
 class VerificationFailed(QconvError):
     """A verification gate failed; the report is attached. The CLI renders the report itself,
     so it exits 1 without printing this message."""
@@ -144,6 +148,12 @@ class HubError(QconvError, RuntimeError):
 
 class NotVerifiedError(QconvError, ValueError):
     """An artifact whose verification failed or never ran, asked to be published without --force."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised by the CLI's handler as Ctrl-C raises KeyboardInterrupt, so that the same
+    cleanup runs (a temporary folder removed, a calibration checkpoint kept). Not an ``Exception``:
+    ``except Exception`` blocks let it through, as they let Ctrl-C through."""
 
 
 class QconvWarning(UserWarning):

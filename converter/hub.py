@@ -253,6 +253,13 @@ def _upload(
                 repo_type="model",
             )
         except Exception as exc:  # noqa: BLE001 - classified below; anything else is re-raised
+            transport = network_error(exc)
+            if attempt == 1 and transport is not None and "Connect" in type(transport).__name__:
+                # the very first request found no Hub (refused, unknown host): said at once, not
+                # after 14 s of backoff; a fault later on (a dropped upload) is retried as before
+                raise HubError(
+                    scrub(unreachable(result.repo, transport) + "; nothing was pushed", token)
+                ) from None
             if not is_retryable(exc) or attempt == RETRY_ATTEMPTS:
                 raise HubError(_describe(exc, result.repo, token, attempt)) from None
             result.errors.append(_describe(exc, result.repo, token, attempt))
@@ -333,6 +340,34 @@ def is_retryable(exc: BaseException) -> bool:
         ):
             return True
     return False
+
+
+def network_error(exc: BaseException) -> BaseException | None:
+    """The transport failure (refused connection, unknown host, timeout) behind ``exc``, if that
+    is what it is: from whichever HTTP library this huggingface_hub uses, or the OS's own."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        module = type(exc).__module__.split(".")[0]
+        if module in ("httpx", "httpx2", "httpcore", "requests", "urllib3") and any(
+            word in type(exc).__name__ for word in ("Connect", "Timeout", "NetworkError", "Proxy")
+        ):
+            return exc
+        if isinstance(exc, (ConnectionRefusedError, TimeoutError)):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def unreachable(where: str, transport: BaseException) -> str:
+    """``WHERE: cannot reach the Hub at ENDPOINT (why, as the OS says it)``."""
+    from huggingface_hub import constants
+
+    reason = re.sub(
+        r"^\[Errno -?\d+\]\s*", "", str(transport).strip().splitlines()[0] if str(transport).strip() else ""
+    )
+    reason = reason or type(transport).__name__
+    return f"{where}: cannot reach the Hub at {constants.ENDPOINT} ({reason})"
 
 
 def _describe(exc: BaseException, repo: str, token: str, attempt: int) -> str:

@@ -9,6 +9,7 @@ written into a temporary folder beside the destination and renamed into place at
 from __future__ import annotations
 
 import json
+import math
 import os
 import queue
 import shutil
@@ -25,7 +26,7 @@ import torch
 from qconv import gguf_export
 from qconv.artifact import Artifact
 from qconv.environment import environment, peak_rss_bytes, resolve_device, resolve_dtype
-from qconv.errors import DestinationExistsError, QconvError, UsageError, literal
+from qconv.errors import DestinationExistsError, DiskSpaceError, QconvError, UsageError, literal
 from qconv.files import FLOAT_DTYPES, dtype_name, fsync_path, parse_size
 from qconv.formats import all_formats, get_format
 from qconv.formats.base import PrepareContext, Prepared, QuantFormat
@@ -52,6 +53,13 @@ READ_AHEAD = 4  # tensors read ahead of the one being quantized
 #: the largest output file unless --max-shard-size says otherwise, by container
 DEFAULT_MAX_SHARD = {"safetensors": "5GB", "gguf": gguf_export.DEFAULT_MAX_SHARD}
 WRITE_QUEUE = 8  # tensors waiting for the writer thread
+# Free space asked for beyond the planned tensors' bytes: the estimate misses the shards' JSON
+# headers and the few tensors sized only once quantized (bnb's quant_state), GGUF's metadata (a
+# vocabulary of 100k+ tokens), config, tokenizer (Gemma's tokenizer.json is 33 MB), model card and
+# manifest, and the file system's blocks and metadata; a disk filled to the last byte also leaves
+# nothing for the registry's WAL. 2% of a large model covers the first kind; 32 MiB the small files.
+DISK_MARGIN_PERCENT = 2
+DISK_MARGIN_BYTES = 32 * 2**20
 
 
 @dataclass
@@ -76,6 +84,37 @@ def check_destination(dest: Path, source_ref: str, force: bool) -> None:
                 raise UsageError(f"{dest}: --force would delete the source itself")
         if dest.is_dir() and not (dest / MANIFEST_NAME).is_file() and any(dest.iterdir()):
             raise DestinationExistsError(f"{dest}: exists and is not a qconv artifact; not replacing it")
+
+
+def free_bytes(folder: Path) -> int:
+    """Bytes free to this user on the file system holding ``folder`` (an existing folder)."""
+    return shutil.disk_usage(folder).free
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def check_free_space(dest: Path, artifact_bytes: int) -> None:
+    """Refuse, before any quantization, when the file system that will hold ``dest`` has less
+    free space than ``artifact_bytes`` and the margin. The temporary folder is beside ``dest``
+    (the same file system), and a replaced artifact is removed only once the new one is in
+    place, so it frees nothing before then. A calibrated run's checkpoint (written beside ``dest``
+    too, as the calibration goes) is not counted."""
+    folder = Path(os.path.abspath(dest)).parent
+    while not folder.exists():  # created later; the space is its nearest existing parent's
+        folder = folder.parent
+    needed = -(-artifact_bytes * (100 + DISK_MARGIN_PERCENT) // 100) + DISK_MARGIN_BYTES  # in integers: exact
+    free = free_bytes(folder)
+    if needed > free:
+        raise DiskSpaceError(
+            f"{folder}: not enough free disk space for {dest.name}: it needs about {_size(needed)} "
+            f"({needed:,} bytes, the artifact and a margin), {_size(free)} ({free:,} bytes) are free"
+        )
 
 
 def _read_ahead(
@@ -200,6 +239,11 @@ def convert(
             with tempfile.TemporaryDirectory(prefix="qconv-gguf-") as scratch:
                 gguf_model = gguf_export.describe_source(source, Path(scratch))
                 gguf_plan = gguf_export.plan_tensors(source, gguf_model, recipe, list(skip))
+            artifact_bytes = sum(math.prod(gguf_export.byte_shape(t.shape, t.ggml_type)) for t in gguf_plan)
+        else:
+            planned = _planned_outputs(source, plan, fmt, recipe, working_dtype)
+            artifact_bytes = sum(p.nbytes for p in planned if p.dtype is not None)
+        check_free_space(dest, artifact_bytes)  # before the calibration and quantization, not hours later
         dest.parent.mkdir(parents=True, exist_ok=True)
         checkpoint = dest.parent / f".{dest.name}.qconv-checkpoint"
         if checkpoint.exists() and not resume and force:
@@ -218,10 +262,10 @@ def convert(
             raise UsageError(f"out of memory while calibrating ({str(exc).splitlines()[0]})") from None
         prepare_s = time.perf_counter() - started
         tmp = dest.parent / f".{dest.name}.qconv-tmp-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        try:
+        try:  # made inside the try: a Ctrl-C just after mkdir must remove it too (tests/test_signals.py)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
             if gguf_model is not None:
                 result = _convert_gguf_into(
                     source,

@@ -1,7 +1,8 @@
 """The ``qconv`` command line: parse, call one library function, render. Nothing else.
 
 Exit codes, decided here only: 0 success, 1 a verification gate failed, 2 bad usage or bad
-input (one line on stderr naming the file or tensor, no traceback). ``--json`` prints one JSON
+input (one line on stderr naming the file or tensor, no traceback), 130 stopped by Ctrl-C (SIGINT)
+and 143 by SIGTERM (one line saying what was cleaned up and what was kept). ``--json`` prints one JSON
 document on stdout; progress bars go to stderr, and only on a terminal.
 
 Each command lives in a module of this package by area (``convert``: convert and verify;
@@ -14,7 +15,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import click
@@ -25,6 +31,10 @@ import click
 if not os.environ.get("QCONV_DEBUG"):
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # huggingface_hub's "Retrying in 1s [Retry 1/5]" lines: qconv says a failure once, as one line
+    # (the environment for a client imported later, the logger for one imported already)
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 import warnings  # noqa: E402
@@ -32,7 +42,7 @@ import warnings  # noqa: E402
 from qconv import __version__  # noqa: E402
 from qconv.cli import convert, evaluate, hub, registry  # noqa: E402  (after the environment above)
 from qconv.cli.render import fail  # noqa: E402
-from qconv.errors import QconvError, QconvWarning, VerificationFailed  # noqa: E402
+from qconv.errors import QconvError, QconvWarning, Terminated, VerificationFailed  # noqa: E402
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -49,6 +59,83 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 _NO_ARGS_IS_HELP = tuple(e for e in [getattr(click.exceptions, "NoArgsIsHelpError", None)] if e)
 
 
+class Stopped(Exception):
+    """A command stopped by a signal, after the library's cleanup ran; carried past click's own
+    Ctrl-C handling (a blank line and "Aborted!", exit 1) to :meth:`QconvGroup.main`."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
+@contextmanager
+def _signals_raise():
+    """While a command runs: SIGINT raises KeyboardInterrupt (as Python's own handler does) and
+    SIGTERM raises :class:`Terminated`, a KeyboardInterrupt, so that the cleanup the library does
+    for Ctrl-C (``except BaseException`` / ``finally``: temp folders removed, a calibration
+    checkpoint left in place) runs for both. The command's parameters at that moment are kept on
+    the exception for the message. After the first signal both are ignored: a second Ctrl-C would
+    cut the cleanup short and leave the temporary folder behind (SIGKILL still ends a hung one)."""
+    if threading.current_thread() is not threading.main_thread():  # signal.signal would refuse
+        yield
+        return
+
+    def stop(signum, _frame):
+        for s in previous:
+            signal.signal(s, signal.SIG_IGN)
+        exc = KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
+        ctx = click.get_current_context(silent=True)
+        exc.qconv_command = (ctx.info_name, dict(ctx.params)) if ctx is not None else (None, {})
+        exc.qconv_signal = signum
+        raise exc
+
+    # a signal ignored when qconv started stays ignored: a shell without job control starts a
+    # background command (`qconv convert ... &` in a script) with SIGINT ignored, so that the
+    # terminal's Ctrl-C does not reach it
+    previous = {
+        s: signal.getsignal(s)
+        for s in (signal.SIGINT, signal.SIGTERM)
+        if signal.getsignal(s) is not signal.SIG_IGN
+    }
+    for s in previous:
+        signal.signal(s, stop)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+
+def _stopped_message(exc: KeyboardInterrupt) -> tuple[int, str]:
+    """The signal and one line: what stopped, what was cleaned up, what was kept on purpose."""
+    signum = getattr(exc, "qconv_signal", signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
+    what = "Terminated (SIGTERM)" if signum == signal.SIGTERM else "Interrupted (SIGINT)"
+    command, params = getattr(exc, "qconv_command", (None, {}))
+    text = f"{what}: {command or 'qconv'} stopped; its temporary files were removed"
+    output = params.get("output") if command == "convert" else None
+    if output is not None:
+        dest = Path(output).expanduser()
+        checkpoint = dest.parent / f".{dest.name}.qconv-checkpoint"
+        if checkpoint.is_dir():
+            text += f"; the calibration checkpoint {checkpoint} is kept: add --resume to continue"
+    return signum, text
+
+
+def _leave_soon(code: int, after_s: float = 5.0) -> None:
+    """Python's exit joins every non-daemon thread, and one can hold a stopped process forever: a
+    pool worker started just as the signal came (never registered, so never told to stop: a
+    stdlib race, tests/test_signals.py hit it) or a hash of a large source file still running. The
+    cleanup has run by now, so whatever is still running after a few seconds is left behind."""
+
+    def leave() -> None:
+        time.sleep(after_s)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+    threading.Thread(target=leave, name="qconv-exit", daemon=True).start()
+
+
 class QconvGroup(click.Group):
     """Turns qconv's errors (and OS errors such as a full disk) into one line and an exit code."""
 
@@ -56,6 +143,8 @@ class QconvGroup(click.Group):
         """Click answers a usage mistake (an unknown option, a missing argument, a value not among
         the choices) with the usage, a hint and the error on four lines; qconv's rule is one line
         naming the mistake (and the JSON document under --json), exit 2."""
+        # signals are the CLI's to handle only here (a program calling main() keeps its own)
+        self.standalone = standalone_mode
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
         argv = list(sys.argv[1:] if args is None else args)
@@ -65,6 +154,14 @@ class QconvGroup(click.Group):
         except _NO_ARGS_IS_HELP as exc:  # a bare `qconv`: the help, as before
             exc.show()
             sys.exit(exc.exit_code)
+        except Stopped as exc:
+            code = 128 + exc.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+            if "--json" in argv:
+                click.echo(json.dumps({"error": str(exc), "exit_code": code}))
+            click.echo(str(exc), err=True)
+            if args is None:  # a process of its own (the `qconv` command), not a caller's main(args)
+                _leave_soon(code)
+            sys.exit(code)
         except click.UsageError as exc:
             message = exc.format_message().strip().splitlines()[0]
             hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
@@ -83,10 +180,18 @@ class QconvGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         # qconv's warnings as one line each, as they happen, whatever filters the process has
         # (restored after the command: a program calling main() keeps its own)
-        with warnings.catch_warnings():
+        if not getattr(self, "standalone", False):
+            with warnings.catch_warnings():
+                warnings.simplefilter("always", QconvWarning)
+                warnings.showwarning = _show_warning
+                return self._invoke(ctx)
+        with warnings.catch_warnings(), _signals_raise():
             warnings.simplefilter("always", QconvWarning)
             warnings.showwarning = _show_warning
-            return self._invoke(ctx)
+            try:
+                return self._invoke(ctx)
+            except KeyboardInterrupt as exc:  # the cleanup has run as the exception came up
+                raise Stopped(*_stopped_message(exc)) from None
 
     def _invoke(self, ctx: click.Context) -> Any:
         try:

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 from qconv.errors import SourceError, SourceNotFoundError
-from qconv.hub import is_retryable, scrub
+from qconv.hub import is_retryable, network_error, scrub, unreachable
 from qconv.sources.hf_folder import HFFolderSource
 
 HUB_REF = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[\w./-]+))?$")
@@ -82,13 +82,20 @@ def _download(repo_id: str, revision: str | None) -> Path:
 
     where = f"{repo_id}@{revision}" if revision else repo_id
     with _hub_errors(where):
-        # config.json at the requested revision first: its path names the commit, and the cache
-        # records revision -> commit, which offline mode resolves later.
-        config = Path(hf_hub_download(repo_id, "config.json", revision=revision))
-        sha = config.parent.name
-        info = HfApi().model_info(repo_id, revision=sha)
+        # The repo's listing first: one request that the client does not retry, so an unreachable
+        # Hub is said at once (hf_hub_download retries a refused connection five times over ~25 s
+        # before it falls back to the cache), and a repo without config.json is told apart from it.
+        api = HfApi()
+        info = api.model_info(repo_id, revision=revision)
         names = [s.rfilename for s in info.siblings or []]
         wanted = _wanted(names, where)
+        # config.json at the requested revision: its path names the commit, and the cache records
+        # revision -> commit, which offline mode resolves later.
+        config = Path(hf_hub_download(repo_id, "config.json", revision=revision))
+        sha = config.parent.name
+        if sha != info.sha:  # the branch moved between the two requests: list that commit
+            names = [s.rfilename for s in api.model_info(repo_id, revision=sha).siblings or []]
+            wanted = _wanted(names, where)
         for name in wanted:
             hf_hub_download(repo_id, name, revision=sha)
         folder = config.parent
@@ -140,6 +147,13 @@ class _hub_errors:
         )
 
         where = self.where
+        transport = network_error(exc)
+        if transport is not None:  # before EntryNotFoundError: the client says a failed
+            # connection as LocalEntryNotFoundError ("not in the cache"), a subclass of it
+            raise SourceError(
+                unreachable(where, transport)
+                + "; to use a copy in the local Hugging Face cache without the network, set HF_HUB_OFFLINE=1"
+            ) from None
         if isinstance(exc, RevisionNotFoundError):
             raise SourceNotFoundError(f"{where}: no such revision in the repo") from None
         if isinstance(exc, RepositoryNotFoundError):
