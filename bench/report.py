@@ -147,6 +147,36 @@ def eetq_smollm2_table(path: Path, rel: str) -> list[str]:
     return lines
 
 
+def ct_smollm2_table(path: Path, rel: str) -> list[str]:
+    """run_ct.py: compressed-tensors, rtn (= llm-compressor's, byte for byte) vs the hqq solver."""
+    r = json.loads(path.read_text())
+    windows = r["cases"][0]["eval"]["protocol"]["windows"]
+    lines = [
+        f"compressed-tensors (issue 16), SmolLM2-135M-Instruct (Q4_1 gguf source), group size 64, on the CPU "
+        f"([raw JSON]({rel})): wikitext-2 test perplexity over the first {windows} windows of 2048 tokens "
+        "(`qconv eval --max-windows 8`), the artifact loaded by stock transformers with compressed-tensors. "
+        "The rtn rows are byte-identical to llm-compressor's own round to nearest "
+        "(tests/test_format_compressed_tensors.py), so they are llm-compressor's perplexity too. "
+        "Error: the layers' relative Frobenius error; hqq/rtn: per layer, same weight.",
+        "",
+        "| scheme | solver | perplexity | mean layer error | hqq/rtn error (mean, worst layer) | bits/weight "
+        "| quantize |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for case in r["cases"]:
+        comparison = r.get("comparison", {}).get(case["scheme"])
+        ratio = "-"
+        if case["solver"] == "hqq" and comparison:
+            every = "all layers <=" if comparison["all_layers_hqq_le_rtn"] else "NOT all layers <="
+            ratio = f"{comparison['mean_ratio']:.3f}, {comparison['worst_ratio']:.3f} ({every})"
+        solver = "rtn (= llm-compressor)" if case["solver"] == "rtn" else case["solver"]
+        lines.append(
+            f"| {case['scheme']} | {solver} | {case['perplexity']:.2f} | {case['mean_rel_error']:.4f} | "
+            f"{ratio} | {case['bits_per_weight']:.2f} | {case['quantize_s']:.0f} s |"
+        )
+    return lines
+
+
 def load_table(path: Path, rel: str) -> list[str]:
     r = json.loads(path.read_text())
     source, machine = r["source"], r["machine"]
@@ -598,6 +628,7 @@ PER_FILE = (
     ("hqq_smollm2_*.json", hqq_smollm2_table),
     ("eetq_smollm2_*.json", eetq_smollm2_table),
     ("aqlm_block8b_*.json", aqlm_block8b_table),
+    ("ct_smollm2_*.json", ct_smollm2_table),
 )
 
 

@@ -17,6 +17,11 @@ llm-compressor saves it: one config group targeting ``Linear``, the format, ``ig
 every Linear left unquantized (lm_head included), ``quantization_status: compressed``.
 Stock transformers with compressed-tensors installed loads the folder (decompressing on the CPU);
 vLLM and SGLang serve it.
+
+Solvers: ``rtn`` is llm-compressor's round to nearest, byte for byte; ``hqq`` (integer schemes
+only, ``ct_solver.py``) searches the same grid for lower weight error in the same bytes, keeping
+rtn's numbers wherever it finds nothing better, and records rtn's error beside its own for every
+layer in the manifest (``rtn_rel_error``).
 """
 
 from __future__ import annotations
@@ -29,12 +34,12 @@ from typing import Any
 import torch
 
 from qconv.errors import ArtifactError, SourceError, UsageError
-from qconv.formats import ct_layout
-from qconv.formats.base import Option, QuantFormat, check_choice, register
+from qconv.formats import ct_layout, ct_solver
+from qconv.formats.base import Option, PrepareContext, Prepared, QuantFormat, check_choice, register
 
 DEFAULT_SCHEME = "W4A16"
-#: solvers of this increment (``hqq`` is the next one)
-SOLVERS = ("rtn",)
+#: rtn: llm-compressor's round to nearest; hqq: ct_solver.py (integer schemes)
+SOLVERS = ("rtn", "hqq")
 #: the compressed-tensors release whose format this writes (config.json's ``version``)
 FORMAT_VERSION = "0.20.1"
 #: FP8's static activation scales come from calibration data, which this method does not run
@@ -86,11 +91,15 @@ class CompressedTensorsFormat(QuantFormat):
                 Option(
                     "solver",
                     str,
-                    "compressed-tensors: 'rtn' (llm-compressor's round to nearest)",
+                    "compressed-tensors: 'rtn' (llm-compressor's round to nearest) or 'hqq' (HQQ's "
+                    "solver on the same grid: lower weight error, never above rtn's per layer)",
                     default="rtn",
                 ),
             ),
         )
+        #: the hqq solver's comparison with rtn for the layer ``quantize`` solved last (read by
+        #: SolverComparison into the manifest; one conversion at a time per process)
+        self.last_solver_stats: dict[str, Any] = {}
 
     def make_recipe(self, options: dict[str, Any]) -> dict[str, Any]:
         given = self.given_options(options)
@@ -104,8 +113,15 @@ class CompressedTensorsFormat(QuantFormat):
                 method=self.name,
             )
         check_choice(self, "scheme", name, tuple(ct_layout.SCHEMES))
-        check_choice(self, "solver", given["solver"], SOLVERS, note="hqq is not there yet")
+        check_choice(self, "solver", given["solver"], SOLVERS)
         scheme = ct_layout.SCHEMES[name]
+        if given["solver"] == "hqq" and scheme.weight_type != "int":
+            raise UsageError(
+                f"{{method}}: {{option}} {{value}} does not apply to {name}: FP8 has no integer grid to search",
+                option="solver",
+                value="hqq",
+                method=self.name,
+            )
         group_size = given["group_size"]
         if group_size is not None and scheme.strategy != "group":
             raise UsageError(
@@ -115,13 +131,16 @@ class CompressedTensorsFormat(QuantFormat):
             )
         if group_size is not None and group_size < 1:
             raise UsageError("{option} {value}: give 1 or more", option="group_size", value=group_size)
-        return {
+        recipe = {
             "method": self.name,
             "scheme": name,
             "bits": scheme.bits,
             "group_size": group_size or scheme.group_size,
             "solver": given["solver"],
         }
+        if given["solver"] == "hqq":
+            recipe["hqq"] = ct_solver.solver_settings()  # what ran, for the manifest
+        return recipe
 
     def label(self, recipe: dict) -> str:
         scheme = ct_layout.SCHEMES[recipe["scheme"]]
@@ -165,6 +184,13 @@ class CompressedTensorsFormat(QuantFormat):
             "weight_scale": (dtype, (out_features, 1)),
         }
 
+    def prepare(self, context: PrepareContext) -> Prepared | None:
+        # nothing to prepare: the hqq solver's comparison with rtn reaches the manifest through
+        # Prepared.layer_stats, the pipeline's one hook for extra per-layer numbers
+        if context.recipe["solver"] != "hqq":
+            return None
+        return SolverComparison(self)
+
     def quantize(self, weight: torch.Tensor, recipe: dict, device: torch.device) -> dict[str, torch.Tensor]:
         if not torch.isfinite(weight).all():
             raise SourceError("the weight has NaN or infinite values")
@@ -172,7 +198,15 @@ class CompressedTensorsFormat(QuantFormat):
         # llm-compressor computes in the model's dtype (the working dtype here); FP8 codes are
         # clipped to +-448 after scaling, as llm-compressor does: the per-channel scale maps the
         # largest magnitude to 448, so the clip only absorbs the rounding of that scale
-        quantized = ct_layout.quantize_rtn(weight.to(_dtype(recipe)), scheme, recipe["group_size"])
+        if recipe.get("solver") == "hqq":
+            solved = ct_solver.quantize_hqq(weight.to(_dtype(recipe)), scheme, recipe["group_size"])
+            self.last_solver_stats = {
+                "rtn_rel_error": solved.rtn_rel_error,
+                "hqq_groups": f"{solved.groups_improved}/{solved.groups}",
+            }
+            quantized = solved.quantized
+        else:
+            quantized = ct_layout.quantize_rtn(weight.to(_dtype(recipe)), scheme, recipe["group_size"])
         if scheme.format != "pack-quantized":
             return {"weight": quantized.codes, "weight_scale": quantized.scale}
         out = {
@@ -254,6 +288,25 @@ class CompressedTensorsFormat(QuantFormat):
         # bfloat16 (measured 0.17% of the logits' norm on the tiny test Llama, 0.48% on SmolLM2).
         scheme = ct_layout.SCHEMES[recipe["scheme"]]
         return 1e-3 if scheme.symmetric else 1e-2
+
+
+class SolverComparison(Prepared):
+    """What ``--solver hqq`` adds to each layer's manifest entry: ``rtn_rel_error``, rtn's
+    relative error on the same weight (measured as the entry's own ``rel_error``), and
+    ``hqq_groups``, how many groups left rtn's numbers. The pipeline calls ``packed`` (None:
+    quantize as usual), then the format's ``quantize``, then ``layer_stats``, one layer at a
+    time, so the stats of the layer just quantized are the format's ``last_solver_stats``."""
+
+    def __init__(self, fmt: CompressedTensorsFormat):
+        self._fmt = fmt
+
+    def packed(self, module: str) -> dict[str, torch.Tensor] | None:
+        self._fmt.last_solver_stats = {}
+        return None
+
+    def layer_stats(self, module: str) -> dict[str, Any]:
+        stats, self._fmt.last_solver_stats = self._fmt.last_solver_stats, {}
+        return stats
 
 
 def _has_zero_points(folder) -> bool:

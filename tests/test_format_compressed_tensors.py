@@ -174,9 +174,16 @@ def test_fp8_codes_clip_at_448():
             "data; use FP8_DYNAMIC (dynamic activation scales)",
         ),
         (
-            {"solver": "hqq"},
-            "method compressed-tensors: solver hqq is not supported; choose from rtn (hqq is not there yet)",
-            "--method compressed-tensors: --solver hqq is not supported; choose from rtn (hqq is not there yet)",
+            {"solver": "gptq"},
+            "method compressed-tensors: solver gptq is not supported; choose from rtn, hqq",
+            "--method compressed-tensors: --solver gptq is not supported; choose from rtn, hqq",
+        ),
+        (
+            {"solver": "hqq", "scheme": "FP8_DYNAMIC"},
+            "method compressed-tensors: solver hqq does not apply to FP8_DYNAMIC: FP8 has no integer grid "
+            "to search",
+            "--method compressed-tensors: --solver hqq does not apply to FP8_DYNAMIC: FP8 has no integer "
+            "grid to search",
         ),
         (
             {"scheme": "W8A8", "group_size": 64},
@@ -466,9 +473,8 @@ def nothing_written(parent, out, cli):
             "calibration data; use FP8_DYNAMIC (dynamic activation scales)",
         ),
         (
-            ["--solver", "hqq"],
-            "Error: --method compressed-tensors: --solver hqq is not supported; choose from rtn "
-            "(hqq is not there yet)",
+            ["--solver", "gptq"],
+            "Error: --method compressed-tensors: --solver gptq is not supported; choose from rtn, hqq",
         ),
         (
             ["--scheme", "FP8_DYNAMIC", "--group-size", "32"],
@@ -566,5 +572,9 @@ def test_shared_options_show_every_methods_help(cli):
     """--scheme, --group-size and --solver serve several methods: the help names each one's."""
     text = " ".join(cli("convert", "--help").stdout.split())
     assert "aqlm: codebooks x bits each (default 1x16); compressed-tensors: llm-compressor's scheme" in text
-    assert "compressed-tensors: 'rtn' (llm-compressor's round to nearest); gguf: 'qconv'" in text
+    assert (
+        "compressed-tensors: 'rtn' (llm-compressor's round to nearest) or 'hqq' (HQQ's solver on the same "
+        "grid: lower weight error, never above rtn's per layer); gguf: 'qconv'"
+    ) in text
+    assert "; hqq: 'qconv' (default" in text
     assert "--bits INTEGER bits a weight: 4 or 8 (bnb), or the method's own widths --quant-type" in text
