@@ -600,6 +600,21 @@ def _gguf_failed(case: dict) -> str:
     return "timed out" if case.get("timed_out") else "failed"
 
 
+def _gguf_range(values: list[float]) -> str:
+    low, high = f"{min(values):.0%}", f"{max(values):.0%}"
+    return low if low == high else f"{low}-{high}"
+
+
+def _gguf_ppl(ppl: dict, entry: dict) -> str:
+    """A row's perplexity; a file holding llama.cpp's bytes in every tensor has llama.cpp's."""
+    if ppl.get("same_as"):
+        same = (entry.get(ppl["same_as"]) or {}).get("ppl") or {}
+        return f"{same['ppl']:.2f} (same bytes)" if "ppl" in same else "= llama.cpp (same bytes)"
+    if "ppl" in ppl:
+        return f"{ppl['ppl']:.2f}"
+    return _gguf_failed(ppl) if "error" in ppl else "-"
+
+
 def gguf_table(path: Path, rel: str) -> list[str]:
     """run_gguf.py: per file type, llama.cpp's quantizer against qconv's two solvers."""
     r = json.loads(path.read_text())
@@ -617,7 +632,7 @@ def gguf_table(path: Path, rel: str) -> list[str]:
     lines = [
         "GGUF (issue 15), SmolLM2-135M-Instruct: qconv's BF16 GGUF of the Q4_1 gguf is the common input"
         + (
-            f" (perplexity **{bf16_ppl:.2f}** by llama.cpp on the first {windows} windows of "
+            f" (perplexity **{bf16_ppl:.2f}** by llama.cpp on the first {windows} window(s) of "
             f"{r.get('seqlen', 2048)} tokens of wikitext-2 test"
             + (f"; `qconv eval` of the same artifact: {check:.2f}" if check is not None else "")
             + f"; the issue's anchors on those windows: F16 {r['anchors']['F16']}, Q4_K_M {r['anchors']['Q4_K_M']})"
@@ -633,8 +648,8 @@ def gguf_table(path: Path, rel: str) -> list[str]:
         "llama.cpp's whole call (read, quantize, write) against qconv's quantizing (`stats.quantize_s`; "
         "the whole conversion in brackets); GB/s: bf16 bytes of the quantized tensors per second"
         + (
-            f". The CPU was shared with other work (the whole machine {min(busy):.0%}-{max(busy):.0%} "
-            "busy during the cases): times are indicative"
+            f". The CPU was shared with other work (the whole machine {_gguf_range(busy)} busy during "
+            "the timed cases): times are indicative"
             if cpu and busy
             else ""
         )
@@ -647,7 +662,7 @@ def gguf_table(path: Path, rel: str) -> list[str]:
         lines += [
             "",
             "| path | bits/weight | median error | worst error | tensors <= llama.cpp | ratio median / worst "
-            "| perplexity | time | GB/s | vs llama.cpp |",
+            "| perplexity | time | GB/s | time vs llama.cpp |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         llama = entry.get("llama_cpp") or {}
@@ -683,12 +698,9 @@ def gguf_table(path: Path, rel: str) -> list[str]:
                     if versus
                     else "- | - | "
                 )
-                + (
-                    f"{ppl['ppl']:.2f} | "
-                    if "ppl" in ppl
-                    else (f"{_gguf_failed(ppl)} | " if "error" in ppl else "- | ")
-                )
-                + f"{time_text} | {speed(quantized_bytes / seconds / 1e9 if seconds else None)} | {ratio} |"
+                + f"{_gguf_ppl(ppl, entry)} | {time_text} | "
+                + (f"{quantized_bytes / seconds / 1e9:.3g} GB/s" if seconds else "-")
+                + f" | {ratio} |"
             )
     return lines
 
