@@ -305,3 +305,54 @@ def _tensor_error(fmt: GGUFFormat, rows: torch.Tensor, data: np.ndarray, ggml_ty
     rel = diff_norm / ref_norm if ref_norm > 0 else (0.0 if diff_norm == 0 else math.inf)
     snr = 20 * math.log10(ref_norm / diff_norm) if diff_norm > 0 and ref_norm > 0 else math.inf
     return {"rel_error": rel, "max_abs": max_abs, "snr_db": snr}
+
+
+# -- reading a written file back (verify) ---------------------------------------------------------
+class StoredGGUF:
+    """The tensors of a GGUF artifact (every part of a split one) by GGUF name, read back as the
+    source's Hugging Face tensors: dequantized by the ``gguf`` package, and the row permutation
+    llama.cpp's converter applied (Llama's q/k rotary layout) undone. Independent of
+    transformers' GGUF loader, whose per-architecture config mapping does not cover every model
+    qconv writes (Qwen3's grouped k/v heads, Gemma 2's soft-capping)."""
+
+    def __init__(self, paths: list[Path], model: GGUFModel):
+        import gguf
+
+        self.model = model
+        self._tensors = {}
+        for path in paths:
+            for tensor in gguf.GGUFReader(str(path)).tensors:
+                self._tensors[tensor.name] = tensor
+
+    def read(self, hf_name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """The stored value of source tensor ``hf_name`` (of ``shape``), float32 in HF layout."""
+        import gguf
+
+        name = self.model.tensor_name(hf_name)
+        if name is None or name not in self._tensors:
+            raise SourceError(f"the GGUF holds no tensor for {hf_name!r}")
+        tensor = self._tensors[name]
+        values = torch.from_numpy(
+            np.ascontiguousarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+        )
+        if values.numel() != int(np.prod(shape)):
+            raise SourceError(f"{name} holds {values.numel()} values, the source's {hf_name} {list(shape)}")
+        values = values.reshape(shape)
+        if len(shape) == 2:
+            values = values[_row_order(self.model, hf_name, shape).argsort()]
+        return values
+
+
+def _row_order(model: GGUFModel, hf_name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """Which source row each stored row is (the transform's row permutation), found by
+    transforming rows that hold their own index; refuses a transform that is not one."""
+    probe = torch.arange(shape[0], dtype=torch.float32)[:, None].expand(shape).contiguous()
+    moved = model.transform(hf_name, probe)
+    order = moved[:, 0].round().long()
+    if (
+        tuple(moved.shape) != tuple(shape)
+        or not torch.equal(moved, order[:, None].float().expand(shape))
+        or not torch.equal(order.sort().values, torch.arange(shape[0]))
+    ):
+        raise SourceError(f"{hf_name}: llama.cpp's transform of this tensor is not a row permutation")
+    return order

@@ -126,11 +126,11 @@ def _base_model(source: dict) -> str | None:
     return None
 
 
-def _loading(method: str, repo: str, manifest: dict) -> list[str]:
+def _loading(method: str, repo: str, manifest: dict | None = None) -> list[str]:
     """How to load it, as the method declares (``stock_loader``, ``libraries``, ``extra``)."""
     fmt = get_format(method)
     if fmt.stock_loader == "llama.cpp":
-        return _gguf_loading(repo, manifest)
+        return _gguf_loading(repo, manifest or {"recipe": {"type": "TYPE"}})
     if fmt.stock_loader == "transformers":
         return [
             f"Stock transformers loads it (install `{' '.join(fmt.libraries)}`):",

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from qconv import llamacpp
+from qconv import gguf_export, llamacpp
 from qconv.artifact import Artifact
 from qconv.environment import resolve_device
 from qconv.errors import QconvError, SourceError, UsageError
@@ -205,25 +205,35 @@ def recompute_layer_errors(
 def _recompute_gguf_errors(
     artifact: Artifact, source: Source, device: torch.device, progress=None
 ) -> dict[str, dict]:
-    """A GGUF artifact's layers read back through transformers' own GGUF reader (the ``gguf``
-    package's dequantizer and transformers' undoing of llama.cpp's renames and permutations:
-    nothing of qconv's writer), compared with the source's float weights."""
-    infos = {t.name for t in source.tensors()}
+    """A GGUF artifact's layers read back from its bytes (the ``gguf`` package's dequantizer,
+    llama.cpp's row permutation undone: :class:`qconv.gguf_export.StoredGGUF`), compared with
+    the source's float weights."""
+    infos = {t.name: t for t in source.tensors()}
+    stored = _stored_gguf(artifact, source)
     errors = {}
-    with open_source(str(artifact.gguf_file)) as stored:
-        for module, recorded in artifact.layers.items():
-            key = f"{module}.weight"
-            if key not in infos:
-                raise SourceError(f"{source.ref}: the source has no tensor {key!r}")
-            reference = source.read(key).to(device=device, dtype=torch.float32)
-            errors[module] = {
-                **layer_error(reference, stored.read(key).to(device=device, dtype=torch.float32)),
-                "shape": list(reference.shape),
-                "format": recorded.get("format"),
-            }
-            if progress:
-                progress.advance("verify")
+    for module, recorded in artifact.layers.items():
+        key = f"{module}.weight"
+        if key not in infos:
+            raise SourceError(f"{source.ref}: the source has no tensor {key!r}")
+        reference = source.read(key).to(device=device, dtype=torch.float32)
+        value = stored.read(key, tuple(infos[key].shape)).to(device)
+        errors[module] = {
+            **layer_error(reference, value),
+            "shape": list(reference.shape),
+            "format": recorded.get("format"),
+        }
+        if progress:
+            progress.advance("verify")
     return errors
+
+
+def _stored_gguf(artifact: Artifact, source: Source) -> gguf_export.StoredGGUF:
+    import tempfile
+
+    paths = [artifact.folder / name for name in sorted(artifact.manifest["files"]) if name.endswith(".gguf")]
+    with tempfile.TemporaryDirectory(prefix="qconv-verify-") as scratch:
+        model = gguf_export.describe_source(source, Path(scratch))
+    return gguf_export.StoredGGUF(paths, model)
 
 
 # -- the real loader --------------------------------------------------------------------------
@@ -314,21 +324,26 @@ def logits_comparison(artifact: Artifact, source: Source, device: torch.device) 
 
 
 def _gguf_logits_comparison(artifact: Artifact, source: Source, device: torch.device) -> dict[str, Any]:
-    """llama.cpp (llama-cpp-python) runs the file; qconv's reference is the model transformers
-    builds from the same file (every weight dequantized by the ``gguf`` package, computing in
-    float32); the source runs in float32. All three see the token ids llama.cpp's own tokenizer
-    gives the prompts."""
+    """llama.cpp (llama-cpp-python) runs the file; qconv's reference is the source model in
+    float32 with every stored weight replaced by the file's values (dequantized by the ``gguf``
+    package); the source runs in float32 as it is. All three see the token ids llama.cpp's own
+    tokenizer gives the prompts."""
     path = artifact.gguf_file
     with llamacpp.open_llama(path, n_ctx=256) as llm:
         prompts = [torch.tensor([llm.tokenize(p.encode("utf-8"), add_bos=True)]) for p in PROMPTS]
         loaded_logits = [torch.from_numpy(llamacpp.logits(llm, ids[0].tolist())) for ids in prompts]
-    with open_source(str(path)) as stored:
-        model = reference_model(stored, device, torch.float32)
-        reference_logits = _logits(model, prompts, device)
-        del model
+    # qconv's reference: the source model computing in float32, every weight the file stores
+    # quantized replaced by what it stores (read back from the bytes), norms and biases as they are
     model = reference_model(source, device, torch.float32)
     source_logits = _logits(model, prompts, device)
-    del model
+    stored = _stored_gguf(artifact, source)
+    parameters = dict(model.named_parameters())
+    for module in artifact.layers:
+        weight = parameters.get(f"{module}.weight")
+        if weight is not None:
+            weight.data = stored.read(f"{module}.weight", tuple(weight.shape)).to(device)
+    reference_logits = _logits(model, prompts, device)
+    del model, parameters
     vocab = min(x.shape[-1] for x in (loaded_logits[0], reference_logits[0], source_logits[0]))
     loaded_all, reference_all, source_all = (
         torch.cat([t[:, :vocab] for t in x]) for x in (loaded_logits, reference_logits, source_logits)

@@ -460,7 +460,7 @@ def test_killed_conversion_resumes_to_the_same_bytes(cli, tiny_llama_text, tmp_p
     checkpoint = tmp_path / ".resumed.qconv-checkpoint"
     args = [sys.executable, "-m", "qconv", "convert", str(tiny_llama_text), "-o", str(out), *CALIBRATED]
     process = subprocess.Popen([*args, "--no-verify", "--no-record"], stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300  # generous: a loaded 2-core machine is slow
 
     def blocks_done() -> int:  # state.json is replaced atomically after each block's file
         try:

@@ -566,5 +566,5 @@ def test_shared_options_show_every_methods_help(cli):
     """--scheme, --group-size and --solver serve several methods: the help names each one's."""
     text = " ".join(cli("convert", "--help").stdout.split())
     assert "aqlm: codebooks x bits each (default 1x16); compressed-tensors: llm-compressor's scheme" in text
-    assert "compressed-tensors: 'rtn' (llm-compressor's round to nearest); hqq: 'qconv'" in text
+    assert "compressed-tensors: 'rtn' (llm-compressor's round to nearest); gguf: 'qconv'" in text
     assert "--bits INTEGER bits a weight: 4 or 8 (bnb), or the method's own widths --quant-type" in text

@@ -175,5 +175,6 @@ def test_model_card_says_how_each_method_loads():
         "bnb": "Stock transformers loads it (install `bitsandbytes`):",
         "compressed-tensors": "Stock transformers loads it (install `compressed-tensors`):",
         "eetq": "transformers 5.x cannot load eetq folders; `qconv.load_model` can (`pip install qconv`):",
+        "gguf": "One GGUF file, `*TYPE.gguf`.",
         "hqq": "transformers 5.x cannot load hqq folders; `qconv.load_model` can (`pip install qconv[hqq]`):",
     }
