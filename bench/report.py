@@ -597,7 +597,10 @@ def _gguf_machine(r: dict) -> str:
 
 
 def _gguf_failed(case: dict) -> str:
-    return "timed out" if case.get("timed_out") else "failed"
+    if case.get("timed_out"):
+        wall = (case.get("process") or {}).get("wall_s")
+        return f"timed out (> {wall:.0f} s)" if wall else "timed out"
+    return "failed"
 
 
 def _gguf_range(values: list[float]) -> str:
