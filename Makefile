@@ -61,6 +61,7 @@ bench:
 	python3 bench/run_aqlm.py --out bench/results --part layer --part resume --gguf $(HQQ_GGUF) --reference $(AQLM_REFERENCE) --name aqlm_layer_resume
 	python3 bench/run_aqlm.py --out bench/results --part smollm2 --gguf $(HQQ_GGUF) --text $(HQQ_TEXT) --name aqlm_smollm2
 	python3 bench/run_aqlm.py --out bench/results --part block8b --gguf $(HQQ_GGUF) --cases 1x16:ft,2x8:ft
+	python3 bench/run_gguf.py --out bench/results --device cuda --source $(HQQ_GGUF)
 	python3 bench/report.py
 
 clean:

@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -610,6 +611,133 @@ def plot(rows: list[dict], bf16: float | None, png: Path) -> bool:
     return True
 
 
+# -- GGUF (issue 15): run_gguf.py, qconv's two solvers against llama.cpp's own quantizer ----------
+GGUF_ROWS = (  # (the JSON's key, the row's name)
+    ("llama_cpp", "llama.cpp `llama_model_quantize`"),
+    ("qconv_llama", "qconv `--solver llama`"),
+    ("qconv_qconv", "qconv `--solver qconv` (default)"),
+)
+
+
+def _gguf_machine(r: dict) -> str:
+    m = r.get("machine", {})
+    if m.get("gpu"):
+        return short_gpu(m["gpu"])
+    return f"{m.get('cpu', 'CPU')}, {m.get('cores', '?')} cores"
+
+
+def _gguf_failed(case: dict) -> str:
+    if case.get("timed_out"):
+        wall = (case.get("process") or {}).get("wall_s")
+        return f"timed out (> {wall:.0f} s)" if wall else "timed out"
+    return "failed"
+
+
+def _gguf_range(values: list[float]) -> str:
+    low, high = f"{min(values):.0%}", f"{max(values):.0%}"
+    return low if low == high else f"{low}-{high}"
+
+
+def _gguf_ppl(ppl: dict, entry: dict) -> str:
+    """A row's perplexity; a file holding llama.cpp's bytes in every tensor has llama.cpp's."""
+    if ppl.get("same_as"):
+        same = (entry.get(ppl["same_as"]) or {}).get("ppl") or {}
+        return f"{same['ppl']:.2f} (same bytes)" if "ppl" in same else "= llama.cpp (same bytes)"
+    if "ppl" in ppl:
+        return f"{ppl['ppl']:.2f}"
+    return _gguf_failed(ppl) if "error" in ppl else "-"
+
+
+def gguf_table(path: Path, rel: str) -> list[str]:
+    """run_gguf.py: per file type, llama.cpp's quantizer against qconv's two solvers."""
+    r = json.loads(path.read_text())
+    bf16 = r.get("bf16", {})
+    bf16_ppl = (bf16.get("ppl") or {}).get("ppl")
+    check = (bf16.get("qconv_eval") or {}).get("metrics", {}).get("ppl")
+    cpu = not r.get("machine", {}).get("gpu")
+    busy = [  # the whole machine's busy fraction during each case (run_gguf.py's `process`)
+        (entry.get(key) or {}).get("process", {}).get("machine_busy")
+        for entry in r.get("types_results", {}).values()
+        for key, _ in GGUF_ROWS
+    ]
+    busy = [b for b in busy if b is not None]
+    windows = r.get("max_windows")
+    lines = [
+        "GGUF (issue 15), SmolLM2-135M-Instruct: qconv's BF16 GGUF of the Q4_1 gguf is the common input"
+        + (
+            f" (perplexity **{bf16_ppl:.2f}** by llama.cpp on the first {windows} window(s) of "
+            f"{r.get('seqlen', 2048)} tokens of wikitext-2 test"
+            + (f"; `qconv eval` of the same artifact: {check:.2f}" if check is not None else "")
+            + f"; the issue's anchors on those windows: F16 {r['anchors']['F16']}, Q4_K_M {r['anchors']['Q4_K_M']})"
+            if bf16_ppl is not None
+            else ""
+        )
+        + ", quantized by llama.cpp's own `llama_model_quantize` (llama-cpp-python "
+        f"{r.get('environment', {}).get('llama-cpp-python')}, nthread {r.get('threads')}) and by "
+        f"`qconv convert --method gguf --no-verify` with each solver; {_gguf_machine(r)}, one run "
+        f"([raw JSON]({rel})). Bits/weight: bytes of the quantized tensors / their weights. Errors: "
+        "relative Frobenius error of each quantized tensor against the BF16 values (median and worst "
+        "over tensors); ratio: qconv / llama.cpp per tensor. Perplexity computed by llama.cpp. Time: "
+        "llama.cpp's whole call (read, quantize, write) against qconv's quantizing (`stats.quantize_s`; "
+        "the whole conversion in brackets); GB/s: bf16 bytes of the quantized tensors per second"
+        + (
+            f". The CPU was shared with other work (the whole machine {_gguf_range(busy)} busy during "
+            "the timed cases): times are indicative"
+            if cpu and busy
+            else ""
+        )
+        + ".",
+    ]
+    for file_type, entry in r.get("types_results", {}).items():
+        lines += ["", f"**{file_type}**" + (f": {entry['skipped']}" if "skipped" in entry else "")]
+        if "skipped" in entry:
+            continue
+        lines += [
+            "",
+            "| path | bits/weight | median error | worst error | tensors <= llama.cpp | ratio median / worst "
+            "| perplexity | time | GB/s | time vs llama.cpp |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        llama = entry.get("llama_cpp") or {}
+        llama_s = llama.get("quantize_s") if "error" not in llama else None
+        for key, name in GGUF_ROWS:
+            case = entry.get(key)
+            if case is None:
+                continue
+            if "error" in case:
+                lines.append(f"| {name} | {_gguf_failed(case)} |" + " - |" * 8)
+                continue
+            facts = case.get("file_facts") or case
+            bits = facts.get("bits_per_weight") or (case.get("summary") or {}).get("bits_per_weight")
+            quantized_bytes = 2 * (
+                facts.get("quantized_params") or (case.get("summary") or {}).get("quantized_params") or 0
+            )
+            errors = list((case.get("rel_errors") or {}).values())
+            versus = case.get("vs_llama_cpp") or {}
+            ppl = case.get("ppl") or {}
+            if key == "llama_cpp":
+                seconds, time_text = case["quantize_s"], f"{case['quantize_s']:.1f} s"
+            else:
+                stats = case["stats"]
+                seconds = stats["quantize_s"]
+                time_text = f"{seconds:.1f} s ({stats['convert_s']:.1f} s)"
+            ratio = "1.00x" if key == "llama_cpp" else (f"{seconds / llama_s:.1f}x" if llama_s else "-")
+            lines.append(
+                f"| {name} | {bits:.3f} | "
+                + (f"{statistics.median(errors):.4f} | {max(errors):.4f} | " if errors else "- | - | ")
+                + (
+                    f"{versus['qconv_le_llama']} / {versus['tensors']} | "
+                    f"{versus['median_ratio']:.3f} / {versus['worst_ratio']:.3f} | "
+                    if versus
+                    else "- | - | "
+                )
+                + f"{_gguf_ppl(ppl, entry)} | {time_text} | "
+                + (f"{quantized_bytes / seconds / 1e9:.3g} GB/s" if seconds else "-")
+                + f" | {ratio} |"
+            )
+    return lines
+
+
 def _rendered(render, path: Path, rel: str) -> list[str]:
     """One file's lines, or a note saying why it could not be rendered (a partial or failed run
     must not stop the report)."""
@@ -629,6 +757,7 @@ PER_FILE = (
     ("eetq_smollm2_*.json", eetq_smollm2_table),
     ("aqlm_block8b_*.json", aqlm_block8b_table),
     ("ct_smollm2_*.json", ct_smollm2_table),
+    ("gguf_smollm2_*.json", gguf_table),
 )
 
 
