@@ -63,7 +63,7 @@ def test_ls_filters_sorts_and_json(cli, recorded):
     result = cli("ls", "--method", "bnb4", ok=None)  # a typo is an error, not an empty list
     assert result.exit_code == 2
     assert result.stderr == (
-        "Error: Invalid value for '--method': 'bnb4' is not one of 'aqlm', 'bnb', 'compressed-tensors', 'eetq', 'hqq'. "
+        "Error: Invalid value for '--method': 'bnb4' is not one of 'aqlm', 'bnb', 'compressed-tensors', 'eetq', 'gguf', 'hqq'. "
         "(see 'qconv ls --help')\n"
     )
 
