@@ -414,6 +414,19 @@ def test_smollm2_types_match_llama_quantize_dry_run(capsys):
     # the real model's shapes (rows of 576 and 1536, 30 blocks, 3 query heads per KV head, tied
     # embeddings), through llama-quantize's --dry-run, which decides every type without quantizing;
     # its Q4_1 file is the input: its 1-D tensors are F32, as convert_hf_to_gguf writes them
+    from llama_cpp._logger import logger, set_verbose
+
+    # llama.cpp's log reaches stderr through llama-cpp-python's logger, which any earlier
+    # Llama(verbose=False) in this process turned down to errors: turn it up for the dry runs
+    level = logger.level
+    set_verbose(True)
+    try:
+        _dry_runs(capsys)
+    finally:
+        logger.setLevel(level)
+
+
+def _dry_runs(capsys) -> None:
     import llama_cpp
 
     path = smollm2_gguf()
