@@ -20,7 +20,9 @@ CALIBRATED = ["--method", "aqlm", "--device", "cpu", "--calib-tokens", "2048", "
 
 @pytest.fixture(scope="module")
 def four_blocks(tmp_path_factory) -> Path:
-    return make_tiny_llama(tmp_path_factory.mktemp("src") / "tiny-4", layers=4)
+    # 8 blocks (56 layers): quantizing lasts seconds even on a quiet machine, so the signal
+    # lands while the temporary folder is being filled (with 4 a fast machine finished first)
+    return make_tiny_llama(tmp_path_factory.mktemp("src") / "tiny-8", layers=8)
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +97,7 @@ def test_a_signal_while_quantizing(cli, four_blocks, tmp_path, signum, code, lin
     out = tmp_path / "out"
     process = start("convert", four_blocks, "-o", out, *DATA_FREE)
     wait_for(process, lambda: temp_folders(tmp_path), "the temporary folder")  # quantizing into it
-    time.sleep(0.5)
+    time.sleep(0.1)
     returncode, stdout, stderr = stop(process, signum)
     assert (returncode, stdout, stderr) == (code, "", line + "\n")
     assert not out.exists() and temp_folders(tmp_path) == []
