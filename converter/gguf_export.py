@@ -30,7 +30,7 @@ from qconv.formats.format_gguf import FLOAT_TYPES, GGUFFormat
 from qconv.formats.gguf_metadata import GGUFModel, describe_gguf, describe_hf
 from qconv.formats.gguf_mix import ModelFacts, quantize_order, tensor_types
 from qconv.manifest import base_model_name
-from qconv.plan import compile_skip_patterns
+from qconv.plan import compile_skip_patterns, matches_skip
 from qconv.progress import ProgressSink
 from qconv.sources import Source
 
@@ -151,14 +151,10 @@ def plan_tensors(source: Source, model: GGUFModel, recipe: dict, skip: list[str]
         if source_name == EXTRA:
             planned.append(PlannedTensor(name, name, shape, "F32", None, extras[name]))
             continue
-        if module is not None and ggml_type not in FLOAT_TYPES and _matches(module, patterns):
+        if module is not None and ggml_type not in FLOAT_TYPES and matches_skip(module, patterns):
             ggml_type = SKIPPED_TYPE
         planned.append(PlannedTensor(source_name, name, shape, ggml_type, module))
     return planned
-
-
-def _matches(module: str, patterns: list[re.Pattern]) -> bool:
-    return any(p.fullmatch(module) or p.fullmatch(module.rsplit(".", 1)[-1]) for p in patterns)
 
 
 def _add_metadata(writer, model: GGUFModel, recipe: dict) -> None:

@@ -65,7 +65,7 @@ def compile_skip_patterns(patterns: tuple[str, ...] | list[str]) -> list[re.Patt
     return compiled
 
 
-def _matches(module: str, patterns: list[re.Pattern]) -> bool:
+def matches_skip(module: str, patterns: list[re.Pattern]) -> bool:
     # a glob without dots matches any module whose last part it names: --skip down_proj
     return any(p.fullmatch(module) or p.fullmatch(module.rsplit(".", 1)[-1]) for p in patterns)
 
@@ -154,7 +154,7 @@ def make_plan(source: Source, fmt: QuantFormat, recipe: dict, skip: list[str]) -
             reason = ("output embeddings, " if module in outputs else "") + "not quantized in the source"
         elif module in outputs:
             reason = "output embeddings stay unquantized"
-        elif _matches(module, patterns):
+        elif matches_skip(module, patterns):
             reason = "matches --skip"
         elif info.dtype not in FLOAT_DTYPES:
             reason = f"dtype {info.dtype} is not a float"

@@ -12,7 +12,6 @@ table, measured 2e-4..4e-4, so 1e-3 there.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import shutil
@@ -24,8 +23,10 @@ import pytest
 import torch
 from conftest import train_sentencepiece
 
+from qconv import llamacpp
 from qconv.errors import UsageError
 from qconv.formats.gguf_metadata import describe_gguf, describe_hf
+from qconv.llamacpp import open_llama
 
 MISSING = "needs llama-cpp-python (pip install -e '.[llama]'; make test installs it)"
 needs_llama_cpp = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason=MISSING)
@@ -110,43 +111,15 @@ def write_gguf(path: Path, description, state: dict[str, torch.Tensor], *, exact
     writer.close()
 
 
-@contextlib.contextmanager
-def llama(path: Path, **kwargs):
-    """llama_cpp.Llama over ``path``, without ggml's extra CPU buffer types: its AMX matrix product
-    crashes (SIGSEGV in ggml_backend_amx_mul_mat) on quantized tensors on CPUs with AMX, as this
-    machine's (llama-cpp-python 0.3.36). The ordinary CPU kernels compute the same products."""
-    import llama_cpp.llama as llama_module
-
-    api = llama_module.llama_cpp
-    defaults = api.llama_model_default_params
-
-    def without_extra_buffer_types():
-        params = defaults()
-        params.use_extra_bufts = False
-        return params
-
-    api.llama_model_default_params = without_extra_buffer_types
-    try:
-        llm = llama_module.Llama(model_path=str(path), n_ctx=64, verbose=False, **kwargs)
-    finally:
-        api.llama_model_default_params = defaults
-    try:
-        yield llm
-    finally:
-        llm.close()
-
-
 def llama_cpp_logits(path: Path, ids: list[int]) -> np.ndarray:
-    import llama_cpp
-
-    # float32 KV cache: llama.cpp's default float16 cache alone costs ~5e-4 relative error
-    with llama(path, logits_all=True, type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32) as llm:
-        llm.eval(ids)
-        return np.array(llm.scores[: len(ids)], dtype=np.float32)
+    # qconv's own opening (extra buffer types off: AMX crashes here; float32 KV cache: the default
+    # float16 cache alone costs ~5e-4 relative error)
+    with open_llama(path, n_ctx=64) as llm:
+        return llamacpp.logits(llm, ids)
 
 
 def llama_cpp_tokens(path: Path, text: str) -> list[int]:
-    with llama(path, vocab_only=True) as llm:
+    with open_llama(path, n_ctx=64, logits_all=False, vocab_only=True) as llm:
         return llm.tokenize(text.encode(), add_bos=False, special=False)
 
 
