@@ -42,6 +42,13 @@ class Plan:
     embeddings: list[str] = field(default_factory=list)
     #: the layers the source holds quantized already (source.packed_layers())
     packed: dict[str, PackedLayer] = field(default_factory=dict)
+    #: the architecture's Linear modules in the model's module order (``named_modules``)
+    linear_order: list[str] = field(default_factory=list)
+
+    def in_model_order(self, modules) -> list[str]:
+        """``modules`` (Linear names) in the model's module order, as llm-compressor lists them."""
+        rank = {name: i for i, name in enumerate(self.linear_order)}
+        return sorted(modules, key=lambda name: (rank.get(name, len(rank)), name))
 
     @property
     def quantized(self) -> list[TensorPlan]:
@@ -140,7 +147,13 @@ def make_plan(source: Source, fmt: QuantFormat, recipe: dict, skip: list[str]) -
     check_packed_layers(packed, arch)
     check_tensors_fit(source, arch)
     patterns = compile_skip_patterns(skip)
-    plan = Plan(tensors=[], architecture=arch.name, embeddings=arch.embeddings, packed=packed)
+    plan = Plan(
+        tensors=[],
+        architecture=arch.name,
+        embeddings=arch.embeddings,
+        packed=packed,
+        linear_order=list(linears),
+    )
     for info in source.tensors():
         module = info.name[: -len(".weight")] if info.name.endswith(".weight") else None
         if module in packed:

@@ -243,9 +243,9 @@ class CompressedTensorsFormat(QuantFormat):
             },
             "format": scheme.format,
             "global_compression_ratio": None,
-            # the Linear modules left unquantized, by name, as llm-compressor lists them (it
-            # orders them as the model's modules; qconv sorts them)
-            "ignore": sorted(plan.skipped),
+            # the Linear modules left unquantized, by name, in the model's module order as
+            # llm-compressor lists them (tests/test_format_compressed_tensors.py compares)
+            "ignore": plan.in_model_order(plan.skipped),
             "kv_cache_scheme": None,
             "quant_method": "compressed-tensors",
             "quantization_status": "compressed",
