@@ -662,7 +662,19 @@ def gguf_table(path: Path, rel: str) -> list[str]:
     ]
     busy = [b for b in busy if b is not None]
     windows = r.get("max_windows")
-    lines = [
+    if not cpu:  # run_gguf.py --device cuda: qconv's quantize time only
+        lines = [
+            f"GGUF on the GPU ({_gguf_machine(r)}, one run, [raw JSON]({rel})): the same BF16 GGUF of "
+            "SmolLM2 quantized by `qconv convert --method gguf --no-verify --device cuda` with each solver. "
+            "llama.cpp is not installed on the GPU machine, so this table has qconv's rows only: time is "
+            "qconv's quantizing (`stats.quantize_s`; the whole conversion in brackets), GB/s the bf16 bytes "
+            "of the quantized tensors per second (SmolLM2's 576-wide tensors are small for a GPU: see the "
+            "8B-shaped throughput below); errors as in the CPU table (the solvers give the same bytes on "
+            "both devices up to float rounding)."
+        ]
+    else:
+        lines = []
+    lines = lines or [
         "GGUF (issue 15), SmolLM2-135M-Instruct: qconv's BF16 GGUF of the Q4_1 gguf is the common input"
         + (
             f" (perplexity **{bf16_ppl:.2f}** by llama.cpp on the first {windows} window(s) of "
@@ -738,6 +750,49 @@ def gguf_table(path: Path, rel: str) -> list[str]:
     return lines
 
 
+def quantizer_throughput_table(path: Path, rel: str) -> list[str]:
+    """run_gguf_quantizer.py / run_ct_quantizer.py: one method's quantizers on 8B-shaped matrices."""
+    r = json.loads(path.read_text())
+    machine = (
+        short_gpu(r["gpu"]) if r.get("gpu") else f"CPU ({r.get('cpu')}, {r.get('torch_threads')} threads)"
+    )
+    gguf = path.name.startswith("gguf_")
+    title = "GGUF block quantizers" if gguf else "compressed-tensors quantize (packing included)"
+    shapes = ", ".join("x".join(str(n) for n in shape) for shape in r["shapes"])
+    lines = [
+        f"{title} on Llama-3-8B-shaped matrices ({shapes}; random normal std 0.02, bf16), {machine} "
+        f"([raw JSON]({rel})): median of {r['repeats']} after a warm-up, synchronized; GB/s = bf16 source "
+        "bytes per second; error: relative Frobenius error of the stored numbers dequantized, first matrix."
+        + (
+            " llama.cpp's `ggml_quantize_chunk` runs on the CPU only (its row, where present, is one CPU thread)."
+            if gguf
+            else " `rtn` is llm-compressor's round to nearest, byte for byte (llm-compressor is not installed "
+            "on the GPU machine: its own speed is not measured)."
+        ),
+        "",
+    ]
+    if gguf:
+        lines += [
+            "| type | llama solver | qconv solver | llama.cpp | error llama / qconv |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for type_name, entry in r["results"].items():
+            ggml = entry.get("llama.cpp")
+            lines.append(
+                f"| {type_name} | {speed(entry['llama']['gb_per_s'])} | {speed(entry['qconv']['gb_per_s'])} | "
+                f"{speed(ggml['gb_per_s']) if ggml else '-'} | {entry['llama']['rel_error_first_matrix']:.4f} / "
+                f"{entry['qconv']['rel_error_first_matrix']:.4f} |"
+            )
+    else:
+        lines += ["| scheme | solver | throughput | error |", "|---|---|---:|---:|"]
+        for case, entry in r["results"].items():
+            scheme, solver = case.split(":")
+            lines.append(
+                f"| {scheme} | {solver} | {speed(entry['gb_per_s'])} | {entry['rel_error_first_matrix']:.4f} |"
+            )
+    return lines
+
+
 def _rendered(render, path: Path, rel: str) -> list[str]:
     """One file's lines, or a note saying why it could not be rendered (a partial or failed run
     must not stop the report)."""
@@ -758,6 +813,8 @@ PER_FILE = (
     ("aqlm_block8b_*.json", aqlm_block8b_table),
     ("ct_smollm2_*.json", ct_smollm2_table),
     ("gguf_smollm2_*.json", gguf_table),
+    ("gguf_quantizer_*.json", quantizer_throughput_table),
+    ("ct_quantizer_*.json", quantizer_throughput_table),
 )
 
 
