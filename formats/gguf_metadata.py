@@ -643,6 +643,32 @@ def _pop_key(w, key: str) -> None:
     w.kv_data[0].pop(key, None)
 
 
+#: tokens llama.cpp looks up by text when a model's ``general.name`` contains "phi-3" or "phi3"
+#: (llama-vocab.cpp, llama_vocab::impl::load: ``token_to_id.at`` for Phi-3's strip attributes), so
+#: a vocabulary without one of them makes llama.cpp fail to load the file ("unordered_map::at")
+_PHI3_NAMED_TOKENS = ("</s>", "<unk>", "<s>", "<|endoftext|>")
+
+
+def _check_name_specific_tokens(name: str, w) -> None:
+    """Refuse before writing what llama.cpp would refuse to load for the model's name alone."""
+    lowered = name.lower()
+    if "phi-3" not in lowered and "phi3" not in lowered:
+        return
+    tokens = w.kv_data[0].get("tokenizer.ggml.tokens")
+    present = (
+        {t.decode("utf-8", "replace") if isinstance(t, bytes) else t for t in tokens.value}
+        if tokens
+        else set()
+    )
+    missing = [token for token in _PHI3_NAMED_TOKENS if token not in present]
+    if missing:
+        raise UsageError(
+            f"llama.cpp expects the tokens {', '.join(_PHI3_NAMED_TOKENS)} in the vocabulary of a model "
+            f"named like Phi-3 ({name!r}), and this tokenizer lacks {', '.join(missing)}: llama.cpp could not "
+            "load the file"
+        )
+
+
 def describe_hf(config: dict, tokenizer_folder: Path, name: str) -> GGUFModel:
     """Describe a Hugging Face model (``config``: its parsed config.json) for a GGUF, as llama.cpp's
     ``convert_hf_to_gguf.py`` would write it."""
@@ -678,6 +704,7 @@ def describe_hf(config: dict, tokenizer_folder: Path, name: str) -> GGUFModel:
             w.add_add_space_prefix(spec.add_space_prefix)
     for key in _WRITER_KEYS:
         _pop_key(w, key)
+    _check_name_specific_tokens(name, w)
 
     n_layer = config["num_hidden_layers"]
     n_head = config["num_attention_heads"]

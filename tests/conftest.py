@@ -91,10 +91,13 @@ def add_tiny_tokenizer(folder: Path, vocab_size: int = 300) -> Path:
     return folder
 
 
-def train_sentencepiece(folder: Path, vocab_size: int = 400, *, dummy_prefix: bool = False) -> Path:
+def train_sentencepiece(
+    folder: Path, vocab_size: int = 400, *, dummy_prefix: bool = False, user_symbols: tuple[str, ...] = ()
+) -> Path:
     """A tiny SentencePiece BPE model trained here, with byte fallback and no normalization, as Llama 2's
     and Gemma's; a dummy prefix (a space before the text) as Llama 2's, none as Gemma's (llama.cpp's
-    gemma2 vocabulary adds no space prefix)."""
+    gemma2 vocabulary adds no space prefix); ``user_symbols``: extra whole tokens (Phi-3's
+    ``<|endoftext|>``...)."""
     import sentencepiece as spm
 
     from qconv.calibration import default_text_path
@@ -110,6 +113,7 @@ def train_sentencepiece(folder: Path, vocab_size: int = 400, *, dummy_prefix: bo
         normalization_rule_name="identity",
         add_dummy_prefix=dummy_prefix,
         remove_extra_whitespaces=False,
+        user_defined_symbols=list(user_symbols),
         minloglevel=2,
     )
     (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))

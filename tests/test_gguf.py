@@ -325,8 +325,7 @@ def test_existing_output_is_refused(cli, tiny_source, tmp_path):
     [
         ("gemma2", dict(head_dim=64, query_pre_attn_scalar=64, sliding_window=32)),
         ("qwen3", dict(head_dim=64)),
-        # phi3 is not here: with a SentencePiece tokenizer trained here llama.cpp refuses the
-        # vocabulary ("unordered_map::at"); test_gguf_metadata.py covers phi3 with a BPE one
+        ("phi3", dict()),  # a SentencePiece vocabulary holding Phi-3's named tokens
     ],
 )
 def test_other_architectures_convert_and_verify_in_llama_cpp(cli, tmp_path, model_type, sizes):
@@ -338,7 +337,10 @@ def test_other_architectures_convert_and_verify_in_llama_cpp(cli, tmp_path, mode
 
     source = tmp_path / model_type
     source.mkdir()
-    train_sentencepiece(source, vocab_size=VOCAB, dummy_prefix=model_type != "gemma2")
+    phi3_tokens = ("<|endoftext|>",) if model_type == "phi3" else ()
+    train_sentencepiece(
+        source, vocab_size=VOCAB, dummy_prefix=model_type != "gemma2", user_symbols=phi3_tokens
+    )
     config = AutoConfig.for_model(
         model_type,
         vocab_size=VOCAB,
@@ -373,3 +375,34 @@ def test_other_architectures_convert_and_verify_in_llama_cpp(cli, tmp_path, mode
     manifest = json.loads((out / "qconv.json").read_text())
     assert manifest["verify"]["passed"], manifest["verify"]["checks"]
     assert manifest["recipe"]["gguf_architecture"] == model_type
+
+
+def test_phi3_named_model_without_its_tokens_is_refused(cli, tmp_path):
+    """llama.cpp looks up </s>, <unk>, <s> and <|endoftext|> by text in the vocabulary of any model
+    whose name contains "phi3" (llama-vocab.cpp) and fails to load the file when one is missing:
+    qconv refuses before writing, in one line."""
+    pytest.importorskip("sentencepiece")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    source = tmp_path / "my-phi3-mini"
+    source.mkdir()
+    train_sentencepiece(source, vocab_size=VOCAB, dummy_prefix=True)
+    config = AutoConfig.for_model(
+        "phi3",
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    AutoModelForCausalLM.from_config(config).save_pretrained(source)
+    message = _refused(cli, tmp_path, source, "--method", "gguf", "--type", "Q8_0")
+    assert message == (
+        f"Error: {source}: llama.cpp expects the tokens </s>, <unk>, <s>, <|endoftext|> in the vocabulary of a "
+        "model named like Phi-3 ('my-phi3-mini'), and this tokenizer lacks <|endoftext|>: llama.cpp could not "
+        "load the file"
+    )
