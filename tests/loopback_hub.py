@@ -4,8 +4,9 @@ commit), create a branch, list a tree and download files, in memory, on 127.0.0.
 
 It can inject faults, each for the next matching request(s): an HTTP status (``fail_next``), a
 connection closed while the request body is being read (``drop_connection_next``, e.g. mid LFS
-upload), a commit applied whose response is then lost (``commit_then_drop_response``), and a slow
-response (``delay_next``).
+upload), a commit applied whose response is then lost (``commit_then_drop_response``), a slow
+response (``delay_next``), and a request held until the test lets it go (``stall_next``; with
+``after_commit`` the commit is applied first), for a test to kill the client while it waits.
 
 Commits are real enough: a commit's sha is the sha1 of its parent, message and files; an LFS
 file's oid is the sha256 of its bytes; a regular file's blob id is git's blob sha1. Every write
@@ -95,10 +96,12 @@ class Repo:
 @dataclass
 class Fault:
     op: str
-    kind: str  # status | drop | commit_then_drop | delay
+    kind: str  # status | drop | commit_then_drop | delay | stall | commit_then_stall
     status: int = 500
     seconds: float = 0.0
     times: int = 1
+    reached: threading.Event = field(default_factory=threading.Event)  # a stalled request is held
+    release: threading.Event = field(default_factory=threading.Event)  # ...until this is set
 
 
 @dataclass
@@ -143,6 +146,7 @@ class LoopbackHub:
 
     def reset(self) -> None:
         with self.lock:
+            self.release_stalls()
             self.repos.clear()
             self.requests.clear()
             self.faults.clear()
@@ -161,6 +165,20 @@ class LoopbackHub:
 
     def delay_next(self, op: str, seconds: float, times: int = 1) -> None:
         self.faults.append(Fault(op, "delay", seconds=seconds, times=times))
+
+    def stall_next(self, op: str, after_commit: bool = False) -> Fault:
+        """Hold the next ``op`` request (a commit: applied first when ``after_commit``) without an
+        answer until ``fault.release`` is set, then close its connection; ``fault.reached`` is set
+        when the request arrives. For a test to kill the client mid-request."""
+        if after_commit and op != "commit":
+            raise ValueError("after_commit applies to the commit only")
+        fault = Fault(op, "commit_then_stall" if after_commit else "stall")
+        self.faults.append(fault)
+        return fault
+
+    def release_stalls(self) -> None:
+        for fault in list(self.faults):
+            fault.release.set()
 
     def _take_fault(self, op: str, kinds: tuple[str, ...]) -> Fault | None:
         with self.lock:
@@ -237,6 +255,13 @@ class _Dropped(Exception):
     """Close the connection without a response."""
 
 
+def _stall(fault: Fault) -> None:
+    """Say the request arrived, wait (at most a minute) to be let go, then drop the connection."""
+    fault.reached.set()
+    fault.release.wait(60)
+    raise _Dropped
+
+
 def _handler_for(hub: LoopbackHub):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -309,6 +334,9 @@ def _handler_for(hub: LoopbackHub):
                     return
                 if hub._take_fault(op, ("drop",)):
                     self._body(drop_half=True)
+                fault = hub._take_fault(op, ("stall",))
+                if fault:
+                    _stall(fault)
                 fault = hub._take_fault(op, ("status",))
                 if fault:
                     self._body()
@@ -510,6 +538,9 @@ def _handler_for(hub: LoopbackHub):
                 commit = hub._commit(repo, revision, changes, header.get("summary", ""))
             if hub._take_fault("commit", ("commit_then_drop",)):
                 raise _Dropped
+            fault = hub._take_fault("commit", ("commit_then_stall",))
+            if fault:
+                _stall(fault)
             self._send(
                 200,
                 {
