@@ -107,6 +107,21 @@ def test_killed_mid_lfs_upload_then_run_again(cli, hub, artifact):
     assert len(hub.commits(REPO)) == 2 and len(pushes()) == 1
 
 
+def test_killed_while_the_commit_waits_then_run_again(cli, hub, artifact):
+    """Killed with every LFS file uploaded and the commit request not yet applied: the second run
+    sends no file again and commits once."""
+    stall = hub.stall_next("commit")
+    kill_when(start_push(artifact), stall, "the commit")
+    assert len(hub.commits(REPO)) == 1 and set(hub.repos[REPO].lfs) == shard_oids(artifact)
+    hub.requests.clear()
+
+    _, doc = cli.json("push", artifact, "--repo", REPO)
+    commits = hub.commits(REPO)
+    assert (doc["status"], doc["commit_sha"], len(commits)) == ("committed", commits[0].sha, 2)
+    assert [r.op for r in hub.requests if r.op in ("lfs_put", "commit")] == ["commit"]
+    assert [(r["repo"], r["commit_sha"]) for r in pushes()] == [(REPO, commits[0].sha)]
+
+
 def test_killed_after_the_commit_landed_then_run_again(cli, hub, artifact):
     """The commit is on the Hub but the process died before it could record it: the second run
     finds the remote head holding the artifact, makes no commit, and records that one."""
