@@ -12,6 +12,11 @@ the artifact's hashed files are never touched. What makes it safe to run again, 
   reads the remote head again before retrying: if the files are there, that commit was ours.
   Each commit also names its parent (``parent_commit``), so a stale retry is refused by the Hub
   instead of stacking a second commit. Bounded retries, exponential backoff.
+- A push killed outright (SIGKILL, a crash) is finished by running it again: the LFS files it
+  uploaded are on the Hub already (the client's ``preupload``/LFS batch skips them), and a commit
+  it made is found by the remote check above, so the second run commits at most once. The registry
+  row is written only after the Hub holds the commit, once per commit sha, so the run that finds
+  the killed run's commit records it (tests/test_push_resume.py).
 - The token comes from ``HF_TOKEN`` or huggingface_hub's stored login, is handed to the client
   only, and is scrubbed from every error message qconv shows.
 """
