@@ -151,15 +151,12 @@ def test_dry_run_of_an_edited_source_says_it_will_check(cli, local_plan, monkeyp
             "the run hashes the source, then resumes this entry if it is unchanged",
         ),
     ]
-    # the real run hashes it wholly, finds it changed, and converts again
-    _, doc = cli.json("release", local_plan, ok=False)
-    assert statuses(doc) == {"nf4": "released", "hqq2": "failed"}
-    assert not by_label(doc)["nf4"]["resumed"] and not by_label(doc)["hqq2"]["resumed"]
+    # the real run (of nf4 alone, to be quick) hashes it wholly, finds it changed, converts again
+    local_plan.write_text(LOCAL_PLAN.split('[[matrix]]\nlabel = "hqq2"')[0])
+    _, doc = cli.json("release", local_plan)
+    assert statuses(doc) == {"nf4": "released"} and not by_label(doc)["nf4"]["resumed"]
     # and now remembers the new bytes
-    assert statuses(cli.json("release", local_plan, "--dry-run")[1]) == {
-        "nf4": "would-skip",
-        "hqq2": "would-resume",
-    }
+    assert statuses(cli.json("release", local_plan, "--dry-run")[1]) == {"nf4": "would-skip"}
 
 
 def test_convert_remembers_the_hash_for_a_dry_run(cli, local_plan, monkeypatch):
