@@ -102,6 +102,7 @@ class Fault:
     times: int = 1
     reached: threading.Event = field(default_factory=threading.Event)  # a stalled request is held
     release: threading.Event = field(default_factory=threading.Event)  # ...until this is set
+    finished: threading.Event = field(default_factory=threading.Event)  # ...and logged in requests
 
 
 @dataclass
@@ -128,6 +129,8 @@ class LoopbackHub:
         self.requests: list[Request] = []
         self.faults: list[Fault] = []
         self.lock = threading.RLock()
+        self.in_flight = 0  # requests being handled
+        self.idle = threading.Condition(self.lock)
         self._server = ThreadingHTTPServer(("127.0.0.1", port), _handler_for(self))
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
@@ -175,6 +178,11 @@ class LoopbackHub:
         fault = Fault(op, "commit_then_stall" if after_commit else "stall")
         self.faults.append(fault)
         return fault
+
+    def wait_idle(self, timeout: float = 30) -> bool:
+        """Wait until no request is being handled (each one handled is in ``requests``)."""
+        with self.idle:
+            return self.idle.wait_for(lambda: self.in_flight == 0, timeout)
 
     def release_stalls(self) -> None:
         for fault in list(self.faults):
@@ -255,8 +263,10 @@ class _Dropped(Exception):
     """Close the connection without a response."""
 
 
-def _stall(fault: Fault) -> None:
-    """Say the request arrived, wait (at most a minute) to be let go, then drop the connection."""
+def _stall(handler, fault: Fault) -> None:
+    """Say the request arrived, wait (at most a minute) to be let go, then drop the connection
+    (``fault.finished`` is set once the request is in ``hub.requests``)."""
+    handler._stalled = fault
     fault.reached.set()
     fault.release.wait(60)
     raise _Dropped
@@ -319,6 +329,9 @@ def _handler_for(hub: LoopbackHub):
             self._query = parse_qs(url.query)
             path = unquote(url.path)
             self._status = None
+            self._stalled = None
+            with hub.lock:
+                hub.in_flight += 1
             op, handler, args = _route(self.command, path)
             try:
                 if handler is None:
@@ -336,7 +349,7 @@ def _handler_for(hub: LoopbackHub):
                     self._body(drop_half=True)
                 fault = hub._take_fault(op, ("stall",))
                 if fault:
-                    _stall(fault)
+                    _stall(self, fault)
                 fault = hub._take_fault(op, ("status",))
                 if fault:
                     self._body()
@@ -353,6 +366,10 @@ def _handler_for(hub: LoopbackHub):
                             self.command, path, op or "?", self._status, self.headers.get("Authorization")
                         )
                     )
+                    hub.in_flight -= 1
+                    hub.idle.notify_all()
+                if self._stalled is not None:
+                    self._stalled.finished.set()
 
         do_GET = do_POST = do_PUT = do_HEAD = _dispatch
 
@@ -540,7 +557,7 @@ def _handler_for(hub: LoopbackHub):
                 raise _Dropped
             fault = hub._take_fault("commit", ("commit_then_stall",))
             if fault:
-                _stall(fault)
+                _stall(self, fault)
             self._send(
                 200,
                 {

@@ -51,7 +51,7 @@ def start_push(folder: Path) -> subprocess.Popen:
     return process
 
 
-def kill_when(process: subprocess.Popen, stall, what: str) -> None:
+def kill_when(hub, process: subprocess.Popen, stall, what: str) -> None:
     """SIGKILL ``process`` once the Hub holds its stalled request, then let the request go."""
     deadline = time.monotonic() + 240
     while not stall.reached.wait(0.05):
@@ -63,6 +63,8 @@ def kill_when(process: subprocess.Popen, stall, what: str) -> None:
     process.kill()
     process.wait(timeout=30)
     stall.release.set()
+    assert stall.finished.wait(30)  # its request is logged before the test looks at the log
+    assert hub.wait_idle()  # and every other request of the killed process is done with
     assert process.returncode == -signal.SIGKILL
 
 
@@ -81,7 +83,7 @@ def shard_oids(folder: Path) -> set[str]:
 
 def test_killed_mid_lfs_upload_then_run_again(cli, hub, artifact):
     stall = hub.stall_next("lfs_put")
-    kill_when(start_push(artifact), stall, "the first LFS upload")
+    kill_when(hub, start_push(artifact), stall, "the first LFS upload")
     # killed outright: no commit, no row; its staging folder of hard links is left behind
     assert len(hub.commits(REPO)) == 1 and pushes() == []
     assert len(staging(artifact)) == 1
@@ -111,7 +113,7 @@ def test_killed_while_the_commit_waits_then_run_again(cli, hub, artifact):
     """Killed with every LFS file uploaded and the commit request not yet applied: the second run
     sends no file again and commits once."""
     stall = hub.stall_next("commit")
-    kill_when(start_push(artifact), stall, "the commit")
+    kill_when(hub, start_push(artifact), stall, "the commit")
     assert len(hub.commits(REPO)) == 1 and set(hub.repos[REPO].lfs) == shard_oids(artifact)
     hub.requests.clear()
 
@@ -126,7 +128,7 @@ def test_killed_after_the_commit_landed_then_run_again(cli, hub, artifact):
     """The commit is on the Hub but the process died before it could record it: the second run
     finds the remote head holding the artifact, makes no commit, and records that one."""
     stall = hub.stall_next("commit", after_commit=True)
-    kill_when(start_push(artifact), stall, "the commit")
+    kill_when(hub, start_push(artifact), stall, "the commit")
     commits = hub.commits(REPO)
     assert len(commits) == 2 and pushes() == []
     hub.requests.clear()
