@@ -91,6 +91,7 @@ def test_killed_mid_lfs_upload_then_run_again(cli, hub, artifact):
     hub.requests.clear()
 
     result = cli("push", artifact, "--repo", REPO)
+    assert hub.wait_idle()  # every request of that run is in the log
     commits = hub.commits(REPO)
     assert len(commits) == 2  # the repo's initial commit, then exactly one of ours
     assert result.stdout == (
@@ -118,6 +119,7 @@ def test_killed_while_the_commit_waits_then_run_again(cli, hub, artifact):
     hub.requests.clear()
 
     _, doc = cli.json("push", artifact, "--repo", REPO)
+    assert hub.wait_idle()  # every request of that run is in the log
     commits = hub.commits(REPO)
     assert (doc["status"], doc["commit_sha"], len(commits)) == ("committed", commits[0].sha, 2)
     assert [r.op for r in hub.requests if r.op in ("lfs_put", "commit")] == ["commit"]
@@ -134,6 +136,7 @@ def test_killed_after_the_commit_landed_then_run_again(cli, hub, artifact):
     hub.requests.clear()
 
     _, doc = cli.json("push", artifact, "--repo", REPO)
+    assert hub.wait_idle()  # every request of that run is in the log
     assert (doc["status"], doc["commit_sha"], doc["recorded"]) == ("unchanged", commits[0].sha, True)
     assert not any(r.op in ("preupload", "lfs_put", "commit") for r in hub.requests)
     assert len(hub.commits(REPO)) == 2

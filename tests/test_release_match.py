@@ -236,6 +236,7 @@ def test_dry_run_of_a_hub_source_fetches_no_weights(
     hashed = HashedBytes(monkeypatch)
 
     # offline: the cached blob's name is the shard's sha256; no request at all
+    assert hub.wait_idle()
     hub.requests.clear()
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     _, doc = cli.json("release", plan, "--dry-run")
@@ -250,7 +251,7 @@ def test_dry_run_of_a_hub_source_fetches_no_weights(
     hashed.count = 0
     _, doc = cli.json("release", plan, "--dry-run")
     assert statuses(doc) == {"nf4": "would-skip"} and hashed.count < weights / 4
-    assert doc["source_revision"] == hub.commits(SOURCE)[0].sha
+    assert doc["source_revision"] == hub.commits(SOURCE)[0].sha and hub.wait_idle()
     assert not [r.path for r in hub.requests if r.path.endswith(".safetensors")]
 
 
