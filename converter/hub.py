@@ -12,6 +12,11 @@ the artifact's hashed files are never touched. What makes it safe to run again, 
   reads the remote head again before retrying: if the files are there, that commit was ours.
   Each commit also names its parent (``parent_commit``), so a stale retry is refused by the Hub
   instead of stacking a second commit. Bounded retries, exponential backoff.
+- A push killed outright (SIGKILL, a crash) is finished by running it again: the LFS files it
+  uploaded are on the Hub already (the client's ``preupload``/LFS batch skips them), and a commit
+  it made is found by the remote check above, so the second run commits at most once. The registry
+  row is written only after the Hub holds the commit, once per commit sha, so the run that finds
+  the killed run's commit records it (tests/test_push_resume.py).
 - The token comes from ``HF_TOKEN`` or huggingface_hub's stored login, is handed to the client
   only, and is scrubbed from every error message qconv shows.
 """
@@ -188,18 +193,20 @@ def _record(registry, result: PushResult) -> bool:
 
 class _staging:
     """A folder of hard links to the files (copies where links cannot be made) and the card,
-    beside the artifact (same file system), removed afterwards."""
+    beside the artifact (same file system), removed afterwards. Its name carries the pid
+    (``.NAME.qconv-push-PID-XXXX``): a push killed outright (SIGKILL, power loss) cannot remove
+    its own, so the next push of the same artifact removes those whose process is gone."""
 
     def __init__(self, folder: Path, files: list[UploadFile], card: bytes):
         self.folder, self.files, self.card = folder, files, card
 
     def __enter__(self) -> Path:
+        remove_stale_staging(self.folder)
+        prefix = f".{self.folder.name}.qconv-push-{os.getpid()}-"
         try:
-            self.path = Path(
-                tempfile.mkdtemp(prefix=f".{self.folder.name}.qconv-push-", dir=self.folder.parent)
-            )
+            self.path = Path(tempfile.mkdtemp(prefix=prefix, dir=self.folder.parent))
         except OSError:
-            self.path = Path(tempfile.mkdtemp(prefix="qconv-push-"))
+            self.path = Path(tempfile.mkdtemp(prefix=prefix.lstrip(".")))
         for f in self.files:
             target = self.path / f.name
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -212,6 +219,35 @@ class _staging:
 
     def __exit__(self, *exc) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+def remove_stale_staging(folder: Path) -> list[Path]:
+    """Remove the staging folders of ``folder`` left by pushes whose process no longer runs
+    (those of a push still running are kept); returns the ones removed."""
+    stale = []
+    pattern = re.compile(re.escape(f".{folder.name}.qconv-push-") + r"(\d+)-")
+    try:
+        candidates = list(folder.parent.iterdir())
+    except OSError:
+        return stale
+    for path in candidates:
+        match = pattern.match(path.name)
+        if match and path.is_dir() and not _process_alive(int(match[1])):
+            shutil.rmtree(path, ignore_errors=True)
+            stale.append(path)
+    return stale
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. PermissionError: it exists, owned by someone else
+        return True
+    return True
 
 
 def _upload(

@@ -10,6 +10,16 @@ gate, the Hub) is reported and the next entry runs. Running the plan again is ho
   resumes from that artifact instead of converting again.
 
 The source is opened once and pinned: a Hub base is resolved to one commit for every entry.
+
+Matching an entry to earlier artifacts compares the source's files (names, sizes, sha256) with
+those the registry recorded. The real run hashes every file wholly. ``--dry-run`` does not read
+the weights (minutes for an 8B model): a Hub base's shards are known by the sha256 the Hub lists
+for them (their LFS oid; no download), a local file's by the hash qconv remembered when it last
+hashed it, if the file's stat and first and last MiB are as they were then
+(:mod:`qconv.fingerprints` says why that is safe); the small files beside them are hashed. A weight
+file qconv cannot vouch for that way (never hashed here, or changed since) is compared by size
+only, and an entry it could match says ``would-check``: the run hashes the source first, then
+skips, resumes or converts.
 """
 
 from __future__ import annotations
@@ -20,11 +30,13 @@ from typing import Any
 
 from qconv.errors import QconvError, UsageError
 from qconv.evaluate import DEFAULT_SEQLEN, EvalResult, evaluate, evaluate_source, is_shipped_text
+from qconv.files import hash_file
+from qconv.fingerprints import recall
 from qconv.formats import get_format
 from qconv.hub import push
 from qconv.pipeline import convert
-from qconv.sources import open_source
-from qconv.sources.hub import parse_hub_ref
+from qconv.sources import WEIGHT_SUFFIXES, open_source, support_file_names
+from qconv.sources.hub import INDEX, parse_hub_ref, snapshot_without_weights
 
 ENTRY_KEYS = {"label", "method", "options", "skip", "gates"}
 GATE_KEYS = {"max_layer_error", "max_ppl_increase"}
@@ -63,7 +75,8 @@ class EntryResult:
     label: str
     repo: str
     recipe: dict[str, Any] = field(default_factory=dict)
-    status: str = "pending"  # released | unchanged | skipped | failed | would-run | would-resume | would-skip
+    # released | unchanged | skipped | failed | would-run | would-resume | would-skip | would-check
+    status: str = "pending"
     stage: str | None = None  # where it failed
     message: str = ""
     artifact_id: str | None = None
@@ -210,11 +223,15 @@ def base_name_of(base: str) -> str:
 # -- running it -------------------------------------------------------------------------------
 def release(plan: ReleasePlan, *, registry, dry_run: bool = False, on_entry=None) -> ReleaseReport:
     """Run every entry of ``plan``; ``on_entry(result)`` is called as each one ends."""
-    with open_source(plan.base) as source:
-        kind, revision = source.kind, source.revision
-        source_files = source.file_hashes()
-        # a Hub base is pinned to the commit it resolved to now, for every entry
-        convert_ref = f"{source.ref}@{revision}" if kind == "hub" else plan.base
+    if dry_run:
+        kind, revision, source_files = dry_run_source_files(plan.base)
+        convert_ref = plan.base
+    else:
+        with open_source(plan.base) as source:
+            kind, revision = source.kind, source.revision
+            source_files = source.file_hashes()
+            # a Hub base is pinned to the commit it resolved to now, for every entry
+            convert_ref = f"{source.ref}@{revision}" if kind == "hub" else plan.base
     report = ReleaseReport(str(plan.path), plan.base, kind, revision, [])
     evaluator = Evaluator(plan, convert_ref)
     for entry in plan.entries:
@@ -239,7 +256,14 @@ def _run_entry(plan, entry, result, registry, source_files, convert_ref, evaluat
     fmt = get_format(entry.method)
     made = fmt.make_recipe(dict(entry.options))
     result.recipe = made
-    released, reusable = _find(registry, entry, made, source_files, plan.revision)
+    released, reusable, unknown = _find(registry, entry, made, source_files, plan.revision)
+    if dry_run and unknown is not None and (released or reusable):
+        result.status, result.stage = "would-check", None
+        result.message = (
+            f"{unknown} changed since qconv last hashed it, or was never hashed here: the run hashes "
+            f"the source, then {'skips' if released else 'resumes'} this entry if it is unchanged"
+        )
+        return
     if released is not None:
         result.status = "would-skip" if dry_run else "skipped"
         result.stage = None
@@ -321,21 +345,62 @@ def _run_entry(plan, entry, result, registry, source_files, convert_ref, evaluat
 
 def _find(registry, entry: Entry, made: dict, source_files: dict, revision: str):
     """(an artifact of this source and recipe already pushed to the entry's repo and revision,
-    else None; a verified one still on disk to resume from, else None), from the registry."""
-    released = reusable = None
+    else None; a verified one still on disk to resume from, else None; the first source file whose
+    sha256 ``source_files`` does not know and the match took on its size alone, else None), from
+    the registry."""
+    released = reusable = unknown = None
     for row in registry.list_artifacts(method=entry.method):
         record = registry.get_artifact(row["id"])
         recipe = record["recipe"] or {}
         if any(recipe.get(k) != v for k, v in made.items()) or list(recipe.get("skip") or []) != entry.skip:
             continue
-        if record["source_files"] != source_files:
+        same, unsure = same_source(record["source_files"] or {}, source_files)
+        if not same:
             continue
         pushes = [p for p in record["pushes"] if p["repo"] == entry.repo and p["revision"] == revision]
         if pushes and released is None:
             released = {**record, "push": pushes[-1]}
+            unknown = unknown or unsure
         if record["verified"] and Path(record["path"]).is_dir() and reusable is None:
             reusable = record
-    return released, reusable
+            unknown = unknown or unsure
+    return released, reusable, unknown
+
+
+def same_source(recorded: dict[str, dict], files: dict[str, dict]) -> tuple[bool, str | None]:
+    """Whether ``files`` may be the source ``recorded`` lists (same names, sizes and sha256), and
+    the first file it matched by name and size only (its sha256 unknown here), else None."""
+    if set(recorded) != set(files):
+        return False, None
+    unsure = None
+    for name, entry in sorted(files.items()):
+        if recorded[name].get("size") != entry.get("size"):
+            return False, None
+        if entry.get("sha256") is None:
+            unsure = unsure or name
+        elif recorded[name].get("sha256") != entry["sha256"]:
+            return False, None
+    return True, unsure
+
+
+def dry_run_source_files(base: str) -> tuple[str, str | None, dict[str, dict]]:
+    """(kind, revision, ``{file name: {"sha256", "size"}}``) of the source as a dry run knows it
+    without reading its weights: see the module docstring. A sha256 is None where not known."""
+    hub = parse_hub_ref(base) if not Path(base).expanduser().exists() else None
+    if hub is not None:
+        folder, files = snapshot_without_weights(*hub)
+        index = [folder / INDEX] if (folder / INDEX).is_file() else []
+        for path in [folder / "config.json", *index, *(folder / n for n in support_file_names(folder))]:
+            files[path.name] = hash_file(path)
+        return "hub", folder.name, dict(sorted(files.items()))
+    with open_source(base) as source:
+        files = {}
+        for path in source.hashed_files():
+            if path.name.endswith(WEIGHT_SUFFIXES):
+                files[path.name] = {"sha256": recall(path), "size": path.stat().st_size}
+            else:  # config, index, tokenizer: small
+                files[path.name] = hash_file(path)
+        return source.kind, source.revision, dict(sorted(files.items()))
 
 
 class Evaluator:

@@ -4,8 +4,9 @@ commit), create a branch, list a tree and download files, in memory, on 127.0.0.
 
 It can inject faults, each for the next matching request(s): an HTTP status (``fail_next``), a
 connection closed while the request body is being read (``drop_connection_next``, e.g. mid LFS
-upload), a commit applied whose response is then lost (``commit_then_drop_response``), and a slow
-response (``delay_next``).
+upload), a commit applied whose response is then lost (``commit_then_drop_response``), a slow
+response (``delay_next``), and a request held until the test lets it go (``stall_next``; with
+``after_commit`` the commit is applied first), for a test to kill the client while it waits.
 
 Commits are real enough: a commit's sha is the sha1 of its parent, message and files; an LFS
 file's oid is the sha256 of its bytes; a regular file's blob id is git's blob sha1. Every write
@@ -95,10 +96,13 @@ class Repo:
 @dataclass
 class Fault:
     op: str
-    kind: str  # status | drop | commit_then_drop | delay
+    kind: str  # status | drop | commit_then_drop | delay | stall | commit_then_stall
     status: int = 500
     seconds: float = 0.0
     times: int = 1
+    reached: threading.Event = field(default_factory=threading.Event)  # a stalled request is held
+    release: threading.Event = field(default_factory=threading.Event)  # ...until this is set
+    finished: threading.Event = field(default_factory=threading.Event)  # ...and logged in requests
 
 
 @dataclass
@@ -125,6 +129,8 @@ class LoopbackHub:
         self.requests: list[Request] = []
         self.faults: list[Fault] = []
         self.lock = threading.RLock()
+        self.in_flight = 0  # requests being handled
+        self.idle = threading.Condition(self.lock)
         self._server = ThreadingHTTPServer(("127.0.0.1", port), _handler_for(self))
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
@@ -143,6 +149,7 @@ class LoopbackHub:
 
     def reset(self) -> None:
         with self.lock:
+            self.release_stalls()
             self.repos.clear()
             self.requests.clear()
             self.faults.clear()
@@ -161,6 +168,25 @@ class LoopbackHub:
 
     def delay_next(self, op: str, seconds: float, times: int = 1) -> None:
         self.faults.append(Fault(op, "delay", seconds=seconds, times=times))
+
+    def stall_next(self, op: str, after_commit: bool = False) -> Fault:
+        """Hold the next ``op`` request (a commit: applied first when ``after_commit``) without an
+        answer until ``fault.release`` is set, then close its connection; ``fault.reached`` is set
+        when the request arrives. For a test to kill the client mid-request."""
+        if after_commit and op != "commit":
+            raise ValueError("after_commit applies to the commit only")
+        fault = Fault(op, "commit_then_stall" if after_commit else "stall")
+        self.faults.append(fault)
+        return fault
+
+    def wait_idle(self, timeout: float = 30) -> bool:
+        """Wait until no request is being handled (each one handled is in ``requests``)."""
+        with self.idle:
+            return self.idle.wait_for(lambda: self.in_flight == 0, timeout)
+
+    def release_stalls(self) -> None:
+        for fault in list(self.faults):
+            fault.release.set()
 
     def _take_fault(self, op: str, kinds: tuple[str, ...]) -> Fault | None:
         with self.lock:
@@ -237,6 +263,15 @@ class _Dropped(Exception):
     """Close the connection without a response."""
 
 
+def _stall(handler, fault: Fault) -> None:
+    """Say the request arrived, wait (at most a minute) to be let go, then drop the connection
+    (``fault.finished`` is set once the request is in ``hub.requests``)."""
+    handler._stalled = fault
+    fault.reached.set()
+    fault.release.wait(60)
+    raise _Dropped
+
+
 def _handler_for(hub: LoopbackHub):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -294,6 +329,9 @@ def _handler_for(hub: LoopbackHub):
             self._query = parse_qs(url.query)
             path = unquote(url.path)
             self._status = None
+            self._stalled = None
+            with hub.lock:
+                hub.in_flight += 1
             op, handler, args = _route(self.command, path)
             try:
                 if handler is None:
@@ -309,6 +347,9 @@ def _handler_for(hub: LoopbackHub):
                     return
                 if hub._take_fault(op, ("drop",)):
                     self._body(drop_half=True)
+                fault = hub._take_fault(op, ("stall",))
+                if fault:
+                    _stall(self, fault)
                 fault = hub._take_fault(op, ("status",))
                 if fault:
                     self._body()
@@ -325,6 +366,10 @@ def _handler_for(hub: LoopbackHub):
                             self.command, path, op or "?", self._status, self.headers.get("Authorization")
                         )
                     )
+                    hub.in_flight -= 1
+                    hub.idle.notify_all()
+                if self._stalled is not None:
+                    self._stalled.finished.set()
 
         do_GET = do_POST = do_PUT = do_HEAD = _dispatch
 
@@ -510,6 +555,9 @@ def _handler_for(hub: LoopbackHub):
                 commit = hub._commit(repo, revision, changes, header.get("summary", ""))
             if hub._take_fault("commit", ("commit_then_drop",)):
                 raise _Dropped
+            fault = hub._take_fault("commit", ("commit_then_stall",))
+            if fault:
+                _stall(self, fault)
             self._send(
                 200,
                 {

@@ -18,6 +18,7 @@ import torch
 
 from qconv.errors import SourceError
 from qconv.files import FLOAT_DTYPES, SAFETENSORS_DTYPES, hash_file
+from qconv.fingerprints import remember, taken_before_hashing
 from qconv.manifest import MANIFEST_NAME
 
 # Files in a model folder that are weights in some other framework or ours to rewrite.
@@ -172,6 +173,7 @@ class Source:
         what they read instead of reading it twice."""
         if getattr(self, "_hashes", None) is None:
             files = self.hashed_files()
+            self._stat_before_hashing = taken_before_hashing(files)
             self._hash_pool = ThreadPoolExecutor(
                 max_workers=max(1, min(8, len(files))), thread_name_prefix="qconv-hash"
             )
@@ -182,6 +184,7 @@ class Source:
         self.start_hashing()
         result = {name: future.result() for name, future in self._hashes.items()}
         self._hash_pool.shutdown()
+        remember(self._stat_before_hashing, result)  # for release --dry-run (qconv.fingerprints)
         return result
 
     def write_support_files(self, dest: Path) -> list[str]:

@@ -13,6 +13,7 @@ import torch
 
 from qconv.errors import SourceError
 from qconv.files import SAFETENSORS_DTYPES, hash_file
+from qconv.fingerprints import remember, taken_before_hashing
 
 # Files in a model folder that are weights in some other framework or ours to rewrite.
 from qconv.sources.base import (
@@ -133,6 +134,7 @@ class HFFolderSource(Source):
         safetensors leaves no gaps); the small files beside them from disk."""
         if getattr(self, "_hashes", None) is not None:
             return
+        self._stat_before_hashing = taken_before_hashing(self.hashed_files())
         self._stream_hashes = {
             path: SequentialFileHash(path, self._data_start[path]) for path in self.weight_files
         }
@@ -147,6 +149,7 @@ class HFFolderSource(Source):
             # a file not read whole and in order (e.g. a tensor skipped) is hashed from disk
             result[path.name] = stream_hash.result() or hash_file(path)
         self._hash_pool.shutdown()
+        remember(self._stat_before_hashing, result)  # for release --dry-run (qconv.fingerprints)
         return dict(sorted(result.items()))
 
     def hashed_files(self) -> list[Path]:

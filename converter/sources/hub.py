@@ -10,6 +10,8 @@ resolved and the files read from the cache alone.
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from pathlib import Path
 
@@ -113,6 +115,60 @@ def _download(repo_id: str, revision: str | None) -> Path:
         for name in shards:
             hf_hub_download(repo_id, name, revision=sha)
     return folder
+
+
+def snapshot_without_weights(repo_id: str, revision: str | None) -> tuple[Path, dict[str, dict]]:
+    """For ``qconv release --dry-run``: the snapshot folder (named by the commit sha) holding the
+    files a conversion fetches except the safetensors shards (fetched as :func:`_download` fetches
+    them), and the shards' ``{name: {"sha256", "size"}}`` without their bytes: as the Hub lists
+    them (an LFS file's oid is the sha256 of its bytes), or offline as the cache names them (a
+    cached LFS blob is named by that oid). ``sha256`` None: not known without reading the file."""
+    from huggingface_hub import HfApi, hf_hub_download
+
+    where = f"{repo_id}@{revision}" if revision else repo_id
+    with _hub_errors(where):
+        if is_offline():
+            folder = _from_cache(repo_id, revision)
+            listed = {}
+        else:
+            api = HfApi()
+            info = api.model_info(repo_id, revision=revision, files_metadata=True)
+            _wanted([s.rfilename for s in info.siblings or []], where)  # what a conversion refuses
+            folder = Path(hf_hub_download(repo_id, "config.json", revision=revision)).parent
+            if folder.name != info.sha:  # the branch moved between the two requests
+                info = api.model_info(repo_id, revision=folder.name, files_metadata=True)
+            listed = {s.rfilename: s for s in info.siblings or []}
+            for name in _wanted(list(listed), where):
+                hf_hub_download(repo_id, name, revision=folder.name)
+        if (folder / INDEX).is_file():
+            try:
+                shards = sorted(set(json.loads((folder / INDEX).read_text())["weight_map"].values()))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise SourceError(f"{where}: {INDEX} is not a valid safetensors index") from exc
+        else:
+            names = list(listed) or [p.name for p in folder.iterdir()]
+            shards = (
+                ["model.safetensors"]
+                if "model.safetensors" in names
+                else sorted(n for n in names if "/" not in n and n.endswith(".safetensors"))
+            )
+    weights = {}
+    for name in shards:
+        sibling = listed.get(name)
+        if sibling is not None:
+            lfs = sibling.lfs
+            weights[name] = {
+                "sha256": lfs.sha256 if lfs is not None else None,
+                "size": lfs.size if lfs is not None else sibling.size,
+            }
+            continue
+        path = folder / name
+        blob = Path(os.path.realpath(path)).name if path.is_file() else ""
+        weights[name] = {
+            "sha256": blob if re.fullmatch(r"[0-9a-f]{64}", blob) else None,
+            "size": path.stat().st_size if path.is_file() else None,
+        }
+    return folder, weights
 
 
 def _from_cache(repo_id: str, revision: str | None) -> Path:
