@@ -20,7 +20,11 @@ from qconv.registry import db as registry_db
 from qconv.registry.migrations import MIGRATION_SET, migrations
 
 TABLES = ["artifacts", "source_files", "files", "layers", "metrics", "pushes"]
-MIGRATIONS = [("qconv", "m001_initial"), ("qconv", "m002_provenance_columns")]
+MIGRATIONS = [
+    ("qconv", "m001_initial"),
+    ("qconv", "m002_provenance_columns"),
+    ("qconv", "m003_base_model_revision"),
+]
 
 
 def make_manifest(method="bnb", created="2026-11-24T21:00:00+00:00", verify=None, layers=None):

@@ -111,6 +111,16 @@ def _stopped_message(exc: KeyboardInterrupt) -> tuple[int, str]:
     signum = getattr(exc, "qconv_signal", signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
     what = "Terminated (SIGTERM)" if signum == signal.SIGTERM else "Interrupted (SIGINT)"
     command, params = getattr(exc, "qconv_command", (None, {}))
+    unrecorded = getattr(exc, "qconv_unrecorded", None)
+    if unrecorded is not None:
+        # stopped once the artifact was in place, before it was recorded (qconv.pipeline's
+        # stopped_leaves_unrecorded): nothing temporary is left, and the artifact is whole
+        text = (
+            f"{what}: {command or 'qconv'} stopped after writing {unrecorded}: the artifact there is complete"
+        )
+        if params.get("record", True):
+            text += f" but not recorded in the registry (`qconv verify {unrecorded} --record` records it)"
+        return signum, text
     text = f"{what}: {command or 'qconv'} stopped; its temporary files were removed"
     output = params.get("output") if command == "convert" else None
     if output is not None:
