@@ -175,16 +175,16 @@ def base_model_name(kind: str | None, ref: str | None) -> str | None:
     p = Path(ref)
     if kind == "gguf" or p.suffix == ".gguf":
         return p.stem
-    cached = hub_cache_repo(p)
-    if cached is not None:
-        return cached[0]
+    if p.parent.name == "snapshots" and p.parent.parent.name.startswith("models--"):
+        return p.parent.parent.name[len("models--") :].replace("--", "/")
     return p.name or ref
 
 
 def hub_cache_repo(folder: str | Path) -> tuple[str, str] | None:
     """``(ORG/NAME, commit)`` for a snapshot folder of the Hugging Face cache
-    (``.../models--ORG--NAME/snapshots/<commit>``), else None. The Hub refuses ``--`` in names,
-    so the folder name splits back unambiguously."""
+    (``.../models--ORG--NAME/snapshots/<commit>``), else None (a repo without a namespace, such
+    as the legacy ``gpt2``, is no base model id). The Hub refuses ``--`` in names, so the folder
+    name splits back unambiguously."""
     p = Path(folder)
     if p.parent.name != "snapshots" or not p.parent.parent.name.startswith("models--"):
         return None
