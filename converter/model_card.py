@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import yaml
+
 from qconv.formats import get_format
 from qconv.manifest import base_model_of, imported_from
 
@@ -283,8 +285,6 @@ def _yaml_str(value: str) -> str:
     digits and ``-_./`` and PyYAML (which huggingface_hub reads cards with) reads it back as it
     is (not ``yes``, ``null``, ``0x1f``, ``1.5``...), else double-quoted with JSON's escapes,
     which YAML reads too."""
-    import yaml
-
     if value and value.isascii() and all(c.isalnum() or c in "-_./" for c in value):
         try:
             if yaml.safe_load(value) == value:

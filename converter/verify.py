@@ -31,6 +31,7 @@ from qconv.loader import load_model
 from qconv.manifest import MANIFEST_NAME, imported_from
 from qconv.modeling import reference_model
 from qconv.sources import Source, open_source
+from qconv.sources.hub import HubSource, cached_snapshot
 
 PROMPTS = (
     "The capital of France is",
@@ -498,8 +499,6 @@ def _verify_against_cached_hub_source(
     """A Hub source is reopened at the commit the manifest records, from the Hugging Face cache
     only (offline or not: a commit never changes, and verify never downloads a model unasked);
     not cached, the recorded layer errors are checked and the check says how to get the source."""
-    from qconv.sources.hub import HubSource, cached_snapshot
-
     pinned = f"{recorded['ref']}@{recorded['revision']}"
     folder = cached_snapshot(recorded["ref"], recorded["revision"], sorted(recorded.get("files") or {}))
     if folder is None:

@@ -55,6 +55,7 @@ This file imports only sqlite-utils, so ``sqlite-utils migrate registry.db regis
 from __future__ import annotations
 
 import json
+from pathlib import PurePosixPath
 
 from sqlite_utils import Database, Migrations
 from sqlite_utils.db import ForeignKey
@@ -250,8 +251,6 @@ def m003_base_model_revision(db: Database) -> None:
     --base-model, or detected from the source), else the source's short name as before (a name
     without '/'). Existing rows are backfilled where the source says it: a Hub source's commit,
     or the commit folder of a source in the Hugging Face cache."""
-    from pathlib import PurePosixPath
-
     db["artifacts"].add_column("base_model_revision", str)
     db.execute(
         "update artifacts set base_model_revision = source_revision "
