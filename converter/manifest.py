@@ -68,7 +68,7 @@ class Manifest(TypedDict, total=False):
     qconv: str
     created: str
     source: SourceEntry
-    base_model: BaseModelEntry | None  # absent from manifests before qconv 0.x: base_model_of()
+    base_model: BaseModelEntry | None  # absent from manifests written before it was: base_model_of()
     recipe: dict[str, Any]  # every option of the method, defaults included; `method` names it
     calibration: dict[str, Any] | None
     environment: dict[str, Any]

@@ -1,7 +1,7 @@
 """The README.md model card written into every artifact folder, and the one pushed to the Hub.
 
 Both begin with YAML front matter that huggingface_hub's ``ModelCard`` / ``metadata_load``
-parse (tests/test_model_card.py round-trips them): ``base_model`` (the Hub model the artifact
+parse (tests/test_base_model.py round-trips them): ``base_model`` (the Hub model the artifact
 is a quantized version of, when one is known: :func:`qconv.manifest.base_model_of`) with
 ``base_model_relation: quantized``, which is how the Hub links a quantization to its base.
 """
