@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from qconv.artifact import Artifact
-from qconv.errors import ArtifactError, HubError, NotVerifiedError, QconvWarning, UsageError
+from qconv.errors import ArtifactError, HubError, NotVerifiedError, QconvWarning, UsageError, literal
 from qconv.files import sha256_file
 from qconv.manifest import MANIFEST_NAME, base_model_name, base_model_of, finite, parse_base_model
 from qconv.model_card import hub_model_card
@@ -193,12 +193,12 @@ def push(
 
 def _warn_if_no_base_model(resolved: ResolvedArtifact) -> None:
     if base_model_of(resolved.manifest) is None:
-        warnings.warn(
-            f"{resolved.path}: no base model recorded, so the model card names none and the Hub "
-            "links the repo to no base model; name it with --base-model ORG/NAME",
-            QconvWarning,
-            stacklevel=3,
+        warning = QconvWarning.about_option(
+            f"{literal(resolved.path)}: no base model recorded, so the model card names none and the "
+            "Hub links the repo to no base model; name it with {option} ORG/NAME",
+            "base_model",
         )
+        warnings.warn(warning, stacklevel=3)
 
 
 def _commit_message(resolved: ResolvedArtifact) -> str:

@@ -294,3 +294,18 @@ def test_a_bad_base_model_in_a_plan(cli, tiny_llama, tmp_path, line, message):
     plan.write_text(PLAN.format(base=tiny_llama, base_model=line))
     result = cli("release", plan, "--dry-run", ok=False)
     assert (result.exit_code, result.stderr) == (2, f"Error: {plan}: {message}\n")
+
+
+def test_the_library_warning_names_the_argument_not_the_flag(plain):
+    """From Python the same warning names push()'s argument; the CLI's names the flag."""
+    from qconv.errors import QconvWarning
+    from qconv.hub import push
+
+    with pytest.warns(QconvWarning) as caught:
+        push(plain, "me/plain", dry_run=True)
+    (warning,) = caught
+    assert str(warning.message) == (
+        f"{plain}: no base model recorded, so the model card names none and the Hub links the repo to no "
+        "base model; name it with base_model ORG/NAME"
+    )
+    assert "warning: " + warning.message.cli_message() + "\n" == NO_BASE.format(path=plain)

@@ -49,7 +49,8 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     """qconv's own warnings as one line on stderr (``warning: ...``), not Python's two lines
     with a file and a source line; other libraries' warnings stay hidden unless QCONV_DEBUG."""
     if issubclass(category, QconvWarning):
-        click.echo(f"warning: {message}", err=True)
+        text = message.cli_message() if isinstance(message, QconvWarning) else message
+        click.echo(f"warning: {text}", err=True)
     elif os.environ.get("QCONV_DEBUG"):
         click.echo(warnings.formatwarning(message, category, filename, lineno, line), err=True, nl=False)
 
