@@ -26,7 +26,7 @@ from typing import Any
 from qconv.evaluate import DEFAULT_SEQLEN, EvalResult, evaluate
 from qconv.hub import PushResult, push
 from qconv.loader import load_model
-from qconv.pipeline import ConvertResult, convert
+from qconv.pipeline import ConvertResult, convert, stopped_leaves_unrecorded
 from qconv.progress import NO_PROGRESS, ProgressSink
 from qconv.registry import Registry, ResolvedArtifact, is_path_ref, open_registry, registry_path
 from qconv.registry import resolve_artifact as resolve_in
@@ -95,10 +95,13 @@ class Qconv:
         resume: bool = False,
         record: bool = True,
         device: str | None = None,
+        base_model: str | None = None,
     ) -> ConvertResult:
         """Quantize ``source`` (a model folder, a ``.gguf``, a Hub id[@revision]) with ``method``
         and its ``options`` into the folder ``output`` (or import a folder already quantized with
-        HQQ: ``method`` None), verify it, and record it (``record``): ``result.artifact_id``."""
+        HQQ: ``method`` None), verify it, and record it (``record``): ``result.artifact_id``.
+        ``base_model``: the Hub model ``ORG/NAME[@REVISION]`` it is a quantized version of
+        (default: what the source says, if anything)."""
         # opened first: a registry that cannot be opened fails before the conversion, not after
         registry = self.registry if record else None
         if registry is not None:
@@ -118,9 +121,11 @@ class Qconv:
             max_rel_error=max_rel_error,
             resume=resume,
             progress=self.progress,
+            base_model=base_model,
         )
         if registry is not None:
-            result.artifact_id = registry.record_artifact(result.manifest, Path(result.path).resolve())
+            with stopped_leaves_unrecorded(result.path):
+                result.artifact_id = registry.record_artifact(result.manifest, Path(result.path).resolve())
         return result
 
     def verify(
@@ -131,12 +136,15 @@ class Qconv:
         max_rel_error: float | None = None,
         logits: bool = True,
         device: str | None = None,
+        record: bool = False,
     ) -> VerifyReport:
         """Check the artifact ``ref`` (file hashes, every layer's error against ``source``,
         default the manifest's, and the real loader's logits); the result is stored on its
-        registry row when it has one."""
+        registry row when it has one. ``record``: record a folder the registry does not know yet
+        (an artifact converted with ``record=False``, or whose recording was interrupted) first;
+        ``report.artifact_id`` is then its id."""
         artifact = self.resolve(ref)
-        if artifact.id is not None:
+        if artifact.id is not None or record:
             self.registry.check_writable()
         report = run_verify(
             artifact.path,
@@ -146,8 +154,13 @@ class Qconv:
             logits=logits,
             progress=self.progress,
         )
-        if artifact.id is not None:
-            self.registry.set_verify(artifact.id, report.manifest_entry())
+        ident = artifact.id
+        if ident is None and record:
+            # run_verify has read the folder as an artifact: its manifest is there
+            ident = self.registry.record_artifact(artifact.manifest, artifact.path.resolve())
+        if ident is not None:
+            self.registry.set_verify(ident, report.manifest_entry())
+        report.artifact_id = ident
         return report
 
     def evaluate(
@@ -197,11 +210,13 @@ class Qconv:
         dry_run: bool = False,
         force: bool = False,
         token: str | None = None,
+        base_model: str | None = None,
     ) -> PushResult:
         """Publish the artifact ``ref`` to the Hub repo ``repo`` at ``revision`` with its model
         card (the registry's metrics); the commit is recorded. Refused for an artifact that did
         not pass verification unless ``force``. The token: ``token``, else HF_TOKEN or the
-        stored login."""
+        stored login. ``base_model``: the Hub model ``ORG/NAME[@REVISION]`` the card and the pushed
+        ``qconv.json`` name for this push (default: the artifact's own, if it has one)."""
         if not dry_run:
             self.registry.check_writable()  # before the upload, not after it
         return push(
@@ -213,6 +228,7 @@ class Qconv:
             dry_run=dry_run,
             force=force,
             token=token,
+            base_model=base_model,
         )
 
     def release(

@@ -158,4 +158,20 @@ class Terminated(KeyboardInterrupt):
 
 class QconvWarning(UserWarning):
     """What the library warns about without refusing (re-quantizing an already quantized
-    source...); the CLI prints each as one ``warning:`` line on stderr."""
+    source...); the CLI prints each as one ``warning:`` line on stderr (:meth:`cli_message`:
+    naming options as flags, like :class:`UsageError`, when the warning was made with
+    :meth:`about_option`)."""
+
+    def __init__(self, message: str, cli_message: str | None = None):
+        super().__init__(message)
+        self._cli_message = cli_message
+
+    @classmethod
+    def about_option(cls, template: str, option: str) -> QconvWarning:
+        """``template`` with ``{option}`` naming ``option`` (``base_model``; ``--base-model`` in
+        the CLI)."""
+        text = UsageError(template, option=option)
+        return cls(text.message(), text.message(flags=True))
+
+    def cli_message(self) -> str:
+        return self._cli_message or str(self)

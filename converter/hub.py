@@ -24,19 +24,21 @@ the artifact's hashed files are never touched. What makes it safe to run again, 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from qconv.artifact import Artifact
-from qconv.errors import ArtifactError, HubError, NotVerifiedError, UsageError
+from qconv.errors import ArtifactError, HubError, NotVerifiedError, QconvWarning, UsageError, literal
 from qconv.files import sha256_file
-from qconv.manifest import MANIFEST_NAME, base_model_name
+from qconv.manifest import MANIFEST_NAME, base_model_name, base_model_of, finite, parse_base_model
 from qconv.model_card import hub_model_card
 from qconv.registry import ResolvedArtifact, resolve_artifact
 
@@ -53,9 +55,10 @@ RETRYABLE_STATUS = {408, 409, 412, 423, 425, 429}
 @dataclass
 class UploadFile:
     name: str  # path in the repo
-    path: Path  # where its bytes are
+    path: Path  # where its bytes are (for ``data``: the staging folder's copy, once staged)
     size: int
     sha256: str
+    data: bytes | None = None  # bytes written for this push rather than the artifact's file
 
 
 @dataclass
@@ -99,9 +102,10 @@ def hub_token() -> str:
     return token
 
 
-def upload_files(resolved: ResolvedArtifact) -> list[UploadFile]:
+def upload_files(resolved: ResolvedArtifact, manifest_bytes: bytes | None = None) -> list[UploadFile]:
     """The artifact's files as the manifest lists them (its own README.md replaced by the Hub
-    card), plus the manifest itself; each checked to have the manifest's size."""
+    card), plus the manifest itself (``manifest_bytes`` instead of its file, when this push
+    changes it); each checked to have the manifest's size."""
     out = []
     for name, entry in sorted(resolved.manifest.get("files", {}).items()):
         if name in (CARD_NAME, MANIFEST_NAME):
@@ -113,9 +117,13 @@ def upload_files(resolved: ResolvedArtifact) -> list[UploadFile]:
             raise ArtifactError(f"{path}: size differs from the manifest (run qconv verify)")
         out.append(UploadFile(name, path, entry["size"], entry["sha256"]))
     manifest_path = resolved.path / MANIFEST_NAME
-    out.append(
-        UploadFile(MANIFEST_NAME, manifest_path, manifest_path.stat().st_size, sha256_file(manifest_path))
-    )
+    if manifest_bytes is not None:
+        digest = hashlib.sha256(manifest_bytes).hexdigest()
+        out.append(UploadFile(MANIFEST_NAME, manifest_path, len(manifest_bytes), digest, manifest_bytes))
+    else:
+        out.append(
+            UploadFile(MANIFEST_NAME, manifest_path, manifest_path.stat().st_size, sha256_file(manifest_path))
+        )
     return out
 
 
@@ -130,18 +138,33 @@ def push(
     force: bool = False,
     metrics: list[dict] | None = None,
     token: str | None = None,
+    base_model: str | None = None,
 ) -> PushResult:
     """Publish the artifact ``ref`` (folder or registry id) to ``repo`` at ``revision``.
 
     ``metrics``: rows ``{"name", "value", "protocol"}`` for the card; default: the registry's.
+    ``base_model``: ``ORG/NAME[@REVISION]`` named as the base model by this push's card and
+    ``qconv.json`` (the artifact's folder and registry row are left as they are); default: the
+    artifact's own. Without either, a :class:`QconvWarning` says the card names no base model.
     Records the commit in ``registry`` (recording the artifact first if it is not there yet)."""
     if not REPO_ID.match(repo):
         raise UsageError("{option} {value!r}: expected NAMESPACE/NAME", option="repo", value=repo)
     if not BRANCH.fullmatch(revision or ""):
         raise UsageError("{option} {value!r}: not a branch name", option="revision", value=revision)
+    given_base = parse_base_model(base_model) if base_model is not None else None
     resolved = resolve_artifact(registry, ref)
     # the manifest checked as an artifact's (ArtifactError names the folder and what is wrong)
     resolved = replace(resolved, manifest=Artifact(resolved.path).manifest)
+    pushed_manifest = None  # the bytes of qconv.json when this push changes it
+    recorded_base = base_model_of(resolved.manifest)
+    if given_base is not None and (
+        recorded_base is None
+        or recorded_base["repo_id"] != given_base["repo_id"]
+        or given_base["revision"] not in (None, recorded_base.get("revision"))
+    ):
+        manifest = {**resolved.manifest, "base_model": given_base}
+        pushed_manifest = (json.dumps(finite(manifest), indent=2) + "\n").encode("utf-8")
+        resolved = replace(resolved, manifest=manifest)
     if resolved.verified is not True and not force:
         state = "failed verification" if resolved.verified is False else "was never verified"
         raise NotVerifiedError(
@@ -150,7 +173,7 @@ def push(
     if metrics is None and resolved.id is not None:
         metrics = registry.get_artifact(resolved.id).get("metrics", [])
     card = hub_model_card(resolved.manifest, metrics or [], repo=repo)
-    files = upload_files(resolved)
+    files = upload_files(resolved, pushed_manifest)
     card_bytes = card.encode("utf-8")
     listing = [{"name": f.name, "size": f.size, "sha256": f.sha256} for f in files]
     listing.append(
@@ -159,11 +182,13 @@ def push(
     listing.sort(key=lambda f: f["name"])
     result = PushResult(resolved.id, resolved.path, repo, revision, "dry-run", listing, card)
     if dry_run:
+        _warn_if_no_base_model(resolved)
         return result
 
     token = token or hub_token()
     with _staging(resolved.path, files, card_bytes) as staging:
         _upload(result, staging, files, card_bytes, private, token, _commit_message(resolved))
+    _warn_if_no_base_model(resolved)  # once the card is up (a failed push says its error alone)
     if registry is not None:
         if result.artifact_id is None:
             result.artifact_id = registry.record_artifact(resolved.manifest, resolved.path)
@@ -171,9 +196,20 @@ def push(
     return result
 
 
+def _warn_if_no_base_model(resolved: ResolvedArtifact) -> None:
+    if base_model_of(resolved.manifest) is None:
+        warning = QconvWarning.about_option(
+            f"{literal(resolved.path)}: no base model recorded, so the model card names none and the "
+            "Hub links the repo to no base model; name it with {option} ORG/NAME",
+            "base_model",
+        )
+        warnings.warn(warning, stacklevel=3)
+
+
 def _commit_message(resolved: ResolvedArtifact) -> str:
     recipe, source = resolved.manifest["recipe"], resolved.manifest["source"]
-    base = base_model_name(source.get("kind"), source.get("ref"))
+    entry = base_model_of(resolved.manifest)
+    base = entry["repo_id"] if entry else base_model_name(source.get("kind"), source.get("ref"))
     return f"qconv: {recipe.get('label') or recipe['method']} of {base}"
 
 
@@ -210,6 +246,10 @@ class _staging:
         for f in self.files:
             target = self.path / f.name
             target.parent.mkdir(parents=True, exist_ok=True)
+            if f.data is not None:  # this push's own bytes: the upload compares and sends this copy
+                target.write_bytes(f.data)
+                f.path = target
+                continue
             try:
                 os.link(f.path, target)
             except OSError:

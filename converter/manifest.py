@@ -12,11 +12,12 @@ key that code may read.
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypedDict
 
-from qconv.errors import ArtifactError
+from qconv.errors import ArtifactError, UsageError
 from qconv.files import hash_file
 from qconv.version import __version__
 
@@ -50,10 +51,24 @@ class VerifyEntry(TypedDict, total=False):
     checks: list[dict[str, Any]]
 
 
+class BaseModelEntry(TypedDict):
+    """The Hub model an artifact is a quantized version of (the card's ``base_model``)."""
+
+    repo_id: str  # ORG/NAME
+    revision: str | None  # the commit (or branch, tag) it was made from, when known
+    origin: str  # how qconv knows it: one of BASE_MODEL_ORIGINS
+
+
+#: where a base model came from: given (--base-model), the Hub source itself, the Hugging Face
+#: cache folder the source sits in, or the GGUF source's metadata
+BASE_MODEL_ORIGINS = ("given", "hub", "hub-cache", "gguf")
+
+
 class Manifest(TypedDict, total=False):
     qconv: str
     created: str
     source: SourceEntry
+    base_model: BaseModelEntry | None  # absent from manifests written before it was: base_model_of()
     recipe: dict[str, Any]  # every option of the method, defaults included; `method` names it
     calibration: dict[str, Any] | None
     environment: dict[str, Any]
@@ -72,12 +87,14 @@ def new_manifest(
     layers: dict[str, LayerEntry],
     skipped: dict[str, str],
     summary: dict[str, Any],
+    base_model: BaseModelEntry | None = None,
 ) -> Manifest:
     """An artifact's manifest before its files are listed (:func:`seal`) and it is verified."""
     return {
         "qconv": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "source": source,
+        "base_model": base_model,
         "recipe": recipe,
         "calibration": calibration,
         "environment": environment,
@@ -161,3 +178,58 @@ def base_model_name(kind: str | None, ref: str | None) -> str | None:
     if p.parent.name == "snapshots" and p.parent.parent.name.startswith("models--"):
         return p.parent.parent.name[len("models--") :].replace("--", "/")
     return p.name or ref
+
+
+def hub_cache_repo(folder: str | Path) -> tuple[str, str] | None:
+    """``(ORG/NAME, commit)`` for a snapshot folder of the Hugging Face cache
+    (``.../models--ORG--NAME/snapshots/<commit>``), else None (a repo without a namespace, such
+    as the legacy ``gpt2``, is no base model id). The Hub refuses ``--`` in names, so the folder
+    name splits back unambiguously."""
+    p = Path(folder)
+    if p.parent.name != "snapshots" or not p.parent.parent.name.startswith("models--"):
+        return None
+    repo_id = p.parent.parent.name[len("models--") :].replace("--", "/")
+    return (repo_id, p.name) if _HUB_REPO_ID.fullmatch(repo_id) else None
+
+
+# A Hub model id as the Hub accepts it (huggingface_hub's validate_repo_id: word characters, '-'
+# and '.', starting and ending with a word character, at most 96 characters a part, no '--' or
+# '..'), with the namespace required: a base model is always ORG/NAME.
+_HUB_PART = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?"
+_HUB_REPO_ID = re.compile(rf"{_HUB_PART}/{_HUB_PART}")
+_HUB_REVISION = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_./-]*")  # a commit sha, branch or tag
+
+
+def parse_base_model(value: str, origin: str = "given") -> BaseModelEntry:
+    """``ORG/NAME[@REVISION]`` as a :class:`BaseModelEntry`; :class:`UsageError` otherwise."""
+    text = value.strip() if isinstance(value, str) else ""
+    repo_id, _, revision = text.partition("@")
+    if (
+        not _HUB_REPO_ID.fullmatch(repo_id)
+        or "--" in repo_id
+        or ".." in repo_id
+        or repo_id.endswith(".git")
+        or ("@" in text and not (_HUB_REVISION.fullmatch(revision) and ".." not in revision))
+    ):
+        raise UsageError(
+            "{option} {value!r}: expected ORG/NAME or ORG/NAME@REVISION (a Hugging Face Hub model id)",
+            option="base_model",
+            value=value,
+        )
+    return {"repo_id": repo_id, "revision": revision or None, "origin": origin}
+
+
+def base_model_of(manifest: dict) -> BaseModelEntry | None:
+    """The artifact's base model: the manifest's ``base_model`` (given or detected at conversion;
+    null when there was none), or for a manifest written before qconv recorded it, what its source
+    says (a Hub source, or a folder in the Hugging Face cache)."""
+    if "base_model" in manifest:
+        entry = manifest["base_model"]
+        return entry if isinstance(entry, dict) and entry.get("repo_id") else None
+    source = manifest.get("source") or {}
+    if source.get("kind") == "hub" and source.get("ref"):
+        return {"repo_id": source["ref"], "revision": source.get("revision"), "origin": "hub"}
+    cached = hub_cache_repo(source["ref"]) if source.get("ref") else None
+    if cached is not None:
+        return {"repo_id": cached[0], "revision": cached[1], "origin": "hub-cache"}
+    return None

@@ -1,11 +1,20 @@
-"""The README.md model card written into every artifact folder."""
+"""The README.md model card written into every artifact folder, and the one pushed to the Hub.
+
+Both begin with YAML front matter that huggingface_hub's ``ModelCard`` / ``metadata_load``
+parse (tests/test_base_model.py round-trips them): ``base_model`` (the Hub model the artifact
+is a quantized version of, when one is known: :func:`qconv.manifest.base_model_of`) with
+``base_model_relation: quantized``, which is how the Hub links a quantization to its base.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import yaml
+
 from qconv.formats import get_format
-from qconv.manifest import base_model_name, imported_from
+from qconv.manifest import base_model_of, imported_from
 
 
 def model_card(manifest: dict) -> str:
@@ -16,10 +25,10 @@ def model_card(manifest: dict) -> str:
     options = ", ".join(f"`{k}={v}`" for k, v in recipe.items() if k not in ("label",))
     lines = [
         "---",
+        *_base_model_front(manifest),
         "tags:",
         "- qconv",
-        f"- {recipe['method']}",
-        "base_model_relation: quantized",
+        f"- {_yaml_str(str(recipe['method']))}",
         "---",
         "",
         f"# {base} ({recipe['label']})",
@@ -63,20 +72,18 @@ def hub_model_card(manifest: dict, metrics: list[dict], repo: str) -> str:
     again finds nothing changed."""
     recipe, source, summary = manifest["recipe"], manifest["source"], manifest["summary"]
     method = recipe["method"]
-    base = _base_model(source)
-    front = ["---"]
-    if base:
-        front += [f"base_model: {_yaml_str(base)}", "base_model_relation: quantized"]
+    base = _base_model(manifest)
+    front = ["---", *_base_model_front(manifest)]
     if source.get("license"):
         front.append(f"license: {_yaml_str(source['license'])}")
     if get_format(method).container == "gguf":
         # the Hub's GGUF convention: no transformers library, the gguf tag and the file type
-        front += ["tags:", "- qconv", "- gguf", "- quantized", f"- {recipe['type']}"]
+        front += ["tags:", "- qconv", "- gguf", "- quantized", f"- {_yaml_str(str(recipe['type']))}"]
     else:
-        front += ["library_name: transformers", "tags:", "- qconv", f"- {method}", "- quantized"]
+        front += ["library_name: transformers", "tags:", "- qconv", f"- {_yaml_str(method)}", "- quantized"]
     bits = recipe.get("bits")
     if bits:
-        front.append(f"- {bits}-bit")
+        front.append(f"- {_yaml_str(f'{bits}-bit')}")
     front.append("---")
 
     title = f"# {repo.split('/')[-1]}"
@@ -118,12 +125,17 @@ def hub_model_card(manifest: dict, metrics: list[dict], repo: str) -> str:
     return "\n".join(lines)
 
 
-def _base_model(source: dict) -> str | None:
-    """A Hub id for ``base_model`` when the source was one (or sits in the Hub cache)."""
-    name = base_model_name(source.get("kind"), source.get("ref"))
-    if source.get("kind") == "hub" or (name and "/" in name):
-        return name
-    return None
+def _base_model(manifest: dict) -> str | None:
+    """The Hub id for ``base_model``, when the artifact has a base model."""
+    entry = base_model_of(manifest)
+    return entry["repo_id"] if entry else None
+
+
+def _base_model_front(manifest: dict) -> list[str]:
+    """``base_model`` and ``base_model_relation`` front matter lines, or none: the relation
+    alone (no base model to relate to) tells the Hub nothing."""
+    base = _base_model(manifest)
+    return [f"base_model: {_yaml_str(base)}", "base_model_relation: quantized"] if base else []
 
 
 def _loading(method: str, repo: str, manifest: dict | None = None) -> list[str]:
@@ -216,9 +228,19 @@ def _metrics(metrics: list[dict]) -> list[str]:
 
 def _provenance(manifest: dict) -> list[str]:
     source, env = manifest["source"], manifest.get("environment") or {}
+    base = base_model_of(manifest)
     lines = [
         f"- Source: {source['kind']} `{source['ref']}`"
         + (f" at commit `{source['revision']}`" if source.get("revision") else ""),
+        *(
+            [
+                f"- Base model: `{base['repo_id']}`"
+                + (f" at `{base['revision']}`" if base.get("revision") else "")
+                + f" ({_BASE_ORIGIN.get(base.get('origin'), base.get('origin'))})"
+            ]
+            if base
+            else []
+        ),
         f"- Converted: {manifest.get('created')} by qconv {manifest['qconv']}",
         "- Environment: "
         + ", ".join(f"{k} {v}" for k, v in env.items() if v is not None and k not in ("platform",)),
@@ -245,12 +267,28 @@ def _provenance(manifest: dict) -> list[str]:
     return lines
 
 
+#: how the provenance says where a base model came from (qconv.manifest.BASE_MODEL_ORIGINS)
+_BASE_ORIGIN = {
+    "given": "given with --base-model",
+    "hub": "the Hub source",
+    "hub-cache": "the source's folder in the Hugging Face cache",
+    "gguf": "the GGUF source's metadata",
+}
+
+
 def _cell(value) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
 def _yaml_str(value: str) -> str:
-    """A YAML scalar, quoted when it could read as something else."""
-    if value and all(c.isalnum() or c in "-_./" for c in value) and not value[0].isdigit():
-        return value
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    """A YAML scalar that reads back as this very string: plain when it is made of ASCII letters,
+    digits and ``-_./`` and PyYAML (which huggingface_hub reads cards with) reads it back as it
+    is (not ``yes``, ``null``, ``0x1f``, ``1.5``...), else double-quoted with JSON's escapes,
+    which YAML reads too."""
+    if value and value.isascii() and all(c.isalnum() or c in "-_./" for c in value):
+        try:
+            if yaml.safe_load(value) == value:
+                return value
+        except yaml.YAMLError:
+            pass
+    return json.dumps(value)

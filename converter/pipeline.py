@@ -17,6 +17,8 @@ import tempfile
 import threading
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,17 @@ from qconv.errors import DestinationExistsError, DiskSpaceError, QconvError, Usa
 from qconv.files import FLOAT_DTYPES, dtype_name, fsync_path, parse_size
 from qconv.formats import all_formats, get_format
 from qconv.formats.base import PrepareContext, Prepared, QuantFormat
-from qconv.manifest import MANIFEST_NAME, Manifest, SourceEntry, finite, new_manifest, seal, write_manifest
+from qconv.manifest import (
+    MANIFEST_NAME,
+    BaseModelEntry,
+    Manifest,
+    SourceEntry,
+    finite,
+    new_manifest,
+    parse_base_model,
+    seal,
+    write_manifest,
+)
 from qconv.model_card import model_card
 from qconv.plan import Plan, make_plan
 from qconv.progress import NO_PROGRESS, ProgressSink
@@ -190,6 +202,7 @@ def convert(
     max_rel_error: float | None = None,
     resume: bool = False,
     progress: ProgressSink = NO_PROGRESS,
+    base_model: str | None = None,
 ) -> ConvertResult:
     """Convert ``source_ref`` into a quantized artifact folder at ``output``.
 
@@ -199,8 +212,12 @@ def convert(
     ``output`` as ``.NAME.qconv-checkpoint`` until the artifact is in place).
     A folder already quantized with HQQ is imported instead (``method`` None or ``hqq``): its
     layers arrive packed from the source and are written as they are, with their own settings.
+    ``base_model``: the Hub model (``ORG/NAME[@REVISION]``) the artifact is a quantized version
+    of, for the manifest and the model card; None: what the source says (a Hub repo, a folder in
+    the Hugging Face cache, GGUF metadata naming its Hub repo), else none.
     """
     started = time.perf_counter()
+    given_base = parse_base_model(base_model) if base_model is not None else None
     imported = imported_method(source_ref)
     if imported is not None:
         check_import_options(str(source_ref), imported, method, options, skip, max_rel_error)
@@ -226,6 +243,7 @@ def convert(
     torch_device = resolve_device(device)
 
     with open_source(source_ref) as source:
+        base = given_base or source.base_model()
         working_dtype = resolve_dtype(dtype, auto=source.default_dtype())
         if imported is not None:
             recipe = source.imported_recipe(dtype_name(working_dtype))
@@ -281,6 +299,7 @@ def convert(
                     logits,
                     max_rel_error,
                     progress,
+                    base=base,
                 )
             else:
                 result = _convert_into(
@@ -297,13 +316,15 @@ def convert(
                     max_rel_error,
                     progress,
                     prepared,
+                    base=base,
                 )
             _move_into_place(tmp, dest)
-            if prepared is not None:
-                shutil.rmtree(checkpoint, ignore_errors=True)  # the artifact holds it all now
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        with stopped_leaves_unrecorded(dest):
+            if prepared is not None:
+                shutil.rmtree(checkpoint, ignore_errors=True)  # the artifact holds it all now
     result.path = dest
     result.stats["prepare_s"] = prepare_s
     result.stats["total_s"] = time.perf_counter() - started
@@ -339,6 +360,20 @@ def check_import_options(
         )
 
 
+@contextmanager
+def stopped_leaves_unrecorded(folder: Path) -> Iterator[None]:
+    """For the steps after a complete artifact is in place at ``folder`` and before it is recorded:
+    a signal (KeyboardInterrupt, or qconv's Terminated) then leaves it there unrecorded, which the
+    exception carries (``qconv_unrecorded``) for the CLI to say, instead of "temporary files
+    removed" (tests/test_signals.py)."""
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        if getattr(exc, "qconv_unrecorded", None) is None:
+            exc.qconv_unrecorded = Path(folder)
+        raise
+
+
 def _move_into_place(tmp: Path, dest: Path) -> None:
     for path in tmp.iterdir():  # the shards are flushed already; the small files are flushed here
         if not path.name.endswith(".safetensors"):
@@ -368,6 +403,7 @@ def _convert_into(
     max_rel_error: float | None,
     progress: ProgressSink,
     prepared: Prepared | None = None,
+    base: BaseModelEntry | None = None,
 ) -> ConvertResult:
     t0 = time.perf_counter()
     if device.type == "cuda":
@@ -498,6 +534,7 @@ def _convert_into(
             "worst_layer": worst[0],
             "worst_rel_error": worst[1]["rel_error"],
         },
+        base,
     )
     seal_artifact(tmp, manifest, files, ["config.json", *support])
 
@@ -547,6 +584,7 @@ def _convert_gguf_into(
     logits: bool | None,
     max_rel_error: float | None,
     progress: ProgressSink,
+    base: BaseModelEntry | None = None,
 ) -> ConvertResult:
     """The GGUF path (``fmt.container == "gguf"``): one llama.cpp file instead of safetensors
     shards and config.json; the manifest, model card and verification as for every method."""
@@ -581,6 +619,7 @@ def _convert_gguf_into(
             "worst_rel_error": worst[1]["rel_error"],
             "tensor_types": dict(sorted(Counter(t.ggml_type for t in planned).items())),
         },
+        base,
     )
     manifest["files"] = dict(written.files)  # the model card names the .gguf file
     seal_artifact(tmp, manifest, dict(written.files), [])

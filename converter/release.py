@@ -28,13 +28,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qconv.errors import QconvError, UsageError
+from qconv.errors import QconvError, UsageError, literal
 from qconv.evaluate import DEFAULT_SEQLEN, EvalResult, evaluate, evaluate_source, is_shipped_text
 from qconv.files import hash_file
 from qconv.fingerprints import recall
 from qconv.formats import get_format
 from qconv.hub import push
-from qconv.pipeline import convert
+from qconv.manifest import parse_base_model
+from qconv.pipeline import convert, stopped_leaves_unrecorded
 from qconv.sources import WEIGHT_SUFFIXES, open_source, support_file_names
 from qconv.sources.hub import INDEX, parse_hub_ref, snapshot_without_weights
 
@@ -68,6 +69,7 @@ class ReleasePlan:
     gates: dict[str, float]
     eval: dict[str, Any]
     entries: list[Entry]
+    base_model: str | None = None  # ORG/NAME[@REVISION] for every entry; None: detected from base
 
 
 @dataclass
@@ -139,6 +141,14 @@ def load_plan(path: str | Path) -> ReleasePlan:
     if not Path(base).is_absolute() and local.exists():
         base = str(local)  # a relative path is relative to the plan
     namespace = need("namespace")
+    base_model = doc.get("base_model")
+    if base_model is not None:
+        if not isinstance(base_model, str):
+            raise UsageError(f"{where}: 'base_model' must be a string, ORG/NAME or ORG/NAME@REVISION")
+        try:
+            parse_base_model(base_model)
+        except UsageError as exc:
+            raise UsageError(f"{where}: " + literal(exc)) from None
     template = doc.get("repo", "{namespace}/{base_name}-{label}")
     gates = _gates(doc.get("gates", {}), f"{where}: [gates]")
     settings = {**EVAL_DEFAULTS, **doc.get("eval", {})}
@@ -195,6 +205,7 @@ def load_plan(path: str | Path) -> ReleasePlan:
         gates=gates,
         eval=settings,
         entries=entries,
+        base_model=base_model,
     )
 
 
@@ -291,8 +302,12 @@ def _run_entry(plan, entry, result, registry, source_files, convert_ref, evaluat
             device=plan.device,
             force=True,
             verify=True,
+            base_model=plan.base_model,
         )
-        converted.artifact_id = registry.record_artifact(converted.manifest, Path(converted.path).resolve())
+        with stopped_leaves_unrecorded(converted.path):
+            converted.artifact_id = registry.record_artifact(
+                converted.manifest, Path(converted.path).resolve()
+            )
         result.artifact_id, result.path, manifest = (
             converted.artifact_id,
             str(converted.path),
@@ -337,6 +352,7 @@ def _run_entry(plan, entry, result, registry, source_files, convert_ref, evaluat
         revision=plan.revision,
         private=plan.private,
         metrics=rows,
+        base_model=plan.base_model,
     )
     result.stage = None
     result.status = "released" if pushed.status == "committed" else "unchanged"

@@ -31,6 +31,7 @@ from qconv.loader import load_model
 from qconv.manifest import MANIFEST_NAME, imported_from
 from qconv.modeling import reference_model
 from qconv.sources import Source, open_source
+from qconv.sources.hub import HubSource, cached_snapshot
 
 PROMPTS = (
     "The capital of France is",
@@ -65,6 +66,8 @@ class VerifyReport:
     layers: dict[str, dict] = field(default_factory=dict)
     logits: dict[str, Any] | None = None
     max_rel_error: float | None = None
+    source: str | None = None  # what the layers and logits were compared with (None: nothing)
+    artifact_id: str | None = None  # its registry row, when recorded (set by qconv.Qconv.verify)
 
     @property
     def passed(self) -> bool:
@@ -84,6 +87,7 @@ class VerifyReport:
             "checks": self.checks,
             "max_rel_error": self.max_rel_error,
             "logits": self.logits,
+            "source": self.source,
             "layers": {k: _json_safe(v) for k, v in self.worst_layers()},
         }
 
@@ -462,19 +466,49 @@ def run_verify(
     progress=None,
 ) -> VerifyReport:
     """``qconv verify``: verify a folder against ``source_ref`` (default: the manifest's source
-    when it still exists). Recording the result is :meth:`qconv.Qconv.verify`'s job."""
+    when it can be opened without a download: a path that still exists, or a Hub source at its
+    recorded commit in the Hugging Face cache). Recording the result is
+    :meth:`qconv.Qconv.verify`'s job."""
 
     torch_device = resolve_device(device)
     artifact = Artifact(path)  # fails early, naming the folder, if it is not an artifact
-    recorded_ref = artifact.manifest.get("source", {}).get("ref")
+    recorded = artifact.manifest.get("source") or {}
     artifact.close()
-    ref = source_ref
-    if ref is None and recorded_ref and Path(recorded_ref).exists():
-        ref = recorded_ref
     check_max_rel_error(max_rel_error)
-    if ref is None:
-        report = verify_artifact(path, None, torch_device, max_rel_error, logits, progress)
-    else:
-        with open_source(ref) as source:
+    if source_ref is not None:
+        with open_source(source_ref) as source:
             report = verify_artifact(path, source, torch_device, max_rel_error, logits, progress)
+        report.source = source_ref
+        return report
+    recorded_ref = recorded.get("ref")
+    if recorded.get("kind") == "hub" and recorded_ref and recorded.get("revision"):
+        return _verify_against_cached_hub_source(
+            path, recorded, torch_device, max_rel_error, logits, progress
+        )
+    if recorded_ref and Path(recorded_ref).exists():
+        with open_source(recorded_ref) as source:
+            report = verify_artifact(path, source, torch_device, max_rel_error, logits, progress)
+        report.source = recorded_ref
+        return report
+    return verify_artifact(path, None, torch_device, max_rel_error, logits, progress)
+
+
+def _verify_against_cached_hub_source(
+    path, recorded: dict, device: torch.device, max_rel_error, logits: bool, progress
+) -> VerifyReport:
+    """A Hub source is reopened at the commit the manifest records, from the Hugging Face cache
+    only (offline or not: a commit never changes, and verify never downloads a model unasked);
+    not cached, the recorded layer errors are checked and the check says how to get the source."""
+    pinned = f"{recorded['ref']}@{recorded['revision']}"
+    folder = cached_snapshot(recorded["ref"], recorded["revision"], sorted(recorded.get("files") or {}))
+    if folder is None:
+        report = verify_artifact(path, None, device, max_rel_error, logits, progress)
+        note = f"{pinned} is not in the Hugging Face cache; --source {pinned} downloads it"
+        for check in report.checks:
+            if check["name"] == "layers":
+                check["detail"] = check["detail"].replace("no source to recompute from", note)
+        return report
+    with HubSource(recorded["ref"], recorded["revision"], folder=folder) as source:
+        report = verify_artifact(path, source, device, max_rel_error, logits, progress)
+    report.source = pinned
     return report

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from qconv.errors import RegistryError
-from qconv.manifest import base_model_name, finite
+from qconv.manifest import base_model_name, base_model_of, finite
 from qconv.registry.migrations import method_library
 
 
@@ -62,6 +62,7 @@ def rows_from_manifest(manifest: dict, path: str | Path) -> ArtifactRows:
     calibration = _section(manifest, "calibration", path)
     environment = _section(manifest, "environment", path)
     library, library_version = method_library(environment)
+    base = base_model_of(manifest)
     artifact = {
         "id": ident,
         "path": str(absolute_path(path)),
@@ -71,7 +72,9 @@ def rows_from_manifest(manifest: dict, path: str | Path) -> ArtifactRows:
         "bits": recipe.get("bits"),
         "label": recipe.get("label"),
         "recipe": to_json(recipe),
-        "base_model": base_model_name(source.get("kind"), source.get("ref")),
+        # the Hub id of the base model when known, else the source's short name as before (m003)
+        "base_model": base["repo_id"] if base else base_model_name(source.get("kind"), source.get("ref")),
+        "base_model_revision": base.get("revision") if base else None,
         "source_kind": source.get("kind"),
         "source_ref": source.get("ref"),
         "source_revision": source.get("revision"),

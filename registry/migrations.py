@@ -14,6 +14,10 @@ The schema (open ``registry.db`` with ``sqlite-utils tables --counts`` or Datase
                    The source: ``source_kind`` (hf, gguf, hub), ``source_ref`` (its path or Hub repo
                    id), ``source_revision`` (the resolved commit sha, for a Hub source),
                    ``source_architecture``; its files are in ``source_files``.
+                   ``base_model`` (m003 made it so): the Hub id ``ORG/NAME`` of the model the
+                   artifact quantizes when one is known (``--base-model``, or the source's Hub
+                   repo), else the source's short name (no '/'); ``base_model_revision`` its
+                   revision, when known.
                    Plain copies (m002) of what users filter on: ``calibration_sha256``,
                    ``calibration_tokens``, ``calibration_source`` (the calibration fingerprint, NULL
                    for data-free methods); ``python_version``, ``torch_version``,
@@ -51,6 +55,7 @@ This file imports only sqlite-utils, so ``sqlite-utils migrate registry.db regis
 from __future__ import annotations
 
 import json
+from pathlib import PurePosixPath
 
 from sqlite_utils import Database, Migrations
 from sqlite_utils.db import ForeignKey
@@ -237,3 +242,24 @@ def m002_provenance_columns(db: Database) -> None:
     )
     db.execute(f"update metrics set {assignments}")
     db["pushes"].create_index(["repo"])
+
+
+@migrations()
+def m003_base_model_revision(db: Database) -> None:
+    """``base_model_revision``: the revision of the base model (issue 18). ``base_model`` holds
+    the Hub id ``ORG/NAME`` of the model the artifact quantizes when one is known (given with
+    --base-model, or detected from the source), else the source's short name as before (a name
+    without '/'). Existing rows are backfilled where the source says it: a Hub source's commit,
+    or the commit folder of a source in the Hugging Face cache."""
+    db["artifacts"].add_column("base_model_revision", str)
+    db.execute(
+        "update artifacts set base_model_revision = source_revision "
+        "where source_kind = 'hub' and source_revision is not null"
+    )
+    rows = db.execute(
+        "select id, source_ref from artifacts where source_kind != 'hub' and source_ref like '%/snapshots/%'"
+    ).fetchall()
+    for ident, ref in rows:
+        path = PurePosixPath(ref)
+        if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
+            db.execute("update artifacts set base_model_revision = ? where id = ?", [path.name, ident])

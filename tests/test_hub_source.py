@@ -91,3 +91,59 @@ def test_hub_source_errors(cli, hub, hub_model, tmp_path, ref, message):
     result = cli("convert", ref, "-o", tmp_path / "x", "--method", "bnb", ok=False)
     assert result.exit_code == 2
     assert result.stderr == f"Error: {message}\n"
+
+
+# -- verify: the recorded commit, from the cache (issue 18) ------------------------------------
+def test_verify_reopens_the_recorded_commit_from_the_cache(cli, hub, hub_model, tmp_path, monkeypatch):
+    """main moves on to another model after the conversion, and the cache holds both commits:
+    verify compares with the commit the manifest records, offline, and finds the conversion's
+    layer errors again; compared with the newer commit the same artifact is far off."""
+    import json
+
+    import huggingface_hub.constants as constants
+    from conftest import make_tiny_llama
+
+    out = tmp_path / "out"
+    cli("convert", SOURCE, "-o", out, "--method", "bnb", "--device", "cpu")
+    other = make_tiny_llama(tmp_path / "other", seed=1)
+    newer = hub.add_model(SOURCE, {**model_files(other), "README.md": CARD})
+    # main (now the newer commit) into the cache too
+    cli("convert", SOURCE, "-o", tmp_path / "newer", "--method", "bnb", "--no-verify", "--no-record")
+    hub.requests.clear()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+    _, doc = cli.json("verify", out, "--device", "cpu")
+    assert doc["passed"] and doc["source"] == f"{SOURCE}@{hub_model}" and hub.requests == []
+    recorded = json.loads((out / "qconv.json").read_text())["layers"]
+    assert doc["layers"].keys() == recorded.keys()
+    for name, layer in doc["layers"].items():
+        assert layer["rel_error"] == pytest.approx(recorded[name]["rel_error"], rel=1e-5), name
+
+    _, against_newer = cli.json("verify", out, "--device", "cpu", "--source", f"{SOURCE}@{newer}", ok=None)
+    assert against_newer["source"] == f"{SOURCE}@{newer}" and hub.requests == []
+    assert min(layer["rel_error"] for layer in against_newer["layers"].values()) > 0.5
+
+
+def test_verify_never_downloads_the_source_unasked(cli, hub, hub_model, tmp_path, monkeypatch):
+    """Not in the cache: the recorded errors are checked and the check says how to compare with
+    the source; --source ORG/NAME@COMMIT downloads it and compares."""
+    import huggingface_hub.constants as constants
+
+    out = tmp_path / "out"
+    cli("convert", SOURCE, "-o", out, "--method", "bnb", "--device", "cpu")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "another-cache"))
+    hub.requests.clear()
+    pinned = f"{SOURCE}@{hub_model}"
+
+    _, doc = cli.json("verify", out, "--device", "cpu")
+    assert hub.requests == [] and doc["passed"] and doc["source"] is None
+    (layers,) = [c for c in doc["checks"] if c["name"] == "layers"]
+    assert layers["detail"].endswith(
+        f" (as recorded at conversion: {pinned} is not in the Hugging Face cache; --source {pinned} downloads it)"
+    )
+    assert [c["name"] for c in doc["checks"]] == ["files", "layers"]
+
+    _, doc = cli.json("verify", out, "--device", "cpu", "--source", pinned)
+    assert doc["passed"] and doc["source"] == pinned
+    assert [c["name"] for c in doc["checks"]] == ["files", "layers", "loader"]
+    assert any(r.op == "resolve" and r.path.endswith("/model.safetensors") for r in hub.requests)

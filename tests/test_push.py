@@ -63,8 +63,13 @@ def test_push_uploads_card_and_files_and_records_the_commit(cli, hub, artifacts)
             assert hub.file_bytes(REPO, name) == (folder / name).read_bytes(), name
     assert hub.file_bytes(REPO, "qconv.json") == (folder / "qconv.json").read_bytes()
     card = hub.file_bytes(REPO, "README.md").decode()
-    # a local folder has no Hub id to name as base_model (a Hub source does: test_release.py)
+    # a local folder has no Hub id to name as base_model (a Hub source does: test_release.py);
+    # the push says so, naming the option that gives one (tests/test_base_model.py)
     assert card.startswith("---\nlibrary_name: transformers\n") and "base_model" not in card
+    assert result.stderr == (
+        f"warning: {folder}: no base model recorded, so the model card names none and the Hub links the "
+        "repo to no base model; name it with --base-model ORG/NAME\n"
+    )
     assert "- qconv\n- bnb\n- quantized\n- 4-bit\n" in card
     assert "AutoModelForCausalLM.from_pretrained" in card and "## Provenance" in card
     # the artifact's own files are untouched (its README.md is the convert-time card)

@@ -20,7 +20,11 @@ from qconv.registry import db as registry_db
 from qconv.registry.migrations import MIGRATION_SET, migrations
 
 TABLES = ["artifacts", "source_files", "files", "layers", "metrics", "pushes"]
-MIGRATIONS = [("qconv", "m001_initial"), ("qconv", "m002_provenance_columns")]
+MIGRATIONS = [
+    ("qconv", "m001_initial"),
+    ("qconv", "m002_provenance_columns"),
+    ("qconv", "m003_base_model_revision"),
+]
 
 
 def make_manifest(method="bnb", created="2026-11-24T21:00:00+00:00", verify=None, layers=None):
@@ -708,3 +712,41 @@ def test_remove_artifact_keeps_files_unless_asked_and_copes_with_a_gone_folder(r
     folder.rmdir()
     assert registry.remove_artifact(ident, delete_files=True)["files_deleted"] is False
     assert counts(registry)["artifacts"] == 0
+
+
+def test_m003_backfills_the_base_model_revision_where_the_source_says_it(tmp_path):
+    """A registry of m001 + m002 (rows written before manifests recorded a base model): the new
+    column holds a Hub source's commit and a Hub-cache folder's commit; other rows stay NULL."""
+    from sqlite_utils import Database
+
+    from qconv.registry.manifest_rows import rows_from_manifest
+
+    path = tmp_path / "registry.db"
+    db = Database(path)
+    migrations.apply(db, stop_before="m003_base_model_revision")
+    commit = "c" * 40
+    cached = f"/cache/hub/models--tiny-org--tiny-llama/snapshots/{commit}"
+    sources = {
+        "hub": {"kind": "hub", "ref": "tiny-org/tiny-llama", "revision": "d" * 40},
+        "cache": {"kind": "hf", "ref": cached, "revision": None},
+        "plain": {"kind": "hf", "ref": "/models/tiny-llama", "revision": None},
+    }
+    ids = {}
+    for name, source in sources.items():
+        manifest = make_manifest(created=f"2026-11-24T2{len(ids)}:00:00+00:00")
+        manifest["source"].update(source)
+        assert "base_model" not in manifest  # as qconv wrote them before issue 18
+        row = rows_from_manifest(manifest, tmp_path / name).artifact
+        del row["base_model_revision"]
+        db["artifacts"].insert(row)
+        ids[name] = row["id"]
+    db.close()
+
+    with open_registry(path) as registry:
+        assert migration_rows(path) == MIGRATIONS
+        got = {name: registry.get_artifact(i) for name, i in ids.items()}
+    assert {name: (r["base_model"], r["base_model_revision"]) for name, r in got.items()} == {
+        "hub": ("tiny-org/tiny-llama", "d" * 40),
+        "cache": ("tiny-org/tiny-llama", commit),
+        "plain": ("tiny-llama", None),
+    }

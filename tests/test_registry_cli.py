@@ -200,7 +200,7 @@ def test_a_registry_written_by_a_newer_qconv_is_read_but_never_written(cli, reco
     assert cli("show", recorded["b"][:6]).exit_code == 0
     refused = (
         f"Error: {db}: written by a newer qconv (migration m099_future; this qconv knows "
-        "m001_initial, m002_provenance_columns); not writing to it: upgrade qconv"
+        "m001_initial, m002_provenance_columns, m003_base_model_revision); not writing to it: upgrade qconv"
     )
     assert run_error(cli, "rm", recorded["a"]) == refused
     assert run_error(cli, "verify", recorded["c"], "--device", "cpu") == refused
@@ -209,7 +209,7 @@ def test_a_registry_written_by_a_newer_qconv_is_read_but_never_written(cli, reco
     assert not out.exists()
     with sqlite3.connect(db) as conn:  # nothing removed, nothing added, the future row kept
         assert conn.execute("SELECT count(*) FROM artifacts").fetchone() == (3,)
-        assert conn.execute("SELECT count(*) FROM _sqlite_migrations").fetchone() == (3,)
+        assert conn.execute("SELECT count(*) FROM _sqlite_migrations").fetchone() == (4,)
 
 
 def ids_of(recorded) -> list[str]:

@@ -44,12 +44,12 @@ def no_process_left():
             process.wait()
 
 
-def start(*args) -> subprocess.Popen:
+def start(*args, program: tuple = ("-m", "qconv")) -> subprocess.Popen:
     """``python -m qconv ARGS`` with SIGINT handled by default, as in a terminal's foreground (a
     test run started in the background by a shell without job control ignores SIGINT, and its
     children would inherit that: qconv leaves an ignored signal ignored)."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "qconv", *map(str, args)],
+        [sys.executable, *map(str, program), *map(str, args)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
@@ -169,3 +169,58 @@ def test_the_handlers_are_the_callers_again_afterwards(cli):
     before = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
     cli("ls")
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+# qconv's command line, with the registry's recording held for a minute after it begins (a file
+# says when): where a signal lands after the artifact is in place and before it is recorded
+SLOW_RECORDING = """
+import sys, time
+from pathlib import Path
+
+from qconv.registry.db import Registry
+
+record = Registry.record_artifact
+flag = Path(sys.argv[1])
+
+
+def slow(self, manifest, path):
+    flag.touch()
+    time.sleep(60)
+    return record(self, manifest, path)
+
+
+Registry.record_artifact = slow
+from qconv.cli import main
+
+sys.argv = ["qconv", *sys.argv[2:]]
+main()
+"""
+
+
+@pytest.mark.parametrize(
+    "signum,code,what",
+    [(signal.SIGINT, 130, "Interrupted (SIGINT)"), (signal.SIGTERM, 143, "Terminated (SIGTERM)")],
+)
+def test_a_signal_while_recording_leaves_the_artifact_complete(cli, tiny_llama, tmp_path, signum, code, what):
+    """The artifact is in place when the signal comes: the line says so, and how to record it
+    (`qconv verify OUT --record`), instead of "its temporary files were removed"."""
+    out, recording = tmp_path / "out", tmp_path / "recording"
+    script = tmp_path / "slow_recording.py"
+    script.write_text(SLOW_RECORDING)
+    process = start(recording, "convert", tiny_llama, "-o", out, "--method", "bnb", "--device", "cpu", "--no-logits",
+                    program=(script,))  # fmt: skip
+    wait_for(process, recording.exists, "the recording")
+    returncode, stdout, stderr = stop(process, signum)
+    assert (returncode, stdout, stderr) == (
+        code,
+        "",
+        f"{what}: convert stopped after writing {out}: the artifact there is complete but not recorded "
+        f"in the registry (`qconv verify {out} --record` records it)\n",
+    )
+    assert temp_folders(tmp_path) == [] and registry_rows(cli) == []
+
+    result = cli("verify", out, "--device", "cpu", "--record")
+    ident = result.stdout.strip().splitlines()[-1].removeprefix("recorded as ")
+    assert [(row["id"], row["path"], row["verified"]) for row in registry_rows(cli)] == [
+        (ident, str(out.resolve()), True)
+    ]

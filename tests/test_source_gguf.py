@@ -108,12 +108,15 @@ MIXED_TYPES = {
 
 
 def write_tiny_llama(
-    path: Path, types: dict[str, Q], drop: tuple[str, ...] = ()
+    path: Path, types: dict[str, Q], drop: tuple[str, ...] = (), strings: dict[str, str] | None = None
 ) -> dict[str, tuple[str, np.ndarray]]:
-    """Write a tiny Llama GGUF the way llama.cpp's converter does; return tiny_llama_weights()."""
+    """Write a tiny Llama GGUF the way llama.cpp's converter does; return tiny_llama_weights().
+    ``strings``: more string metadata (``general.source.repo_url``...)."""
     weights = tiny_llama_weights()
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_name("tiny llama")
+    for key, value in (strings or {}).items():
+        writer.add_string(key, value)
     writer.add_block_count(LAYERS)
     writer.add_context_length(256)
     writer.add_embedding_length(HIDDEN)

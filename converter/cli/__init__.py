@@ -49,7 +49,8 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     """qconv's own warnings as one line on stderr (``warning: ...``), not Python's two lines
     with a file and a source line; other libraries' warnings stay hidden unless QCONV_DEBUG."""
     if issubclass(category, QconvWarning):
-        click.echo(f"warning: {message}", err=True)
+        text = message.cli_message() if isinstance(message, QconvWarning) else message
+        click.echo(f"warning: {text}", err=True)
     elif os.environ.get("QCONV_DEBUG"):
         click.echo(warnings.formatwarning(message, category, filename, lineno, line), err=True, nl=False)
 
@@ -111,6 +112,16 @@ def _stopped_message(exc: KeyboardInterrupt) -> tuple[int, str]:
     signum = getattr(exc, "qconv_signal", signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
     what = "Terminated (SIGTERM)" if signum == signal.SIGTERM else "Interrupted (SIGINT)"
     command, params = getattr(exc, "qconv_command", (None, {}))
+    unrecorded = getattr(exc, "qconv_unrecorded", None)
+    if unrecorded is not None:
+        # stopped once the artifact was in place, before it was recorded (qconv.pipeline's
+        # stopped_leaves_unrecorded): nothing temporary is left, and the artifact is whole
+        text = (
+            f"{what}: {command or 'qconv'} stopped after writing {unrecorded}: the artifact there is complete"
+        )
+        if params.get("record", True):
+            text += f" but not recorded in the registry (`qconv verify {unrecorded} --record` records it)"
+        return signum, text
     text = f"{what}: {command or 'qconv'} stopped; its temporary files were removed"
     output = params.get("output") if command == "convert" else None
     if output is not None:

@@ -39,6 +39,13 @@ def _joined_help(name: str) -> str:
 
 
 device_option = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+base_model_option = click.option(
+    "--base-model",
+    metavar="ORG/NAME[@REVISION]",
+    default=None,
+    help="The Hub model this is a quantized version of, for the model card's base_model and the "
+    "registry (default: the source's Hub repo, when it is one or sits in the Hugging Face cache).",
+)
 max_rel_error_option = click.option(
     "--max-rel-error",
     type=float,
@@ -90,6 +97,7 @@ max_rel_error_option = click.option(
     help="Real-loader logits check at the end (default: for models up to 2B parameters).",
 )
 @max_rel_error_option
+@base_model_option
 @click.option(
     "--record/--no-record", default=True, show_default=True, help="Record the artifact in the registry."
 )
@@ -107,6 +115,7 @@ def convert(
     verify,
     logits,
     max_rel_error,
+    base_model,
     record,
     as_json,
     **method_kwargs,
@@ -128,6 +137,7 @@ def convert(
             max_rel_error=max_rel_error,
             resume=resume,
             record=record,
+            base_model=base_model,
         )
     report = result.report.to_dict() if result.report else None
     if report:
@@ -170,17 +180,28 @@ def convert(
 @click.option(
     "--logits/--no-logits", default=True, show_default=True, help="Run the real-loader logits check."
 )
+@click.option(
+    "--record",
+    is_flag=True,
+    help="Record a folder the registry does not know yet (converted with --no-record, or stopped "
+    "while it was being recorded), with this result.",
+)
 @json_option
-def verify(ref, source, device, max_rel_error, logits, as_json):
+def verify(ref, source, device, max_rel_error, logits, record, as_json):
     """Check an artifact (registry id, id prefix, or folder): file hashes, every layer's error,
-    and the real loader's logits."""
+    and the real loader's logits. A Hub source is reopened at its recorded commit from the
+    Hugging Face cache (never downloaded: --source ORG/NAME@COMMIT does that)."""
     # the result is stored on the artifact's registry row, when it has one
     with progress_bars() as progress, Qconv(device=device, progress=progress) as api:
-        report = api.verify(ref, source=source, max_rel_error=max_rel_error, logits=logits)
+        report = api.verify(ref, source=source, max_rel_error=max_rel_error, logits=logits, record=record)
     document = report.to_dict()
+    if record:
+        document["id"] = report.artifact_id
     if as_json:
         print_json(document)
     else:
         render_verify(document)
+        if record:
+            stdout.print(f"recorded as {report.artifact_id}")
     if not report.passed:
         raise VerificationFailed("the artifact failed verification", report)

@@ -29,15 +29,30 @@ def quiet_hub_client() -> None:
 @click.option("--revision", default="main", show_default=True, help="Branch to push to (created if missing).")
 @click.option("--dry-run", is_flag=True, help="Show the files and the model card; contact nobody.")
 @click.option("--force", is_flag=True, help="Push even if the artifact failed verification or never ran it.")
+@click.option(
+    "--base-model",
+    metavar="ORG/NAME[@REVISION]",
+    default=None,
+    help="The Hub model the card and the pushed qconv.json name as the base model "
+    "(default: the artifact's own).",
+)
 @json_option
-def push(artifact, repo, private, revision, dry_run, force, as_json):
+def push(artifact, repo, private, revision, dry_run, force, base_model, as_json):
     """Publish ARTIFACT (a folder or a registry id) to a Hub repo, with its model card.
 
     Pushing the same artifact again makes no commit. The token comes from HF_TOKEN or
     huggingface_hub's login and is never stored or printed."""
     quiet_hub_client()
     with Qconv() as api:
-        result = api.push(artifact, repo, revision=revision, private=private, dry_run=dry_run, force=force)
+        result = api.push(
+            artifact,
+            repo,
+            revision=revision,
+            private=private,
+            dry_run=dry_run,
+            force=force,
+            base_model=base_model,
+        )
     document = result.to_dict()
     if as_json:
         if dry_run:

@@ -183,7 +183,12 @@ def _render_record(record: dict, all_layers: bool) -> None:
         _fields(
             "source",
             [
-                ("base model", record["base_model"]),
+                (
+                    "base model",
+                    f"{record['base_model']}@{record['base_model_revision']}"
+                    if record.get("base_model_revision")
+                    else record["base_model"],
+                ),
                 ("kind", record["source_kind"]),
                 ("ref", record["source_ref"]),
                 ("revision", record["source_revision"]),

@@ -19,7 +19,7 @@ import torch
 from qconv.errors import SourceError
 from qconv.files import FLOAT_DTYPES, SAFETENSORS_DTYPES, hash_file
 from qconv.fingerprints import remember, taken_before_hashing
-from qconv.manifest import MANIFEST_NAME
+from qconv.manifest import MANIFEST_NAME, BaseModelEntry, hub_cache_repo
 
 # Files in a model folder that are weights in some other framework or ours to rewrite.
 # Files in a model folder that are weights in some other framework or ours to rewrite.
@@ -136,6 +136,16 @@ class Source:
 
     def tensors(self) -> list[TensorInfo]:
         raise NotImplementedError
+
+    def base_model(self) -> BaseModelEntry | None:
+        """The Hub model this source is, when the source says so (None otherwise): a folder of
+        the Hugging Face cache (``models--ORG--NAME/snapshots/<commit>``), or a file in one, is
+        that repo at that commit. Readers that know more (a Hub repo, GGUF metadata) override it."""
+        path = Path(self.ref)
+        cached = hub_cache_repo(path.parent if path.is_file() else path)
+        if cached is None:
+            return None
+        return {"repo_id": cached[0], "revision": cached[1], "origin": "hub-cache"}
 
     def read(self, name: str, pin_memory: bool = False) -> torch.Tensor:
         """One tensor, on the CPU (in page-locked memory when ``pin_memory`` and the reader can)."""

@@ -27,12 +27,21 @@ import numpy as np
 import torch
 
 from qconv.errors import SourceError
+from qconv.manifest import BaseModelEntry, parse_base_model
 from qconv.sources.base import Source, TensorInfo
 
 # GGUF float types that ``read`` returns as stored; every other type is dequantized to float32.
 _STORED_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 # Keys of transformers' GGUF mapping table that are metadata groups, not architectures.
 _NOT_ARCHITECTURES = {"general", "tokenizer"}
+# The metadata keys that name the Hub repo of the model in the file, first found wins: the model
+# the GGUF was converted from, then the repo of the GGUF itself (gguf-py's constants.py: "Model
+# Source during conversion", "Typically represents the converted GGUF repo"). Not
+# general.base_model.*: llama.cpp's convert_hf_to_gguf.py fills those from the converted model's
+# own card `base_model` (gguf-py metadata.py), so they name the model it was fine-tuned from (for
+# SmolLM2-135M-Instruct: SmolLM2-135M), not the model whose weights the file holds.
+_HUB_URL_KEYS = ("general.source.repo_url", "general.repo_url")
+_HUB_MODEL_URL = re.compile(r"https?://huggingface\.co/([^/?#]+/[^/?#]+?)(?:/tree/([^/?#]+))?/?")
 # Config entries that describe this machine's file, not the model: no place in a shipped config.json.
 _LOCAL_CONFIG_KEYS = ("_name_or_path", "_model_name_or_path")
 
@@ -273,6 +282,20 @@ class GGUFSource(Source):
         return infos, by_name
 
     # --- Source --------------------------------------------------------------------------------------
+
+    def base_model(self) -> BaseModelEntry | None:
+        """The Hub model the metadata names (a ``https://huggingface.co/ORG/NAME`` URL under one of
+        :data:`_HUB_URL_KEYS`), else the Hub cache repo the file sits in, else None."""
+        for key in _HUB_URL_KEYS:
+            match = _HUB_MODEL_URL.fullmatch((_string_field(self._reader, key) or "").strip())
+            if match is None or match[1].split("/")[0] in ("datasets", "spaces"):
+                continue
+            try:
+                entry = parse_base_model(match[1] + (f"@{match[2]}" if match[2] else ""), origin="gguf")
+            except ValueError:  # a URL that is not a model id (a dataset, a space...)
+                continue
+            return entry
+        return super().base_model()
 
     def config_dict(self) -> dict[str, Any]:
         config = self._config.to_dict()

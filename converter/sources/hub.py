@@ -17,6 +17,7 @@ from pathlib import Path
 
 from qconv.errors import SourceError, SourceNotFoundError
 from qconv.hub import is_retryable, network_error, scrub, unreachable
+from qconv.manifest import BaseModelEntry
 from qconv.sources.hf_folder import HFFolderSource
 
 HUB_REF = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[\w./-]+))?$")
@@ -56,12 +57,30 @@ def is_offline() -> bool:
 class HubSource(HFFolderSource):
     kind = "hub"
 
-    def __init__(self, repo_id: str, revision: str | None = None):
+    def __init__(self, repo_id: str, revision: str | None = None, *, folder: Path | None = None):
+        """``folder``: a snapshot already in the cache (:func:`cached_snapshot`), read as it is."""
         self.requested = f"{repo_id}@{revision}" if revision else repo_id
-        folder = _from_cache(repo_id, revision) if is_offline() else _download(repo_id, revision)
+        if folder is None:
+            folder = _from_cache(repo_id, revision) if is_offline() else _download(repo_id, revision)
         super().__init__(folder)
         self.ref = repo_id
         self.revision = folder.name  # the snapshot folder is named after the commit sha
+
+    def base_model(self) -> BaseModelEntry | None:
+        return {"repo_id": self.ref, "revision": self.revision, "origin": "hub"}
+
+
+def cached_snapshot(repo_id: str, revision: str, names: list[str]) -> Path | None:
+    """The cache's snapshot folder of ``repo_id`` at ``revision`` (a commit sha: what a manifest
+    records) when it holds every file of ``names``, else None. No request: a commit never
+    changes, so what the cache holds for it is exactly what the Hub would send."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    if not isinstance(cached, str):
+        return None
+    folder = Path(cached).parent
+    return folder if all((folder / name).is_file() for name in names) else None
 
 
 def _wanted(names: list[str], repo: str) -> list[str]:
