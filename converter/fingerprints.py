@@ -29,6 +29,8 @@ import sqlite3
 import time
 from pathlib import Path
 
+from qconv.registry.location import registry_path
+
 STORE_NAME = "source-fingerprints.db"
 EDGE_BYTES = 1 << 20  # the first and the last MiB
 RACY_NS = 2_000_000_000  # see the module docstring
@@ -65,7 +67,6 @@ def edge_digest(path: Path, size: int) -> str:
 
 
 def store_path(home: str | Path | None = None) -> Path:
-    from qconv.registry.location import registry_path
 
     return registry_path(home).parent / STORE_NAME
 
