@@ -153,7 +153,7 @@ def ct_smollm2_table(path: Path, rel: str) -> list[str]:
     r = json.loads(path.read_text())
     windows = r["cases"][0]["eval"]["protocol"]["windows"]
     lines = [
-        f"compressed-tensors (issue 16), SmolLM2-135M-Instruct (Q4_1 gguf source), group size 64, on the CPU "
+        f"compressed-tensors (issue 16), SmolLM2-135M-Instruct (Q4_1 gguf source), group size 64 for the group schemes (W8A8 and FP8_DYNAMIC: one scale a row), on the CPU "
         f"([raw JSON]({rel})): wikitext-2 test perplexity over the first {windows} windows of 2048 tokens "
         "(`qconv eval --max-windows 8`), the artifact loaded by stock transformers with compressed-tensors. "
         "The rtn rows are byte-identical to llm-compressor's own round to nearest "

