@@ -333,7 +333,7 @@ def quantize_block(ref: Reference, block, names, inps, outs, val_inps, val_outs,
         # main.py trains every parameter that requires grad: codebooks, scales (QuantizedWeight
         # makes them so) and the norms (trainable in a from_pretrained model; qconv's block
         # materialisation freezes them)
-        for module_name, module in block.named_modules():
+        for module in block.modules():
             for param_name, param in module.named_parameters(recurse=False):
                 if param.dtype.is_floating_point and not param_name.startswith("codes"):
                     param.requires_grad_(True)
@@ -523,9 +523,10 @@ def _average_bits(blocks: dict, runner) -> float | None:
 # -- context: source, calibration, tokenizer, evaluation, JSON ----------------------------------------
 class Context:
     def __init__(self, args, device: torch.device, source, source_ref: str, ref: Reference | None) -> None:
+        from transformers import AutoTokenizer
+
         from qconv.calibration import load_calibration
         from qconv.evaluate import default_text, tokenize_text
-        from transformers import AutoTokenizer
 
         self.args, self.device, self.source, self.source_ref, self.ref = args, device, source, source_ref, ref
         self.started = time.perf_counter()
