@@ -80,7 +80,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import platform
 import random
 import re
@@ -93,9 +92,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-
-# the reference's k-means and beam search draw tqdm bars unconditionally: thousands of lines a case
-os.environ.setdefault("TQDM_DISABLE", "1")
 
 NAME = "aqlm_reference_smollm2"
 SCHEMES = {"1x16": (1, 16), "2x8": (2, 8)}
@@ -211,6 +207,15 @@ class Reference:
 
         src.aq.fit_kmeans = fit_kmeans
         aq_engine.QuantizedWeight = timed_weight
+        # their k-means and beam search draw progress bars whatever ``verbose`` says (thousands of
+        # lines a case, over the GPU call's output tail): the same bars, disabled
+        import src.beam_search_xtx
+        from tqdm.std import trange
+
+        def quiet_trange(*a, **kw):
+            return trange(*a, **{**kw, "disable": True})
+
+        src.aq.trange = src.beam_search_xtx.trange = quiet_trange
 
     def quantize(self, engine, namespace: Namespace) -> tuple:
         """``engine.quantize`` timed by phase: init (k-means), beam search (counted: one per
