@@ -49,7 +49,8 @@ steps_per_epoch 100, max_epochs 1000, finetune_lr 1e-5, betas 0.9/0.95). 2x8 cha
 ``--num_codebooks=2 --nbits_per_codebook=8`` and the beam: main.py's default beam_size is 1, the paper
 (and qconv, shared/FORMATS.md) uses 8 for 8-bit codebooks; ``--beam-size`` overrides it. With
 qconv's 64 sequences the authors' fine-tuning makes few steps (56 x epochs / 32); ``--finetune-lr``
-and ``--finetune-batch`` change that (recorded).
+and ``--finetune-batch`` change that (recorded; give such a variant its own ``--name``, e.g.
+``aqlm_reference_smollm2_ft-lr1e-4``, so that it neither replaces nor resumes the default's cases).
 
 One departure, forced: the reference cannot initialise a 1x16 layer with fewer input groups than
 codewords (k-means draws ``randperm(n)[:65536]`` centroids, then reshapes to 65536 rows: SmolLM2's
@@ -402,7 +403,7 @@ def run_case(case: str, ctx, entry: dict) -> None:
     count = calib.ids.shape[0]
     val_size = val_size_for(count, finetune, args.val_size)
     key = checkpoint_key(settings, calib, ctx.source_ref, val_size, ref.files)
-    folder = Path(args.work) / f"{scheme}-{ft}"
+    folder = Path(args.work) / args.name / f"{scheme}-{ft}"
     state_path = folder / "state.json"
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
     if state.get("key") != key:
@@ -542,8 +543,8 @@ class Context:
         self.text = args.text or str(default_text())
         self.eval_ids = tokenize_text(tokenizer, self.text)
         self.doc: dict = {}
-        self.json_path = Path(args.out) / f"{NAME}_{args.slug}.json"
-        self.kept_path = Path(args.work) / f"{NAME}_{args.slug}.json"
+        self.json_path = Path(args.out) / f"{args.name}_{args.slug}.json"
+        self.kept_path = Path(args.work) / f"{args.name}_{args.slug}.json"
 
     def write(self) -> None:
         text = json.dumps(self.doc, indent=1) + "\n"
@@ -641,6 +642,9 @@ def main() -> None:
     parser.add_argument("--finetune-lr", type=float, default=None, help="default: main.py's 1e-5")
     parser.add_argument("--finetune-batch", type=int, default=None, help="default: the README's 32")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--name", default=NAME, help=f"JSON name (a variant's settings get their own, e.g. {NAME}_lr1e-4)"
+    )
     parser.add_argument("--work", default="/tmp/aqref-work", help="block checkpoints and the kept JSON")
     parser.add_argument(
         "--fresh", action="store_true", help="forget the checkpoints and cases kept in --work"
