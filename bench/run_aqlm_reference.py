@@ -58,17 +58,22 @@ q/o_proj have 41,472 groups, k/v_proj 13,824). For those layers (only) ``src.aq.
 wrapped to return every group as its own codeword plus random repeats (what qconv's ``kmeans`` does
 there); each layer's entry says ``kmeans_filled``. 2x8 (256 codewords) never needs it.
 
-Time (H100): AQEngine takes ~3.5 s on gate_proj (1536x576) at 1x16 (bench/results/aqlm_layer_*),
-so about 12-20 s a block and 6-10 min for the 30 blocks, plus the reference's fine-tuning (about
-56 x 10 forward+backward passes of one block, 5-10 s a block); 2x8 with beam 8 is unmeasured.
-A case does not fit one 10-minute call, so the run checkpoints every block under ``--work``
-(default /tmp/aqref-work, kept while the machine stays warm) and ``--budget-s S`` starts no further
-case or block after S seconds: run the same command again and it resumes (the JSON, also kept in
-``--work``, accumulates the cases; ``--fresh`` starts over). First block inputs and the perplexity
-take seconds.
+Time (H100, estimates, not measured): AQEngine takes 3.5 s on gate_proj (1536x576) at 1x16
+(bench/results/aqlm_layer_*); a SmolLM2 block is about 4 gate_proj-sized searches (q/o 0.375 each,
+k/v 0.125, gate, up, down 1 each), so 15-30 s a block, 8-15 min of AQEngine for the 30 blocks, plus
+the reference's fine-tuning (56 sequences x up to 10 epochs of one block's forward+backward, with
+8 held-out forwards an epoch: 5-20 s a block). 2x8 with beam 8 is unmeasured: the reference's beam
+search loops in Python over every (input group, codebook), 144-384 steps an epoch a layer, for as
+many epochs as the 1% tolerance takes; the first call's per-block ``block_s`` says. No case fits
+one 10-minute call, so the run checkpoints every block under ``--work`` (default /tmp/aqref-work,
+kept while the machine stays warm) and ``--budget-s S`` starts no further case or block after S
+seconds (a block already started finishes: leave it room): run the same command again and it
+resumes (the JSON, also kept in ``--work``, accumulates the cases; ``--fresh`` starts over). Each
+call re-runs the embeddings and the checkpointed blocks' forwards (seconds); each perplexity (148
+windows, float32 and float16) takes well under a minute.
 
   source bench/gpu_env.sh && python bench/run_aqlm_reference.py --out $OUT --gguf /tmp/m/smol.gguf \\
-      --reference .dev/aqlm_ref --cases 1x16:noft,1x16:ft,2x8:noft,2x8:ft --budget-s 480
+      --reference .dev/aqlm_ref --cases source,2x8:ft,2x8:noft,1x16:ft,1x16:noft --budget-s 420
   python bench/run_aqlm_reference.py --quick --reference /work/main/.dev/aqlm_ref --out /tmp/aqref
 
 ``--quick``: a tiny random Llama built here (hidden 64, 2 layers, a BPE tokenizer trained on the
