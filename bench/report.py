@@ -366,8 +366,8 @@ def aqlm_reference_table(path: Path, rel: str) -> list[str]:
         elif status == "error":
             fp16 = "failed"
             notes.append(f"{case} failed: {entry.get('error', '')[:200]}")
-        elif status == "not started":
-            fp16 = "not started"
+        elif status != "done":  # not started, or a call cut off mid-block ("running")
+            fp16 = status or "-"
         fp32 = perplexity_text(ppl["float32"]["ppl"]) if "float32" in ppl else "-"
         theirs = qconv.get(case)
         ours = f"{perplexity_text(theirs[0])} ({theirs[1]})" if theirs else "-"

@@ -462,6 +462,7 @@ def run_case(case: str, ctx, entry: dict) -> None:
         else:
             if args.budget_s is not None and time.perf_counter() - ctx.started > args.budget_s:
                 entry["status"] = "partial"
+                summarise(entry, blocks, state, runner)
                 log(f"{case}: budget reached after {index} blocks; run the same command again to resume")
                 return
             log(f"{case}: block {index}")
@@ -500,9 +501,20 @@ def run_case(case: str, ctx, entry: dict) -> None:
         if val_inps is not None:
             val_inps, val_outs = val_outs, val_inps
     del inps, outs, val_inps, val_outs
+    summarise(entry, blocks, state, runner)
+    clock = time.perf_counter()
+    entry["ppl"] = ctx.perplexities(folder, runner)
+    timings["ppl_s"] = time.perf_counter() - clock
+    entry["status"] = "done"
+    del runner
+
+
+def summarise(entry: dict, blocks: dict, state: dict, runner) -> None:
+    """The case's totals over the blocks done so far (by every call)."""
     entry["blocks_done"] = state["blocks_done"]
+    entry["blocks_total"] = len(runner)
     layers = [layer for b in blocks.values() for layer in b.get("layers", {}).values()]
-    timings.update(
+    entry["seconds"].update(
         quantize_s=sum(b.get("quantize_s", 0.0) for b in blocks.values()),
         finetune_s=sum(b.get("finetune_s", 0.0) for b in blocks.values()),
         blocks_s=sum(b.get("block_s", 0.0) for b in blocks.values()),
@@ -512,11 +524,6 @@ def run_case(case: str, ctx, entry: dict) -> None:
     )
     entry["layers_kmeans_filled"] = sum(1 for layer in layers if layer["kmeans_filled"])
     entry["avg_bits_per_parameter"] = _average_bits(blocks, runner)
-    clock = time.perf_counter()
-    entry["ppl"] = ctx.perplexities(folder, runner)
-    timings["ppl_s"] = time.perf_counter() - clock
-    entry["status"] = "done"
-    del runner
 
 
 def _average_bits(blocks: dict, runner) -> float | None:
