@@ -346,7 +346,7 @@ def aqlm_reference_table(path: Path, rel: str) -> list[str]:
         f"([raw JSON]({rel})). qconv: its own conversion of the same case (stock transformers + aqlm, "
         "float16).",
         "",
-        "| case | reference ppl (fp16) | reference ppl (fp32) | qconv ppl (fp16) | bits/weight | "
+        "| case | reference ppl (fp16) | reference ppl (fp32) | qconv ppl (fp16) | bits/weight (estimate_nbits_per_parameter) | "
         "reference time (quantize + fine-tune) | settings |",
         "|---|---:|---:|---:|---:|---:|---|",
     ]

@@ -361,7 +361,7 @@ def test_aqlm_reference_table_exact(report, tmp_path):
     settings = "beam 8, 1000 epochs max, tolerance 0.01, k-means 100 iters; fine-tune lr 1e-05, batch 32, 10 epochs, 8 held out"
     assert lines[1:] == [
         "",
-        "| case | reference ppl (fp16) | reference ppl (fp32) | qconv ppl (fp16) | bits/weight | "
+        "| case | reference ppl (fp16) | reference ppl (fp32) | qconv ppl (fp16) | bits/weight (estimate_nbits_per_parameter) | "
         "reference time (quantize + fine-tune) | settings |",
         "|---|---:|---:|---:|---:|---:|---|",
         f"| aqlm 2x8 (fine-tuned) | 48.20 | 48.12 | 57.58 (H100 80GB HBM3) | 2.04 | 412 s + 96 s | {settings} |",
