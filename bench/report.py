@@ -318,6 +318,93 @@ def _block8b_epochs(finetune: dict | None) -> str:
     return f"{finetune['epochs_run']}" + (" (capped)" if finetune["capped"] else "")
 
 
+def aqlm_reference_table(path: Path, rel: str) -> list[str]:
+    """run_aqlm_reference.py: SmolLM2 quantized by the AQLM authors' own code on qconv's
+    calibration tokens, beside qconv's conversion of the same case (``aqlm_smollm2_*.json`` in the
+    same folder)."""
+    r = json.loads(path.read_text())
+    calib, cases = r["calibration"], r["cases"]
+    qconv: dict[str, tuple] = {}
+    for _, doc in _load_all(path.parent, "aqlm_smollm2_*.json"):
+        for case, entry in (doc.get("smollm2") or {}).items():
+            if _ppl_of(entry.get("ppl")) is not None:
+                qconv[case] = (_ppl_of(entry.get("ppl")), short_gpu(doc.get("gpu")))
+    windows = {
+        result["windows"]
+        for entry in cases.values()
+        for result in (entry.get("ppl") or {}).values()
+        if "windows" in result
+    }
+    lines = [
+        "AQLM's quality anchor (issue 19): SmolLM2-135M-Instruct quantized by the authors' own code "
+        "(github.com/Vahe1994/AQLM: `AQEngine` per Linear, `finetune_groupwise` per block, main.py's flow "
+        "and the README's settings, driven by `bench/run_aqlm_reference.py`) on qconv's calibration tokens "
+        f"({calib['sequences']} sequences of {calib['seqlen']} tokens of WikiText-2 validation); "
+        "wikitext-2 test perplexity by qconv's protocol "
+        f"({', '.join(str(w) for w in sorted(windows)) or '?'} windows of {r['eval']['window']}) on the "
+        f"dequantized weights (codebooks and scales rounded to float16), {short_gpu(r.get('gpu'))} "
+        f"([raw JSON]({rel})). qconv: its own conversion of the same case (stock transformers + aqlm, "
+        "float16).",
+        "",
+        "| case | reference ppl (fp16) | reference ppl (fp32) | qconv ppl (fp16) | bits/weight (estimate_nbits_per_parameter) | "
+        "reference time (quantize + fine-tune) | settings |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    notes = []
+    for case, entry in cases.items():
+        if case == "source":
+            label = "unquantized source"
+        else:
+            scheme, _, ft = case.partition(":")
+            label = f"aqlm {scheme} ({AQLM_CASES.get(ft, ft)})"
+        ppl = entry.get("ppl") or {}
+        status = entry.get("status")
+        fp16 = perplexity_text(ppl["float16"]["ppl"]) if "float16" in ppl else "-"
+        if status == "partial":
+            done = entry.get("blocks_done") or len(entry.get("blocks", {}))
+            fp16 = f"cut off after {done} blocks (resumable)"
+        elif status == "error":
+            fp16 = "failed"
+            notes.append(f"{case} failed: {entry.get('error', '')[:200]}")
+        elif status != "done":  # not started, or a call cut off mid-block ("running")
+            fp16 = status or "-"
+        fp32 = perplexity_text(ppl["float32"]["ppl"]) if "float32" in ppl else "-"
+        theirs = qconv.get(case)
+        ours = f"{perplexity_text(theirs[0])} ({theirs[1]})" if theirs else "-"
+        bits = entry.get("avg_bits_per_parameter")
+        seconds = entry.get("seconds", {})
+        timed = "-"
+        if "quantize_s" in seconds:
+            timed = f"{seconds['quantize_s']:.0f} s + {seconds.get('finetune_s', 0.0):.0f} s"
+        settings = entry.get("settings")
+        described = "-"
+        if settings:
+            described = (
+                f"beam {settings['beam_size']}, {settings['max_epochs']} epochs max, tolerance "
+                f"{settings['relative_mse_tolerance']}, k-means {settings['init_max_iter']} iters"
+            )
+            if settings["finetune_max_epochs"]:
+                described += (
+                    f"; fine-tune lr {settings['finetune_lr']:g}, batch {settings['finetune_batch_size']}, "
+                    f"{settings['finetune_max_epochs']} epochs, {entry.get('val_size', 0)} held out"
+                )
+            filled = entry.get("layers_kmeans_filled")
+            if filled:
+                described += f"; {filled} layers k-means-filled"
+        lines.append(
+            f"| {label} | {fp16} | {fp32} | {ours} | {f'{bits:.2f}' if bits else '-'} | {timed} | {described} |"
+        )
+    if any(entry.get("layers_kmeans_filled") for entry in cases.values()):
+        notes.append(
+            "k-means-filled: layers with fewer input groups than codewords (1x16 on SmolLM2's attention "
+            "projections), which the reference cannot initialise; each group became its own codeword, "
+            "as qconv does there"
+        )
+    if notes:
+        lines += [""] + [f"_{note}._" for note in notes]
+    return lines
+
+
 # -- one table of every format, from every results file that holds a part of it ----------------
 FAMILIES = ("bnb", "hqq", "eetq", "aqlm")  # the table's order; within one, more bits first
 AQLM_CASES = {"ft": "fine-tuned", "noft": "no fine-tuning"}
@@ -811,6 +898,7 @@ PER_FILE = (
     ("hqq_smollm2_*.json", hqq_smollm2_table),
     ("eetq_smollm2_*.json", eetq_smollm2_table),
     ("aqlm_block8b_*.json", aqlm_block8b_table),
+    ("aqlm_reference_*.json", aqlm_reference_table),
     ("ct_smollm2_*.json", ct_smollm2_table),
     ("gguf_smollm2_*.json", gguf_table),
     ("gguf_quantizer_*.json", quantizer_throughput_table),

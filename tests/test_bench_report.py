@@ -308,3 +308,74 @@ def test_aqlm_block8b_table_exact(report, tmp_path):
         "_a lower bound: the run was bounded by max_epochs=2._",
     ]
     assert any(line.startswith("AQLM on one Llama-3-8B") for line in report.tables(path.parent, "", tmp_path))
+
+
+def reference_case(status: str, **fields) -> dict:
+    settings = {
+        "beam_size": 8,
+        "max_epochs": 1000,
+        "relative_mse_tolerance": 0.01,
+        "init_max_iter": 100,
+        "finetune_max_epochs": 10,
+        "finetune_lr": 1e-5,
+        "finetune_batch_size": 32,
+    }
+    return {"status": status, "settings": settings, "val_size": 8, **fields}
+
+
+AQLM_REFERENCE = {
+    "gpu": "NVIDIA H100 80GB HBM3",
+    "calibration": {"sequences": 64, "seqlen": 2048},
+    "eval": {"text": "wikitext2-test.txt", "window": 2048, "max_windows": None},
+    "cases": {
+        "2x8:ft": reference_case(
+            "done",
+            ppl={"float32": {"ppl": 48.123, "windows": 148}, "float16": {"ppl": 48.2, "windows": 148}},
+            avg_bits_per_parameter=2.0432,
+            seconds={"quantize_s": 412.4, "finetune_s": 95.6},
+        ),
+        "1x16:ft": reference_case(
+            "partial", blocks_done=12, layers_kmeans_filled=48, seconds={"first_inputs_s": 2.0}
+        ),
+        "1x16:noft": {"status": "error", "error": "RuntimeError: shape '[1, 65536, 1, 8]' is invalid"},
+        "source": {"status": "done", "ppl": {"float32": {"ppl": 21.6, "windows": 148}}},
+    },
+}
+
+
+def test_aqlm_reference_table_exact(report, tmp_path):
+    results = tmp_path / "bench" / "results"
+    name = "aqlm_reference_smollm2_nvidia-h100-80gb-hbm3.json"
+    path = write(results, name, AQLM_REFERENCE)
+    # qconv's own conversion of 2x8:ft, read from the same folder
+    write(
+        results,
+        "aqlm_smollm2_2x8ft_nvidia-h100-80gb-hbm3.json",
+        {"gpu": "NVIDIA H100 80GB HBM3", "smollm2": {"2x8:ft": {"ppl": {"ppl": 57.58282}}}},
+    )
+    lines = report.aqlm_reference_table(path, f"bench/results/{name}")
+    assert lines[0].startswith("AQLM's quality anchor (issue 19): SmolLM2-135M-Instruct quantized by the ")
+    assert "(64 sequences of 2048 tokens of WikiText-2 validation)" in lines[0]
+    assert "(148 windows of 2048)" in lines[0]
+    assert f"H100 80GB HBM3 ([raw JSON](bench/results/{name}))" in lines[0]
+    settings = "beam 8, 1000 epochs max, tolerance 0.01, k-means 100 iters; fine-tune lr 1e-05, batch 32, 10 epochs, 8 held out"
+    assert lines[1:] == [
+        "",
+        "| case | reference ppl (fp16) | reference ppl (fp32) | qconv ppl (fp16) | bits/weight (estimate_nbits_per_parameter) | "
+        "reference time (quantize + fine-tune) | settings |",
+        "|---|---:|---:|---:|---:|---:|---|",
+        f"| aqlm 2x8 (fine-tuned) | 48.20 | 48.12 | 57.58 (H100 80GB HBM3) | 2.04 | 412 s + 96 s | {settings} |",
+        f"| aqlm 1x16 (fine-tuned) | cut off after 12 blocks (resumable) | - | - | - | - | {settings}; "
+        "48 layers k-means-filled |",
+        "| aqlm 1x16 (no fine-tuning) | failed | - | - | - | - | - |",
+        "| unquantized source | - | 21.60 | - | - | - | - |",
+        "",
+        "_1x16:noft failed: RuntimeError: shape '[1, 65536, 1, 8]' is invalid._",
+        "_k-means-filled: layers with fewer input groups than codewords (1x16 on SmolLM2's attention "
+        "projections), which the reference cannot initialise; each group became its own codeword, as "
+        "qconv does there._",
+    ]
+    # rendered among the other tables, never in the format summary (its rows are qconv's)
+    page = report.tables(results, "", tmp_path)
+    assert any(line.startswith("AQLM's quality anchor") for line in page)
+    assert not any("aqlm_reference" in line for line in page if line.startswith("| aqlm"))
