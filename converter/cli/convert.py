@@ -10,6 +10,7 @@ from qconv.api import Qconv
 from qconv.cli.render import fmt_size, json_option, print_json, progress_bars, render_verify, stdout
 from qconv.errors import VerificationFailed
 from qconv.formats import all_formats, all_options
+from qconv.report_html import check_report_path, write_verify_report
 
 
 def method_options(f):
@@ -170,10 +171,20 @@ def convert(
 @click.option(
     "--logits/--no-logits", default=True, show_default=True, help="Run the real-loader logits check."
 )
+@click.option(
+    "--report",
+    "report_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    metavar="FILE.html",
+    help="Also write the result as a self-contained HTML page (error chart, loader check, files).",
+)
 @json_option
-def verify(ref, source, device, max_rel_error, logits, as_json):
+def verify(ref, source, device, max_rel_error, logits, report_path, as_json):
     """Check an artifact (registry id, id prefix, or folder): file hashes, every layer's error,
     and the real loader's logits."""
+    if report_path is not None:
+        check_report_path(report_path)  # before the work: a typo in the path costs nothing
     # the result is stored on the artifact's registry row, when it has one
     with progress_bars() as progress, Qconv(device=device, progress=progress) as api:
         report = api.verify(ref, source=source, max_rel_error=max_rel_error, logits=logits)
@@ -182,5 +193,7 @@ def verify(ref, source, device, max_rel_error, logits, as_json):
         print_json(document)
     else:
         render_verify(document)
+    if report_path is not None:  # also for a failed verification: that is when one looks
+        click.echo(f"wrote the report {write_verify_report(report_path, document)}", err=True)
     if not report.passed:
         raise VerificationFailed("the artifact failed verification", report)
