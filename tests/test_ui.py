@@ -134,7 +134,10 @@ def test_the_artifacts_page_lists_every_artifact_with_facets(served, recorded):
     assert page.links[c] == f"/artifact/{c}"
 
     # facets: a value's link filters by it; the counts are those the other filters leave
-    assert page.links["bnb"] == "/?method=bnb" and page.links["HuggingFaceTB/SmolLM2-360M"] == "/?base_model=HuggingFaceTB%2FSmolLM2-360M"
+    assert (
+        page.links["bnb"] == "/?method=bnb"
+        and page.links["HuggingFaceTB/SmolLM2-360M"] == "/?base_model=HuggingFaceTB%2FSmolLM2-360M"
+    )
     bnb = Page(fetch(served + "?method=bnb")[2])
     assert listed_ids(bnb) == [c, a]
     assert bnb.all_text.count("2 of 3 artifacts") == 2  # the title and the heading

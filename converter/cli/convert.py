@@ -10,7 +10,6 @@ from qconv.api import Qconv
 from qconv.cli.render import fmt_size, json_option, print_json, progress_bars, render_verify, stdout
 from qconv.errors import VerificationFailed
 from qconv.formats import all_formats, all_options
-from qconv.report_html import check_report_path, write_verify_report
 
 
 def method_options(f):
@@ -183,10 +182,10 @@ def convert(
 def verify(ref, source, device, max_rel_error, logits, report_path, as_json):
     """Check an artifact (registry id, id prefix, or folder): file hashes, every layer's error,
     and the real loader's logits."""
-    if report_path is not None:
-        check_report_path(report_path)  # before the work: a typo in the path costs nothing
     # the result is stored on the artifact's registry row, when it has one
     with progress_bars() as progress, Qconv(device=device, progress=progress) as api:
+        if report_path is not None:
+            api.check_report_path(report_path)  # before the work: a typo in the path costs nothing
         report = api.verify(ref, source=source, max_rel_error=max_rel_error, logits=logits)
     document = report.to_dict()
     if as_json:
@@ -194,6 +193,6 @@ def verify(ref, source, device, max_rel_error, logits, report_path, as_json):
     else:
         render_verify(document)
     if report_path is not None:  # also for a failed verification: that is when one looks
-        click.echo(f"wrote the report {write_verify_report(report_path, document)}", err=True)
+        click.echo(f"wrote the report {api.write_verify_report(report_path, document)}", err=True)
     if not report.passed:
         raise VerificationFailed("the artifact failed verification", report)

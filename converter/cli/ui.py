@@ -6,20 +6,20 @@ import signal
 
 import click
 
-from qconv.ui import DEFAULT_HOST, DEFAULT_PORT, make_server
+from qconv.api import Qconv
 
 
 @click.command(name="ui")
 @click.option(
     "--port",
     type=click.IntRange(0, 65535),
-    default=DEFAULT_PORT,
+    default=8765,
     show_default=True,
     help="Port to listen on (0: any free port).",
 )
 @click.option(
     "--host",
-    default=DEFAULT_HOST,
+    default="127.0.0.1",
     show_default=True,
     help="Address to listen on (the default is reachable from this machine only).",
 )
@@ -27,7 +27,8 @@ from qconv.ui import DEFAULT_HOST, DEFAULT_PORT, make_server
 def serve_ui(ctx: click.Context, port: int, host: str) -> None:
     """Serve the registry as web pages, read-only: artifacts with facets, and each artifact's
     files, recipe, per-layer errors and pushes. Ctrl-C stops it."""
-    server = make_server(None, host, port)
+    with Qconv() as api:  # the registry is opened read-only by the server, never through api
+        server = api.ui_server(host, port)
     click.echo(f"serving {server.registry_file} read-only at {server.url} (Ctrl-C stops)")
     try:
         server.serve_forever()
