@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import socket
@@ -209,8 +210,13 @@ def test_ui_errors(cli, qconv_home, recorded):
         taken.listen()
         port = taken.getsockname()[1]
         result = cli("ui", "--port", port, ok=None)
+        as_json = cli("ui", "--port", port, "--json", ok=None)
     assert result.exit_code == 2
     assert result.stderr == f"Error: cannot listen on 127.0.0.1:{port} (Address already in use)\n"
+    assert json.loads(as_json.stdout) == {
+        "error": f"cannot listen on 127.0.0.1:{port} (Address already in use)",
+        "exit_code": 2,
+    }
     result = cli("ui", "--port", "70000", ok=None)
     assert result.exit_code == 2
     assert result.stderr == (
@@ -229,17 +235,23 @@ def test_qconv_ui_serves_until_ctrl_c(recorded, qconv_home, signum):
     """The real command in a process of its own: one line saying where, pages over HTTP, and
     Ctrl-C (or SIGTERM) ends it with one line."""
     env = {**os.environ, "QCONV_HOME": str(qconv_home)}
+    as_json = ["--json"] if signum == signal.SIGTERM else []
     process = subprocess.Popen(
-        [sys.executable, "-m", "qconv", "ui", "--port", "0"],
+        [sys.executable, "-m", "qconv", "ui", "--port", "0", *as_json],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=env,
     )
     try:
-        line = process.stdout.readline()
-        url = line.split(" at ")[1].split(" ")[0]
-        assert line == f"serving {registry_path()} read-only at {url} (Ctrl-C stops)\n"
+        if as_json:  # one JSON document, on several lines
+            document = json.loads("".join(iter(process.stdout.readline, "}\n")) + "}")
+            url = document["url"]
+            assert document == {"registry": str(registry_path()), "url": url}
+        else:
+            line = process.stdout.readline()
+            url = line.split(" at ")[1].split(" ")[0]
+            assert line == f"serving {registry_path()} read-only at {url} (Ctrl-C stops)\n"
         assert url.startswith("http://127.0.0.1:")
         assert listed_ids(Page(fetch(url)[2])) == [recorded["c"], recorded["b"], recorded["a"]]
         process.send_signal(signum)

@@ -7,6 +7,7 @@ import signal
 import click
 
 from qconv.api import Qconv
+from qconv.cli.render import json_option, print_json
 
 
 @click.command(name="ui")
@@ -23,13 +24,17 @@ from qconv.api import Qconv
     show_default=True,
     help="Address to listen on (the default is reachable from this machine only).",
 )
+@json_option
 @click.pass_context
-def serve_ui(ctx: click.Context, port: int, host: str) -> None:
+def serve_ui(ctx: click.Context, port: int, host: str, as_json: bool) -> None:
     """Serve the registry as web pages, read-only: artifacts with facets, and each artifact's
     files, recipe, per-layer errors and pushes. Ctrl-C stops it."""
     with Qconv() as api:  # the registry is opened read-only by the server, never through api
         server = api.ui_server(host, port)
-    click.echo(f"serving {server.registry_file} read-only at {server.url} (Ctrl-C stops)")
+    if as_json:  # where it listens, for a script that started it with --port 0
+        print_json({"registry": str(server.registry_file), "url": server.url})
+    else:
+        click.echo(f"serving {server.registry_file} read-only at {server.url} (Ctrl-C stops)")
     try:
         server.serve_forever()
     except KeyboardInterrupt as exc:  # Ctrl-C (or SIGTERM, raised as Terminated): the usual way out
