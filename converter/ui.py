@@ -201,39 +201,12 @@ def artifacts_page(registry: Registry, query: dict[str, list[str]]) -> str:
     }
     state = {"sort": sort, "reverse": "1" if reverse else None, **filters}
 
-    facets = []
-    for column, heading in FACETS:
-        counts = Counter(_facet_key(row[column]) for row in rows if matches(row, skip=column))
-        items = []
-        for value, count in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
-            label = value or "(none)"
-            if filters.get(column) == value:
-                items.append(
-                    tag(
-                        "li",
-                        join(
-                            [
-                                tag("span", label, cls="active"),
-                                " ",
-                                link(_href(state, **{column: None}), "×", title="remove this filter"),
-                            ]
-                        ),
-                    )  # fmt: skip
-                )
-            else:
-                items.append(
-                    tag(
-                        "li",
-                        join(
-                            [
-                                link(_href(state, **{column: value}), label),
-                                " ",
-                                tag("span", count, cls="count"),
-                            ]
-                        ),
-                    )
-                )
-        facets.append(join([tag("h3", heading), tag("ul", join(items))]))
+    facets = [
+        _facet(
+            heading, column, Counter(_facet_key(r[column]) for r in rows if matches(r, skip=column)), state
+        )
+        for column, heading in FACETS
+    ]
 
     headings = []
     for heading, key in ARTIFACT_COLUMNS:
@@ -287,6 +260,21 @@ def artifacts_page(registry: Registry, query: dict[str, list[str]]) -> str:
         ]
     )
     return page(f"qconv registry: {summary}", content, header=_header(registry))
+
+
+def _facet(heading: str, column: str, counts: Counter, state: dict[str, str | None]) -> Markup:
+    """One facet: each value (most artifacts first) a link filtering by it, with its count; the
+    value filtered by now in bold, with a link removing the filter."""
+    items = []
+    for value, count in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        label = value or "(none)"
+        if state.get(column) == value:
+            remove = link(_href(state, **{column: None}), "×", title="remove this filter")
+            items.append(tag("li", join([tag("span", label, cls="active"), " ", remove])))
+        else:
+            choose = link(_href(state, **{column: value}), label)
+            items.append(tag("li", join([choose, " ", tag("span", count, cls="count")])))
+    return join([tag("h3", heading), tag("ul", join(items))])
 
 
 def _artifacts_table(headings: list, rows: list) -> Markup:

@@ -141,6 +141,9 @@ def test_the_artifacts_page_lists_every_artifact_with_facets(served, recorded):
     )
     bnb = Page(fetch(served + "?method=bnb")[2])
     assert listed_ids(bnb) == [c, a]
+    assert bnb.links["×"] == "/"  # the filter in force, with a link that removes it
+    assert bnb.links["hqq"] == "/?method=hqq" and bnb.links["8"] == "/?method=bnb&bits=8"
+    assert "4" in bnb.links and "SmolLM2-360M" not in bnb.all_text  # counted among bnb only
     assert bnb.all_text.count("2 of 3 artifacts") == 2  # the title and the heading
     assert listed_ids(Page(fetch(served + "?method=bnb&bits=8")[2])) == [a]
     assert listed_ids(Page(fetch(served + "?base_model=HuggingFaceTB/SmolLM2-360M")[2])) == [b]
