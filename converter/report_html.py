@@ -128,7 +128,11 @@ def _source_text(source: dict[str, Any]) -> str | None:
 def _loader_section(checks: list[dict], logits: dict[str, Any] | None) -> Markup:
     loader = next((c for c in checks if c.get("name") == "loader"), None)
     if loader is None:
-        return tag("p", "Not run (--no-logits, or the layers check failed first).", cls="muted")
+        return tag(
+            "p",
+            "Not run: --no-logits, no source to compare with, or the layers check failed first.",
+            cls="muted",
+        )
     result = tag("p", join([badge(loader.get("passed"), "pass", "FAIL"), " ", loader.get("detail", "")]))
     if not logits:
         return result

@@ -18,6 +18,7 @@ nor a request can change it. Only GET and HEAD are answered (405 otherwise).
 from __future__ import annotations
 
 import re
+import socket
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -87,6 +88,8 @@ class RegistryUIServer(ThreadingHTTPServer):
 
     def __init__(self, registry_file: Path, address: tuple[str, int]):
         self.registry_file = registry_file
+        if ":" in address[0]:  # an IPv6 address such as ::1
+            self.address_family = socket.AF_INET6
         super().__init__(address, RegistryUIHandler)
 
     @property

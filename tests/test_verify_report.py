@@ -103,7 +103,7 @@ def test_a_failed_verification_still_writes_its_report(cli, artifact, tmp_path):
     }
     text = Parsed(report.read_text(encoding="utf-8")).all_text
     assert "FAILED" in text and "config.json does not match its sha256" in text
-    assert "Not run (--no-logits, or the layers check failed first)." in text
+    assert "Not run: --no-logits, no source to compare with, or the layers check failed first." in text
 
 
 def test_a_bad_report_path_is_refused_before_any_verify_work(cli, tmp_path):
