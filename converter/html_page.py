@@ -145,13 +145,13 @@ table{border-collapse:collapse;background:#fff;margin:4px 0 12px;font-size:13px}
 th,td{border-bottom:1px solid #e3e6eb;padding:4px 10px;text-align:left;vertical-align:top}
 thead th{background:#eef1f5;font-weight:600;white-space:nowrap}
 td.num,th.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
-table.artifacts td{white-space:nowrap}
+table.artifacts td{white-space:nowrap}.wrap{white-space:normal}table.artifacts th,table.artifacts td{padding:4px 8px}
 table.fields th{background:none;font-weight:600;color:#4a5468;white-space:nowrap}
 .mono,code{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:12px}
 .badge{display:inline-block;border-radius:3px;padding:0 6px;font-size:12px;font-weight:600}
 .ok{background:#dcf3e2;color:#14662e}.bad{background:#fbe0e0;color:#a01919}.none{background:#eceef2;color:#5b6478}
-.layout{display:flex;gap:24px;align-items:flex-start}
-.facets{min-width:210px;max-width:260px}
+.layout{display:flex;gap:20px;align-items:flex-start}
+.facets{min-width:160px;max-width:220px}
 .facets h3{font-size:13px;margin:12px 0 4px;color:#4a5468;text-transform:uppercase;letter-spacing:.04em}
 .facets ul{list-style:none;margin:0;padding:0}.facets li{padding:1px 0;overflow-wrap:anywhere}
 .facets .count{color:#7a8396;font-size:12px}.facets .active{font-weight:700}

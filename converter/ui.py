@@ -56,14 +56,14 @@ ARTIFACT_COLUMNS = (
     ("method", "method"),
     ("bits", None),
     ("size", "size"),
-    ("bits/weight", "bits"),
-    ("worst rel error", "error"),
+    ("bits/w", "bits"),
+    ("worst err", "error"),
     ("ppl", "ppl"),
     ("verified", None),
     ("pushes", None),
     ("created", "created"),
 )
-NUMERIC = ("bits", "size", "bits/weight", "worst rel error", "ppl", "pushes")
+NUMERIC = ("bits", "size", "bits/w", "worst err", "ppl", "pushes")
 ARTIFACT_PATH = re.compile(r"/artifact/([0-9a-fA-F]{1,12})/?")
 # No script may run and nothing may load from elsewhere, whatever a value in the database holds.
 SECURITY_HEADERS = {
@@ -226,7 +226,7 @@ def artifacts_page(registry: Registry, query: dict[str, list[str]]) -> str:
     body_rows = [
         (
             link(f"/artifact/{quote(row['id'])}", row["id"], cls="mono"),
-            row["base_model"],
+            tag("span", row["base_model"], cls="wrap"),
             row["label"] or row["method"],
             _facet_key(row["bits"]) or "-",
             fmt_size(row["size_bytes"]),
@@ -235,7 +235,7 @@ def artifacts_page(registry: Registry, query: dict[str, list[str]]) -> str:
             fmt_float(row["ppl"], ".2f"),
             badge(row["verified"], "yes", "FAILED", "-"),
             str(row["pushes"] or "-"),
-            _time(row["created"]),
+            tag("span", _time(row["created"])[:16], title=row["created"]),
         )
         for row in shown
     ]
