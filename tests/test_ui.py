@@ -305,3 +305,15 @@ def test_the_pages_need_nothing_from_elsewhere(served, recorded):
     for path in ("", f"artifact/{recorded['a']}"):
         html = fetch(served + path)[2]
         assert "<script" not in html and "src=" not in html and "<link" not in html and "@import" not in html
+
+
+def test_a_registry_written_by_a_newer_qconv_is_shown_with_a_note(served, recorded, qconv_home):
+    with sqlite3.connect(qconv_home / "registry.db") as conn:
+        conn.execute(
+            "INSERT INTO _sqlite_migrations (migration_set, name, applied_at) VALUES (?, ?, ?)",
+            ("qconv", "m099_future", "2027-01-01 00:00:00+00:00"),
+        )
+    conn.close()
+    page = Page(fetch(served)[2])
+    assert len(page.rows) == 3
+    assert "Written by a newer qconv (migration m099_future): shown as this qconv reads it." in page.all_text
