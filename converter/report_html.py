@@ -43,7 +43,7 @@ def check_report_path(path: str | Path) -> Path:
     path = Path(path).expanduser()
     folder = path.parent
     if path.is_dir():
-        raise UsageError(f"{path}: is a folder; --report takes the .html file to write")
+        raise UsageError(f"{path}: is a folder, not an .html file to write")
     if not folder.exists():
         raise UsageError(f"{path}: the folder {folder} does not exist")
     if not folder.is_dir():
@@ -130,7 +130,7 @@ def _loader_section(checks: list[dict], logits: dict[str, Any] | None) -> Markup
     if loader is None:
         return tag(
             "p",
-            "Not run: --no-logits, no source to compare with, or the layers check failed first.",
+            "Not run: the logits check was off, there was no source to compare with, or the layers check failed first.",
             cls="muted",
         )
     result = tag("p", join([badge(loader.get("passed"), "pass", "FAIL"), " ", loader.get("detail", "")]))

@@ -103,7 +103,10 @@ def test_a_failed_verification_still_writes_its_report(cli, artifact, tmp_path):
     }
     text = Parsed(report.read_text(encoding="utf-8")).all_text
     assert "FAILED" in text and "config.json does not match its sha256" in text
-    assert "Not run: --no-logits, no source to compare with, or the layers check failed first." in text
+    assert (
+        "Not run: the logits check was off, there was no source to compare with, or the layers check failed first."
+        in text
+    )
 
 
 def test_a_bad_report_path_is_refused_before_any_verify_work(cli, tmp_path):
@@ -119,7 +122,7 @@ def test_a_bad_report_path_is_refused_before_any_verify_work(cli, tmp_path):
         f"Error: {afile / 'r.html'}: {afile} is not a folder\n"
     )
     assert run_error(cli, "verify", tmp_path / "no-artifact", "--report", tmp_path) == (
-        f"Error: {tmp_path}: is a folder; --report takes the .html file to write\n"
+        f"Error: {tmp_path}: is a folder, not an .html file to write\n"
     )
     readonly = _unwritable_folder(tmp_path)
     assert run_error(cli, "verify", tmp_path / "no-artifact", "--report", readonly / "r.html") == (
