@@ -92,6 +92,16 @@ class RegistryUIServer(ThreadingHTTPServer):
             self.address_family = socket.AF_INET6
         super().__init__(address, RegistryUIHandler)
 
+    def host_allowed(self, host_header: str | None) -> bool:
+        """Whether a request naming ``host_header`` may be answered. Listening on loopback, only
+        loopback names are: a web page elsewhere could otherwise point a name of its own at
+        127.0.0.1 (DNS rebinding) and read the pages, local paths and all, from the browser."""
+        host = str(self.server_address[0])
+        if host_header is None or not (host.startswith("127.") or host == "::1"):
+            return True
+        name = urlsplit(f"//{host_header}").hostname or ""
+        return name in ("localhost", "::1") or name.startswith("127.")
+
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
@@ -134,6 +144,10 @@ class RegistryUIHandler(BaseHTTPRequestHandler):
         """Quiet: the terminal keeps the one line saying where the pages are."""
 
     def _answer(self, send_body: bool) -> None:
+        if not self.server.host_allowed(self.headers.get("Host")):
+            message = f"a page of {self.server.url} asked for as {self.headers.get('Host')}: refused"
+            self._send(421, error_page(421, message), send_body=send_body)
+            return
         url = urlsplit(self.path)
         query = parse_qs(url.query, keep_blank_values=True)
         try:

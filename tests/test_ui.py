@@ -73,8 +73,8 @@ class Page(HTMLParser):
         return "".join(self.text)
 
 
-def fetch(url: str, method: str = "GET") -> tuple[int, dict, str]:
-    request = urllib.request.Request(url, method=method)
+def fetch(url: str, method: str = "GET", headers: dict | None = None) -> tuple[int, dict, str]:
+    request = urllib.request.Request(url, method=method, headers=headers or {})
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             return response.status, dict(response.headers), response.read().decode("utf-8")
@@ -317,3 +317,12 @@ def test_a_registry_written_by_a_newer_qconv_is_shown_with_a_note(served, record
     page = Page(fetch(served)[2])
     assert len(page.rows) == 3
     assert "Written by a newer qconv (migration m099_future): shown as this qconv reads it." in page.all_text
+
+
+def test_a_page_asked_for_under_another_name_is_refused(served):
+    """DNS rebinding: a site whose name now points at 127.0.0.1 must not read the pages."""
+    status, _, html = fetch(served, headers={"Host": "evil.example:8765"})
+    assert status == 421 and f"a page of {served} asked for as evil.example:8765: refused" in html
+    port = served.rsplit(":", 1)[1].strip("/")
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}"):
+        assert fetch(served, headers={"Host": host})[0] == 200, host
