@@ -31,6 +31,8 @@ from qconv.progress import NO_PROGRESS, ProgressSink
 from qconv.registry import Registry, ResolvedArtifact, is_path_ref, open_registry, registry_path
 from qconv.registry import resolve_artifact as resolve_in
 from qconv.release import ReleasePlan, ReleaseReport, load_plan, release
+from qconv.report_html import check_report_path, write_verify_report
+from qconv.ui import DEFAULT_HOST, DEFAULT_PORT, RegistryUIServer, make_server
 from qconv.verify import VerifyReport, run_verify
 
 
@@ -249,3 +251,19 @@ class Qconv:
         without opening the registry."""
         path = Path(ref).expanduser() if is_path_ref(ref) else self.resolve(ref).path
         return load_model(path, device=device or self.device, dtype=dtype)
+
+    # -- pages for people ---------------------------------------------------------------------
+    def check_report_path(self, path: str | Path) -> Path:
+        """Refuse (UsageError) a path :meth:`write_verify_report` could not write: call it before
+        the verify work, so that a typo costs nothing (:mod:`qconv.report_html`)."""
+        return check_report_path(path)
+
+    def write_verify_report(self, path: str | Path, report: VerifyReport | dict[str, Any]) -> Path:
+        """A verify result as one self-contained HTML page at ``path``: the checks, the loader's
+        result, the per-layer error chart and the files (:mod:`qconv.report_html`)."""
+        return write_verify_report(path, report.to_dict() if isinstance(report, VerifyReport) else report)
+
+    def ui_server(self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> RegistryUIServer:
+        """This instance's registry as web pages, read-only, on ``host``:``port`` (0: any free
+        port; ``server.url`` says which): ``serve_forever()`` runs it (:mod:`qconv.ui`)."""
+        return make_server(registry_path(self.home), host, port)

@@ -12,7 +12,14 @@ sqlite-utils; open it with ``sqlite-utils`` or Datasette to explore it. Tables a
         registry.get_artifact(artifact_id[:6])
 """
 
-from qconv.registry.db import Registry, ResolvedArtifact, is_path_ref, open_registry, resolve_artifact
+from qconv.registry.db import (
+    Registry,
+    ResolvedArtifact,
+    is_path_ref,
+    open_registry,
+    open_registry_readonly,
+    resolve_artifact,
+)
 from qconv.registry.location import registry_path, user_data_dir
 from qconv.registry.manifest_rows import artifact_id
 
@@ -22,6 +29,7 @@ __all__ = [
     "artifact_id",
     "is_path_ref",
     "open_registry",
+    "open_registry_readonly",
     "registry_path",
     "resolve_artifact",
     "user_data_dir",

@@ -19,6 +19,7 @@ import re
 import shutil
 import sqlite3
 import time
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -99,6 +100,36 @@ def open_registry(path: str | Path | None = None) -> Registry:
             db.enable_wal()
         else:
             _prepare_schema(db)
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        if _is_not_a_database(exc):
+            raise RegistryError(f"{path}: not a qconv registry ({exc})") from exc
+        raise RegistryError(f"{path}: cannot open the registry ({exc})") from exc
+    except BaseException:
+        conn.close()
+        raise
+    return Registry(db, path, newer)
+
+
+def open_registry_readonly(path: str | Path | None = None) -> Registry:
+    """Open the registry at ``path`` (default :func:`registry_path`) for reading only: SQLite
+    itself refuses every write on this connection (``mode=ro``), and nothing is created or
+    migrated. Raises RegistryError when there is no registry there or the file is not one."""
+    path = Path(path).expanduser() if path is not None else registry_path()
+    if not path.is_file():
+        raise RegistryError(f"{path}: no registry there (nothing has been recorded yet)")
+    # a URI, so that mode=ro applies; the path quoted, as a file name may hold '?' or '#'
+    uri = f"file:{urllib.parse.quote(str(path.resolve()))}?mode=ro"
+    try:
+        conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S)
+    except sqlite3.Error as exc:
+        raise RegistryError(f"{path}: cannot open the registry ({exc})") from exc
+    try:
+        db = Database(conn)
+        _check_is_registry(db, path)
+        if not migrations.applied(db):
+            raise RegistryError(f"{path}: not a qconv registry (no tables)")
+        newer = _unknown_migrations(db)
     except sqlite3.DatabaseError as exc:
         conn.close()
         if _is_not_a_database(exc):

@@ -6,7 +6,7 @@ and 143 by SIGTERM (one line saying what was cleaned up and what was kept). ``--
 document on stdout; progress bars go to stderr, and only on a terminal.
 
 Each command lives in a module of this package by area (``convert``: convert and verify;
-``evaluate``: eval; ``registry``: ls, show, rm; ``hub``: push and release) and calls :class:`qconv.Qconv`;
+``evaluate``: eval; ``registry``: ls, show, rm; ``hub``: push and release; ``ui``: ui) and calls :class:`qconv.Qconv`;
 ``render`` draws what they show. The commands are added to the group here.
 """
 
@@ -40,7 +40,7 @@ if not os.environ.get("QCONV_DEBUG"):
 import warnings  # noqa: E402
 
 from qconv import __version__  # noqa: E402
-from qconv.cli import convert, evaluate, hub, registry  # noqa: E402  (after the environment above)
+from qconv.cli import convert, evaluate, hub, registry, ui  # noqa: E402  (after the environment above)
 from qconv.cli.render import fail  # noqa: E402
 from qconv.errors import QconvError, QconvWarning, Terminated, VerificationFailed  # noqa: E402
 
@@ -234,5 +234,6 @@ for command in (
     registry.remove,
     hub.push,
     hub.release,
+    ui.serve_ui,
 ):
     main.add_command(command)

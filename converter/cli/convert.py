@@ -186,13 +186,23 @@ def convert(
     help="Record a folder the registry does not know yet (converted with --no-record, or stopped "
     "while it was being recorded), with this result.",
 )
+@click.option(
+    "--report",
+    "report_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    metavar="FILE.html",
+    help="Also write the result as a self-contained HTML page (error chart, loader check, files).",
+)
 @json_option
-def verify(ref, source, device, max_rel_error, logits, record, as_json):
+def verify(ref, source, device, max_rel_error, logits, record, report_path, as_json):
     """Check an artifact (registry id, id prefix, or folder): file hashes, every layer's error,
     and the real loader's logits. A Hub source is reopened at its recorded commit from the
     Hugging Face cache (never downloaded: --source ORG/NAME@COMMIT does that)."""
     # the result is stored on the artifact's registry row, when it has one
     with progress_bars() as progress, Qconv(device=device, progress=progress) as api:
+        if report_path is not None:
+            api.check_report_path(report_path)  # before the work: a typo in the path costs nothing
         report = api.verify(ref, source=source, max_rel_error=max_rel_error, logits=logits, record=record)
     document = report.to_dict()
     if record:
@@ -203,5 +213,7 @@ def verify(ref, source, device, max_rel_error, logits, record, as_json):
         render_verify(document)
         if record:
             stdout.print(f"recorded as {report.artifact_id}")
+    if report_path is not None:  # also for a failed verification: that is when one looks
+        click.echo(f"wrote the report {api.write_verify_report(report_path, document)}", err=True)
     if not report.passed:
         raise VerificationFailed("the artifact failed verification", report)
