@@ -183,3 +183,35 @@ def test_recipe_defaults_and_labels():
 def test_unknown_method_lists_valid_ones():
     with pytest.raises(UsageError, match=r"unknown method 'gptq'; valid methods: .*bnb"):
         get_format("gptq")
+
+
+@pytest.mark.parametrize("tokens", [1, 7])
+def test_int8_inputs_are_what_bitsandbytes_multiplies(tokens):
+    """qconv's reference quantizes a bnb int8 layer's input as LLM.int8 does at run time
+    (formats/format_bnb.py int8_inputs): bitsandbytes' own Linear8bitLt with the stored bytes
+    gives the same output as the dequantized weight times int8_inputs(x), outlier columns
+    (|x| >= 6) and a zero row included, up to float32 rounding (bnb sums integer products and
+    rescales once; the reference multiplies dequantized floats)."""
+    import bitsandbytes as bnb
+
+    from qconv.formats.format_bnb import int8_inputs
+
+    torch.manual_seed(0)
+    weight, bias = torch.randn(48, 64) * 0.05, torch.randn(48) * 0.1
+    x = torch.randn(2, tokens, 64)
+    x[:, :, 5] *= 20  # an outlier column
+    x[0, 0, 9] = -7.5  # an outlier element in an otherwise ordinary column
+    if tokens > 1:
+        x[1, 2] = 0  # a zero row
+    layer = bnb.nn.Linear8bitLt(64, 48, bias=True, has_fp16_weights=False, threshold=6.0)
+    layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+    layer.bias = torch.nn.Parameter(bias)
+    layer = layer.to("cpu").eval()  # quantizes the weight as bnb stores it; eval: the inference path
+    stored = {"weight": layer.weight.data, "SCB": layer.weight.SCB}
+    with torch.no_grad():
+        expected = layer(x)
+    reference = int8_inputs(x) @ BNB.dequantize(stored, BNB.make_recipe({"bits": 8})).T + bias
+    torch.testing.assert_close(expected, reference, rtol=1e-4, atol=1e-4)
+    # without the outlier handling the difference is far larger than that: the test can fail
+    plain = int8_inputs(x, threshold=0.0) @ BNB.dequantize(stored, BNB.make_recipe({"bits": 8})).T + bias
+    assert (plain - expected).abs().max() > 1e-3
