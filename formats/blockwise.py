@@ -104,11 +104,15 @@ def calibration_set(context) -> CalibrationSet:
 
 class InputStatistics:
     """``H = X^T X / tokens`` of the inputs of Linears of ``block`` (``names`` under ``prefix``),
-    accumulated in float64 by forward pre-hooks from construction until :meth:`stop`."""
+    accumulated in float64 by forward pre-hooks from construction until :meth:`stop`. Linears
+    fed the very same tensor (a block's q/k/v projections, its gate and up projections) share
+    one sum: the product is computed once per input, not once per Linear."""
 
     def __init__(self, block: nn.Module, prefix: str, names: list[str]) -> None:
         self._sums: dict[str, torch.Tensor] = {}
         self._tokens: dict[str, int] = {}
+        self._alias: dict[str, str] = {}  # a Linear -> the one whose sum it shares
+        self._last: tuple[torch.Tensor, int, str] | None = None
         self._hooks = [
             block.get_submodule(name[len(prefix) :]).register_forward_pre_hook(
                 lambda module, args, name=name: self._add(name, args[0])
@@ -117,20 +121,32 @@ class InputStatistics:
         ]
 
     def _add(self, name: str, inputs: torch.Tensor) -> None:
+        last = self._last
+        if last is not None and last[0] is inputs and last[1] == inputs._version and last[2] != name:
+            target = self._alias.get(last[2], last[2])
+            if self._alias.setdefault(name, target) == target:
+                return  # the tensor the Linear before added, unchanged: already in the sum
+        self._last = (inputs, inputs._version, name)
+        owner = self._alias.setdefault(name, name)
         x = inputs.detach().reshape(-1, inputs.shape[-1]).to(torch.float64)
-        if name not in self._sums:
-            self._sums[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
-            self._tokens[name] = 0
-        self._sums[name].addmm_(x.t(), x)
-        self._tokens[name] += x.shape[0]
+        if owner not in self._sums:
+            self._sums[owner] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+            self._tokens[owner] = 0
+        self._sums[owner].addmm_(x.t(), x)
+        self._tokens[owner] += x.shape[0]
 
     def stop(self) -> None:
         for hook in self._hooks:
             hook.remove()
+        self._last = None
 
     def pop(self, name: str) -> torch.Tensor:
-        """``H`` of ``name`` in float32 (its float64 sum is released)."""
-        return (self._sums.pop(name) / self._tokens[name]).to(torch.float32)
+        """``H`` of ``name`` in float32 (the float64 sum is released with its last Linear)."""
+        owner = self._alias.pop(name)
+        h = (self._sums[owner] / self._tokens[owner]).to(torch.float32)
+        if owner not in self._alias.values():
+            del self._sums[owner]
+        return h
 
 
 #: ``quantize_block(block, prefix, names, hidden, kwargs, index, target, layers, blocks)``:
