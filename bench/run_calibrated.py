@@ -11,8 +11,7 @@ validation text) in the same stored formats:
 Each step runs through the CLI in its own process:
 
   convert  ``qconv convert GGUF -o OUT ... --device cpu --json``: the calibration stage's time
-           (``prepare_s``) and each layer's ``calibrate_s``, ``rel_output_error`` and
-           ``data_free_rel_output_error`` (manifest);
+           (``prepare_s``) and each layer's ``calibrate_s`` and ``rel_output_error`` (manifest);
   ppl      ``qconv eval OUT --max-windows 8 --device cpu --json``: wikitext-2 TEST perplexity over
            the first 8 windows of 2048 tokens (not the full protocol: a 2-core CPU), the artifact
            loaded by its real loader (``qconv.load_model`` for HQQ, stock transformers +
@@ -95,17 +94,11 @@ def run_case(name: str, gguf: Path, work: Path, home: Path, tokens: int, write) 
     }
     if calibrated:
         timed = [e["calibrate_s"] for e in layers.values() if "calibrate_s" in e]
-        pairs = [
-            (e["rel_output_error"], e["data_free_rel_output_error"])
-            for e in layers.values()
-            if "rel_output_error" in e
-        ]
+        errors = [e["rel_output_error"] for e in layers.values() if "rel_output_error" in e]
         case["calibrated_layers"] = len(timed)
         case["calibrate_s_per_layer_mean"] = sum(timed) / len(timed)
         case["prepare_s_per_layer"] = case["prepare_s"] / len(timed)
-        case["mean_rel_output_error"] = sum(p[0] for p in pairs) / len(pairs)
-        case["mean_data_free_rel_output_error"] = sum(p[1] for p in pairs) / len(pairs)
-        case["layers_below_data_free"] = sum(p[0] < p[1] for p in pairs)
+        case["mean_rel_output_error"] = sum(errors) / len(errors)
     write(case)
     started = time.perf_counter()
     evaluation = qconv("eval", str(out), "--max-windows", str(MAX_WINDOWS), "--device", "cpu", home=home)
@@ -124,7 +117,21 @@ def main() -> None:
     parser.add_argument("--cases", default=",".join(ORDER))
     parser.add_argument("--calib-tokens", type=int, default=CALIB_TOKENS)
     parser.add_argument("--gguf", type=Path, default=None)
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="*",
+        default=(),
+        help="only add these runs' cases to --out (parallel runs)",
+    )
     args = parser.parse_args()
+    if args.merge:
+        doc = json.loads(args.out.read_text()) if args.out.is_file() else {}
+        for part in args.merge:
+            other = json.loads(part.read_text())
+            doc = {**other, **doc, "cases": {**doc.get("cases", {}), **other.get("cases", {})}}
+        args.out.write_text(json.dumps(doc, indent=1) + "\n")
+        return
     gguf = args.gguf or smollm2_gguf()
     doc = json.loads(args.out.read_text()) if args.out.is_file() else {}
     doc.update(

@@ -41,9 +41,9 @@ DAMP = 0.01
 #: columns a lazy-batch block spans (GPTQ's 128), rounded to whole groups
 BLOCK = 128
 #: clipping ratios of a group's range searched (GPTQ's Quantizer grid: 1 down to 1 - maxshrink,
-#: maxshrink 0.8 in 100 steps there; 0.4 in 20 steps here, which already holds the optimum of
-#: 2- to 4-bit groups of 32-128 weights)
-RATIOS = tuple(round(1.0 - 0.02 * k, 2) for k in range(31))
+#: maxshrink 0.8 in 100 steps there; 1 down to 0.4 in steps of 0.04 here, the least-squares
+#: refinement below then moving the scale off the grid)
+RATIOS = tuple(round(1.0 - 0.04 * k, 2) for k in range(16))
 #: weighted least-squares refinements of a group's scale (and zero) after the ratio search
 REFINE_ROUNDS = 2
 
@@ -70,8 +70,7 @@ class Grid:
 @dataclass
 class GPTQResult:
     """``codes`` ``[out, in]`` (int32), ``scale`` / ``zero`` ``[out, groups]`` (float32 holding
-    the stored values; zero all 0 when symmetric), and the layer's output errors relative to
-    ``tr(W H W^T)``: this solution's and plain rounding's with the same group search (``rtn``)."""
+    the stored values; zero all 0 when symmetric)."""
 
     codes: torch.Tensor
     scale: torch.Tensor

@@ -10,8 +10,7 @@ block's inputs. The format's ``gptq_layer(weight, xtx, recipe)`` gives a layer's
 from its weights alone, as are Linears outside the blocks).
 
 Each layer's manifest entry gets ``rel_output_error``, ``tr((W - Q) H (W - Q)^T) / tr(W H W^T)``
-on the calibration inputs, and ``data_free_rel_output_error``, the same for the format's
-data-free quantizer on the same weight and H; each block its ``quantize_s``.
+on the calibration inputs, and ``calibrate_s``; each block its ``quantize_s``.
 """
 
 from __future__ import annotations
@@ -96,11 +95,8 @@ def prepare(context, fmt) -> CheckpointedBlocks:
             if tensors is None:
                 continue
             approx = fmt.dequantize(tensors, recipe)
-            working = weight.to(getattr(torch, recipe["dtype"]))
-            data_free = fmt.dequantize(fmt.quantize(working, recipe, device), recipe)
             layers[name] = {
                 "rel_output_error": output_error(weight, approx, xtx),
-                "data_free_rel_output_error": output_error(weight, data_free, xtx),
                 "calibrate_s": round(time.perf_counter() - started, 3),
             }
             assign_parameter(linear, "weight", approx.to(device=device, dtype=weight.dtype))

@@ -86,13 +86,38 @@ CALIBRATED = ["--device", "cpu", "--calibration", "wikitext2", "--calib-tokens",
 HQQ_ARGS = ["--method", "hqq", "--bits", "3", "--group-size", "64"]
 
 
-def _check_layers(manifest: dict, count: int) -> None:
-    """Every block Linear was calibrated, and its output error on the calibration inputs is
-    below the data-free solver's on the same weight and inputs."""
+def _check_layers(source, out, fmt, count: int) -> None:
+    """Every block Linear was calibrated; and on the first block (whose inputs quantization does
+    not change) each stored layer's output error under the calibration inputs' H, recomputed
+    here, is the manifest's and below the format's data-free quantizer's on the same weight."""
+    from torch import nn
+
+    from qconv.calibration import BlockRunner, load_calibration
+    from qconv.formats.blockwise import InputStatistics
+    from qconv.sources import open_source
+
+    manifest = json.loads((out / "qconv.json").read_text())
+    recipe = manifest["recipe"]
     calibrated = {name: e for name, e in manifest["layers"].items() if "rel_output_error" in e}
     assert len(calibrated) == count
-    for name, entry in calibrated.items():
-        assert entry["rel_output_error"] < entry["data_free_rel_output_error"], name
+    stored = load_file(str(out / "model.safetensors"))
+    prefix = "model.layers.0."
+    with open_source(str(source)) as src:
+        calib = load_calibration(src, "wikitext2", 1024, 256)
+        runner = BlockRunner(src, torch.device("cpu"))
+        hidden, kwargs = runner.first_inputs(calib.ids)
+        block = runner.load_block(0)
+        names = [prefix + n for n, m in block.named_modules() if isinstance(m, nn.Linear)]
+        statistics = InputStatistics(block, prefix, names)
+        BlockRunner.run(block, hidden, kwargs[0])
+        statistics.stop()
+        for name in names:
+            weight, xtx = block.get_submodule(name[len(prefix) :]).weight.detach(), statistics.pop(name)
+            tensors = {k[len(name) + 1 :]: v for k, v in stored.items() if k.startswith(name + ".")}
+            error = output_error(weight, fmt.dequantize(tensors, recipe), xtx)
+            assert error == pytest.approx(calibrated[name]["rel_output_error"], rel=1e-4), name
+            data_free = fmt.quantize(weight.to(torch.bfloat16), recipe, torch.device("cpu"))
+            assert error < 0.8 * output_error(weight, fmt.dequantize(data_free, recipe), xtx), name
 
 
 def test_calibrated_hqq_loads_in_hqq_and_qconv_and_records_its_calibration(cli, tiny_llama_text, tmp_path):
@@ -108,7 +133,7 @@ def test_calibrated_hqq_loads_in_hqq_and_qconv_and_records_its_calibration(cli, 
     recipe = manifest["recipe"]
     assert recipe["label"] == "hqq 3-bit g64 gptq" and recipe["solver"] == "gptq"
     assert recipe["calibration"] == {"text": "wikitext2-validation", "tokens": 1024, "seqlen": 256}
-    _check_layers(manifest, 21)
+    _check_layers(tiny_llama_text, out, HQQ, 21)
     assert not (tmp_path / ".out.qconv-checkpoint").exists()
 
     # hqq's own HQQLinear reads every calibrated layer to the same weights as qconv's reference
@@ -139,7 +164,7 @@ def test_calibrated_compressed_tensors_loads_in_stock_transformers(cli, tiny_lla
     recipe = json.loads((out / "qconv.json").read_text())["recipe"]
     assert doc["verify"]["logits"]["loader_rel_diff"] < CT.loader_tolerance(recipe)
     assert recipe["label"] == f"compressed-tensors {scheme} g64 gptq"
-    _check_layers(json.loads((out / "qconv.json").read_text()), 21)
+    _check_layers(tiny_llama_text, out, CT, 21)
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert config["config_groups"]["group_0"]["weights"]["group_size"] == 64
 
