@@ -109,6 +109,25 @@ def run_case(name: str, gguf: Path, work: Path, home: Path, tokens: int, write) 
     return case
 
 
+def summarize(doc: dict) -> None:
+    """Per format, the two perplexities side by side (what the issue's goals compare)."""
+    cases = doc.get("cases", {})
+    summary = {}
+    for name in cases:
+        if not name.endswith("-gptq"):
+            continue
+        base = name[: -len("-gptq")]
+        baseline = next((c for c in (f"{base}-data-free", f"{base}-rtn") if c in cases), None)
+        summary[base] = {
+            "calibrated_ppl": cases[name].get("perplexity"),
+            "data_free": baseline,
+            "data_free_ppl": cases.get(baseline, {}).get("perplexity"),
+            "calibration_s": cases[name].get("prepare_s"),
+            "calibrate_s_per_layer_mean": cases[name].get("calibrate_s_per_layer_mean"),
+        }
+    doc["summary"] = summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -130,6 +149,7 @@ def main() -> None:
         for part in args.merge:
             other = json.loads(part.read_text())
             doc = {**other, **doc, "cases": {**doc.get("cases", {}), **other.get("cases", {})}}
+        summarize(doc)
         args.out.write_text(json.dumps(doc, indent=1) + "\n")
         return
     gguf = args.gguf or smollm2_gguf()
@@ -154,6 +174,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:
+        summarize(doc)
         tmp = args.out.with_suffix(".tmp")
         tmp.write_text(json.dumps(doc, indent=1) + "\n")
         os.replace(tmp, args.out)
