@@ -297,3 +297,17 @@ def test_data_free_recipes_are_unchanged():
         CT.make_recipe({"calibration": "none", "calib_tokens": 2048})
     aqlm = get_format("aqlm").make_recipe({"calibration": "wikitext2"})
     assert aqlm["calibration"]["text"] == "wikitext2-validation"
+
+
+def test_hqq_groups_spanning_rows_fall_back_to_the_data_free_solver(cli, tiny_llama_text, tmp_path):
+    """Groups of 256 over 128 inputs span two output rows: GPTQ's column walk cannot follow
+    them, so those layers are quantized from their weights alone; down_proj (256 inputs) is
+    calibrated."""
+    out = tmp_path / "out"
+    args = ["--method", "hqq", "--bits", "4", "--group-size", "256", *CALIBRATED]
+    _, doc = cli.json("convert", tiny_llama_text, "-o", out, *args)
+    assert doc["verify"]["passed"], doc["verify"]
+    layers = json.loads((out / "qconv.json").read_text())["layers"]
+    calibrated = sorted(name for name, entry in layers.items() if "rel_output_error" in entry)
+    assert calibrated == [f"model.layers.{i}.mlp.down_proj" for i in range(3)]
+    assert len(layers) == 21
