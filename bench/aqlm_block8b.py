@@ -211,6 +211,7 @@ class PhaseClock:
         import qconv.calibration as calibration
         import qconv.formats.aqlm_calibrated as calibrated
         import qconv.formats.aqlm_solver as solver
+        import qconv.formats.blockwise as blockwise
 
         clock = self
         runner = calibration.BlockRunner
@@ -230,10 +231,10 @@ class PhaseClock:
         run = runner.run  # a staticmethod: the plain function
         forward = self.timed(lambda c: "source_forward_s" if c.in_block else "next_inputs_s", run)
         self.patch(runner, "run", staticmethod(forward))
-        statistics = calibrated.InputStatistics
+        statistics = blockwise.InputStatistics
         self.patch(statistics, "_add", self.timed("xtx_add_s", statistics._add))  # inside the forward
         self.patch(statistics, "pop", self.timed("xtx_pop_s", statistics.pop))
-        self.patch(calibrated, "load_calibration", self.timed("tokenize_s", calibrated.load_calibration))
+        self.patch(blockwise, "load_calibration", self.timed("tokenize_s", blockwise.load_calibration))
         self.patch(solver, "initialise", self.timed("init_s", solver.initialise))
         self.patch(solver, "beam_search", self.timed("beam_search_s", solver.beam_search))
         self.patch(solver.AdamSteps, "run", self.timed("adam_s", solver.AdamSteps.run))
@@ -242,7 +243,7 @@ class PhaseClock:
         def written(c):  # the checkpoint's state.json, first written before the block starts
             return "checkpoint_write_s" if c.block_start is not None else "checkpoint_open_s"
 
-        self.patch(calibrated, "_write_atomic", self.timed(written, calibrated._write_atomic))
+        self.patch(blockwise, "write_atomic", self.timed(written, blockwise.write_atomic))
         quantize_layer = calibrated.quantize_layer
 
         def timed_quantize_layer(weight, xtx, recipe, generator):

@@ -66,7 +66,7 @@ def layer_inputs(gguf: str, layer: str, tokens: int, device: torch.device):
     """H = X^T X / n of ``layer``'s inputs on the calibration text, with the source blocks run
     up to its block, and the layer's weight (float32)."""
     from qconv.calibration import BlockRunner, load_calibration
-    from qconv.formats.aqlm_calibrated import InputStatistics
+    from qconv.formats.blockwise import InputStatistics
     from qconv.sources import open_source
 
     source = open_source(gguf)

@@ -25,6 +25,8 @@ from qconv.files import FLOAT_DTYPES
 from qconv.modeling import ModelSource, assign_parameter, parameters_on_meta
 
 DEFAULT_TEXT = "wikitext2-validation"
+#: what ``--calibration`` also accepts for the shipped text
+DEFAULT_TEXT_ALIASES = (DEFAULT_TEXT, "wikitext2")
 DEFAULT_TEXT_FILE = "wikitext2-validation.txt"
 DEFAULT_SEQLEN = 2048
 DEFAULT_TOKENS = 131_072  # 64 sequences of 2048 tokens
@@ -32,6 +34,12 @@ DEFAULT_TOKENS = 131_072  # 64 sequences of 2048 tokens
 
 def default_text_path() -> Path:
     return Path(str(resources.files("qconv").joinpath("data", DEFAULT_TEXT_FILE)))
+
+
+def calibration_text(text: str | None) -> str:
+    """``--calibration``'s value as recipes record it: the shipped text's name for any of its
+    aliases (and None), else the path as given."""
+    return DEFAULT_TEXT if text is None or text in DEFAULT_TEXT_ALIASES else text
 
 
 @dataclass
@@ -46,7 +54,8 @@ def load_calibration(source: ModelSource, text: str | None, tokens: int, seqlen:
     text (deterministic: the same text gives the same sequences)."""
     from transformers import AutoTokenizer
 
-    path = default_text_path() if text in (None, DEFAULT_TEXT) else Path(text).expanduser()
+    shipped = calibration_text(text) == DEFAULT_TEXT
+    path = default_text_path() if shipped else Path(text).expanduser()
     try:
         data = path.read_bytes()
         content = data.decode("utf-8")
@@ -90,7 +99,7 @@ def load_calibration(source: ModelSource, text: str | None, tokens: int, seqlen:
     windows = ids[: available * seqlen].view(available, seqlen)
     picked = torch.linspace(0, available - 1, count).round().long().unique()
     fingerprint = {
-        "text": DEFAULT_TEXT if text in (None, DEFAULT_TEXT) else str(path),
+        "text": DEFAULT_TEXT if shipped else str(path),
         "sha256": hashlib.sha256(data).hexdigest(),
         "bytes": len(data),
         "sequences": int(picked.numel()),

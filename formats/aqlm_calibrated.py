@@ -20,25 +20,26 @@ uninterrupted one (on the CPU; a GPU's kernels may differ in the last bits).
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from qconv.calibration import BlockRunner, call_block, load_calibration
-from qconv.errors import UsageError
-from qconv.files import fsync_path
+from qconv.calibration import BlockRunner, call_block
 from qconv.formats.aqlm_layout import solver_state, stored_tensors
 from qconv.formats.aqlm_solver import LayerCodes, decode, quantize_layer
-from qconv.formats.base import Prepared
-from qconv.modeling import assign_parameter, context_length
+from qconv.formats.blockwise import (
+    CheckpointedBlocks,
+    InputStatistics,
+    Walk,
+    calibration_set,
+    walk_blocks,
+)
+from qconv.modeling import assign_parameter
 
-STATE_FILE = "state.json"
+STORED_SUFFIXES = ("codes", "codebooks", "scales")
 FINETUNE_BETAS = (0.9, 0.95)  # the reference's --finetune_adam_beta1/2 defaults
 
 
@@ -71,167 +72,29 @@ class AQLMLinear(nn.Module):
         return cls(LayerCodes(*(t.to(device) for t in (state.codes, state.codebooks, state.scales))), bias)
 
 
-class CalibratedAQLM(Prepared):
+class CalibratedAQLM(CheckpointedBlocks):
     """The result of the calibration stage: each quantized module's stored tensors and the
     fine-tuned norm weights, read back from the checkpoint folder by the streaming writer."""
 
-    def __init__(
-        self, folder: Path, calibration: dict[str, Any], where: dict[str, int], layers: dict
-    ) -> None:
-        # where: the block index holding each quantized module's tensors and each tuned norm;
-        # layers: per quantized module its fitting statistics (so its keys are those modules)
-        self.folder, self.calibration, self._where, self.layers = folder, calibration, where, layers
-        self._cache: tuple[int, dict[str, torch.Tensor]] | None = None
-
-    def _block(self, index: int) -> dict[str, torch.Tensor]:
-        if self._cache is None or self._cache[0] != index:
-            self._cache = (index, load_file(str(self.folder / block_file(index))))
-        return self._cache[1]
-
-    def packed(self, module: str) -> dict[str, torch.Tensor] | None:
-        """The stored tensors of ``module``; None for a Linear outside the decoder blocks (the
-        format quantizes those without calibration data)."""
-        if module not in self.layers:
-            return None
-        tensors = self._block(self._where[module])
-        return {s: tensors[f"{module}.{s}"] for s in ("codes", "codebooks", "scales")}
-
-    def replacement(self, name: str) -> torch.Tensor | None:
-        index = self._where.get(name)  # tensor names never equal module names: no clash
-        return None if index is None else self._block(index)[name]
-
-    def layer_stats(self, module: str) -> dict[str, Any]:
-        return self.layers.get(module, {})
-
-
-def block_file(index: int) -> str:
-    return f"block-{index:05d}.safetensors"
-
-
-def checkpoint_key(source, recipe: dict, calibration: dict) -> str:
-    """What must match for a checkpoint to be resumed: source tensors, recipe, calibration."""
-    identity = {
-        "source": source.ref,
-        "tensors": [[t.name, list(t.shape), str(t.dtype)] for t in source.tensors()],
-        "recipe": {k: v for k, v in recipe.items() if k != "label"},
-        "calibration": calibration,
-    }
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-
-
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    fsync_path(tmp)
-    os.replace(tmp, path)
+    def __init__(self, folder: Path, calibration: dict[str, Any], walk: Walk) -> None:
+        super().__init__(folder, calibration, walk, list(STORED_SUFFIXES))
 
 
 def prepare(context) -> CalibratedAQLM:
-    recipe, device, folder = context.recipe, context.device, context.checkpoint
-    calibration_recipe = recipe["calibration"]
-    limit = context_length(context.source.hf_config())
-    if limit and calibration_recipe["seqlen"] > limit:
-        # a model that cannot attend past `limit` positions (learned or tabulated position
-        # embeddings) gets sequences of that length, as many more of them; the manifest says so
-        calibration_recipe["seqlen"] = limit
-    calib = load_calibration(
-        context.source, calibration_recipe["text"], calibration_recipe["tokens"], calibration_recipe["seqlen"]
-    )
-    key = checkpoint_key(context.source, recipe, calib.fingerprint)
-    state = _open_checkpoint(folder, key, context.resume)
-    quantized = {t.module: t for t in context.plan.quantized}
-    runner = BlockRunner(context.source, device)
+    recipe, device = context.recipe, context.device
+    calib = calibration_set(context)
     nbits = recipe["nbits_per_codebook"]
 
-    hidden, kwargs_per_block = runner.first_inputs(calib.ids)
-    scratch = torch.empty_like(hidden)
-    where: dict[str, int] = {}
-    layers: dict[str, dict] = dict(state.get("layers", {}))
-    blocks: dict[str, dict] = dict(state.get("blocks", {}))
-    progress = context.progress
-    progress.start("calibrate", len(quantized), "layers")
-    for index in range(len(runner)):
-        prefix = runner.block_name(index) + "."
-        names = [m for m in quantized if m.startswith(prefix)]
-        block = runner.load_block(index)
-        kwargs = kwargs_per_block[index]
-        done = index < state["blocks_done"]
-        if done:
-            stored = load_file(str(folder / block_file(index)))
-            _install_stored(block, prefix, names, stored, nbits, device)
-        else:
-            stored = _quantize_block(
-                block, prefix, names, hidden, kwargs, recipe, index, layers, blocks, scratch
-            )
-            _write_atomic(folder / block_file(index), lambda p, s=stored: save_file(s, str(p)))
-            state["blocks_done"] = index + 1
-            state["layers"], state["blocks"] = layers, blocks
-            _write_atomic(folder / STATE_FILE, lambda p: p.write_text(json.dumps(state, indent=1)))
-        for name in stored:
-            owner = name.rsplit(".", 1)[0]
-            where[owner if owner in quantized else name] = index
-        with torch.no_grad():
-            BlockRunner.run(block, hidden, kwargs, out=scratch)
-        hidden, scratch = scratch, hidden
-        del block
-        progress.advance("calibrate", len(names))
-    progress.finish("calibrate")
+    def quantize_block(block, prefix, names, hidden, kwargs, index, target, layers, blocks):
+        return _quantize_block(block, prefix, names, hidden, kwargs, recipe, index, layers, blocks, target)
+
+    def install_stored(block, prefix, names, stored):
+        _install_stored(block, prefix, names, stored, nbits, device)
+
+    walk = walk_blocks(context, calib, quantize_block, install_stored)
+    blocks = walk.blocks
     calibration = {**calib.fingerprint, "blocks": blocks} if blocks else dict(calib.fingerprint)
-    return CalibratedAQLM(folder, calibration, where, layers)
-
-
-def _open_checkpoint(folder: Path, key: str, resume: bool) -> dict:
-    state_path = folder / STATE_FILE
-    if folder.exists() and resume and state_path.is_file():
-        try:
-            state = json.loads(state_path.read_text())
-        except (OSError, json.JSONDecodeError):
-            raise UsageError(
-                f"{folder}: the checkpoint's {STATE_FILE} is unreadable; delete the folder"
-            ) from None
-        if state.get("key") != key:
-            raise UsageError(
-                f"{folder}: the checkpoint was made from another source, recipe or calibration text; "
-                "delete it or convert without --resume into another folder"
-            )
-        return state
-    folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.iterdir():  # a fresh start (no --resume, or nothing to resume)
-        stale.unlink()
-    state = {"key": key, "blocks_done": 0, "layers": {}}
-    _write_atomic(state_path, lambda p: p.write_text(json.dumps(state, indent=1)))
-    return state
-
-
-class InputStatistics:
-    """``H = X^T X / tokens`` of the inputs of Linears of ``block`` (``names`` under ``prefix``),
-    accumulated in float64 by forward pre-hooks from construction until :meth:`stop`."""
-
-    def __init__(self, block: nn.Module, prefix: str, names: list[str]) -> None:
-        self._sums: dict[str, torch.Tensor] = {}
-        self._tokens: dict[str, int] = {}
-        self._hooks = [
-            block.get_submodule(name[len(prefix) :]).register_forward_pre_hook(
-                lambda module, args, name=name: self._add(name, args[0])
-            )
-            for name in names
-        ]
-
-    def _add(self, name: str, inputs: torch.Tensor) -> None:
-        x = inputs.detach().reshape(-1, inputs.shape[-1]).to(torch.float64)
-        if name not in self._sums:
-            self._sums[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
-            self._tokens[name] = 0
-        self._sums[name].addmm_(x.t(), x)
-        self._tokens[name] += x.shape[0]
-
-    def stop(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
-
-    def pop(self, name: str) -> torch.Tensor:
-        """``H`` of ``name`` in float32 (its float64 sum is released)."""
-        return (self._sums.pop(name) / self._tokens[name]).to(torch.float32)
+    return CalibratedAQLM(context.checkpoint, calibration, walk)
 
 
 def _quantize_block(

@@ -70,7 +70,7 @@ class PrepareContext:
 
 
 class Prepared:
-    """The result of a preparation stage (interface; formats/aqlm_calibrated.py implements it)."""
+    """The result of a preparation stage (interface; formats/blockwise.py implements it for the calibrated methods)."""
 
     #: recorded in the manifest's ``calibration`` (which text, its sha256, how many tokens...)
     calibration: dict[str, Any] | None = None

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from qconv.calibration import DEFAULT_SEQLEN, DEFAULT_TEXT, DEFAULT_TOKENS
+from qconv.calibration import DEFAULT_SEQLEN, DEFAULT_TOKENS, calibration_text
 from qconv.errors import SourceError, UsageError
 from qconv.formats.aqlm_calibrated import prepare
 from qconv.formats.aqlm_layout import (
@@ -94,8 +94,8 @@ class AQLMFormat(QuantFormat):
                 Option(
                     "calibration",
                     str,
-                    "aqlm: calibration text file (default: WikiText-2 validation, shipped), or 'none' "
-                    "for the data-free quantizer",
+                    "aqlm: calibration text file (default: WikiText-2 validation, shipped, also named "
+                    "'wikitext2'), or 'none' for the data-free quantizer",
                 ),
                 Option("calib_tokens", int, f"aqlm: calibration tokens (default {DEFAULT_TOKENS:,})"),
                 Option(
@@ -139,7 +139,7 @@ class AQLMFormat(QuantFormat):
                 )
             tokens = tokens or DEFAULT_TOKENS
             seqlen = min(DEFAULT_SEQLEN, tokens)
-            calibration = {"text": text or DEFAULT_TEXT, "tokens": tokens, "seqlen": seqlen}
+            calibration = {"text": calibration_text(text), "tokens": tokens, "seqlen": seqlen}
         return {
             "method": self.name,
             "scheme": scheme,

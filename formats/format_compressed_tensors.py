@@ -34,8 +34,9 @@ from typing import Any
 import torch
 
 from qconv.errors import ArtifactError, SourceError, UsageError
-from qconv.formats import ct_layout, ct_solver
+from qconv.formats import ct_layout, ct_solver, uniform_calibrated
 from qconv.formats.base import Option, PrepareContext, Prepared, QuantFormat, check_choice, register
+from qconv.formats.gptq import Grid, quantize_gptq
 
 DEFAULT_SCHEME = "W4A16"
 #: rtn: llm-compressor's round to nearest; hqq: ct_solver.py (integer schemes)
@@ -95,6 +96,7 @@ class CompressedTensorsFormat(QuantFormat):
                     "solver on the same grid: lower weight error, never above rtn's per layer)",
                     default="rtn",
                 ),
+                *uniform_calibrated.calibration_options("compressed-tensors"),
             ),
         )
         #: the hqq solver's comparison with rtn for the layer ``quantize`` solved last (read by
@@ -140,13 +142,36 @@ class CompressedTensorsFormat(QuantFormat):
         }
         if given["solver"] == "hqq":
             recipe["hqq"] = ct_solver.solver_settings()  # what ran, for the manifest
+        calibration = uniform_calibrated.calibration_recipe(given)
+        if calibration is None:
+            return recipe
+        if scheme.weight_type != "int":
+            raise UsageError(
+                f"{{method}}: {{option}} does not apply to {name}: its weights are cast to FP8, "
+                "no grid to fit",
+                option="calibration",
+                method=self.name,
+            )
+        if given["solver"] != "rtn":
+            raise UsageError(
+                "{method}: {option} {value} is data-free; with --calibration the solver is GPTQ",
+                option="solver",
+                value=given["solver"],
+                method=self.name,
+            )
+        recipe.update(
+            solver=uniform_calibrated.SOLVER,
+            calibration=calibration,
+            gptq=uniform_calibrated.solver_settings(),
+        )
         return recipe
 
     def label(self, recipe: dict) -> str:
         scheme = ct_layout.SCHEMES[recipe["scheme"]]
         group = recipe["group_size"]
         suffix = f" g{group}" if group is not None and group != scheme.group_size else ""
-        return f"compressed-tensors {recipe['scheme']}{suffix}"
+        calibrated = " gptq" if recipe.get("calibration") else ""
+        return f"compressed-tensors {recipe['scheme']}{suffix}{calibrated}"
 
     def skip_reason(self, module_name: str, shape: tuple[int, ...], recipe: dict) -> str | None:
         if len(shape) != 2:
@@ -185,6 +210,8 @@ class CompressedTensorsFormat(QuantFormat):
         }
 
     def prepare(self, context: PrepareContext) -> Prepared | None:
+        if context.recipe.get("calibration"):
+            return uniform_calibrated.prepare(context, self)
         # nothing to prepare: the hqq solver's comparison with rtn reaches the manifest through
         # Prepared.layer_stats, the pipeline's one hook for extra per-layer numbers
         if context.recipe["solver"] != "hqq":
@@ -207,16 +234,25 @@ class CompressedTensorsFormat(QuantFormat):
             quantized = solved.quantized
         else:
             quantized = ct_layout.quantize_rtn(weight.to(_dtype(recipe)), scheme, recipe["group_size"])
-        if scheme.format != "pack-quantized":
-            return {"weight": quantized.codes, "weight_scale": quantized.scale}
-        out = {
-            "weight_packed": ct_layout.pack_int32(quantized.codes, scheme.bits),
-            "weight_scale": quantized.scale,
-            "weight_shape": torch.tensor(list(weight.shape), dtype=torch.int64, device=weight.device),
-        }
-        if quantized.zero_point is not None:
-            out["weight_zero_point"] = ct_layout.pack_int32(quantized.zero_point, scheme.bits, packed_dim=0)
-        return out
+        return _stored_tensors(quantized, scheme, weight)
+
+    def gptq_layer(self, weight: torch.Tensor, xtx: torch.Tensor, recipe: dict) -> dict[str, torch.Tensor]:
+        """GPTQ's numbers for one layer on the scheme's grid (formats/gptq.py): llm-compressor's
+        code range, scales in the checkpoint's dtype, integer zero points (asymmetric), the
+        range of a group always holding 0 as llm-compressor's ``calculate_qparams`` keeps it."""
+        scheme = ct_layout.SCHEMES[recipe["scheme"]]
+        q_min, q_max = (int(v) for v in ct_layout.code_range(scheme))
+        size = weight.shape[1] if scheme.strategy == "channel" else recipe["group_size"]
+        grid = Grid(
+            q_min, q_max, scheme.symmetric, "int", _dtype(recipe), (q_max - q_min) / 2, holds_zero=True
+        )
+        result = quantize_gptq(weight, xtx, size, grid)
+        quantized = ct_layout.Quantized(
+            result.codes.to(torch.int8),
+            result.scale.to(_dtype(recipe)),
+            None if scheme.symmetric else result.zero.to(torch.int8),
+        )
+        return _stored_tensors(quantized, scheme, weight)
 
     def dequantize(self, tensors: dict[str, torch.Tensor], recipe: dict) -> torch.Tensor:
         scheme = ct_layout.SCHEMES[recipe["scheme"]]
@@ -307,6 +343,22 @@ class SolverComparison(Prepared):
     def layer_stats(self, module: str) -> dict[str, Any]:
         stats, self._fmt.last_solver_stats = self._fmt.last_solver_stats, {}
         return stats
+
+
+def _stored_tensors(
+    quantized: ct_layout.Quantized, scheme: ct_layout.Scheme, weight: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """One layer's numbers as the scheme's compressor stores them."""
+    if scheme.format != "pack-quantized":
+        return {"weight": quantized.codes, "weight_scale": quantized.scale}
+    out = {
+        "weight_packed": ct_layout.pack_int32(quantized.codes, scheme.bits),
+        "weight_scale": quantized.scale,
+        "weight_shape": torch.tensor(list(weight.shape), dtype=torch.int64, device=weight.device),
+    }
+    if quantized.zero_point is not None:
+        out["weight_zero_point"] = ct_layout.pack_int32(quantized.zero_point, scheme.bits, packed_dim=0)
+    return out
 
 
 def _has_zero_points(folder) -> bool:

@@ -26,7 +26,9 @@ import torch
 from torch import nn
 
 from qconv.errors import SourceError, UsageError
-from qconv.formats.base import Option, QuantFormat, check_choice, register
+from qconv.formats import uniform_calibrated
+from qconv.formats.base import Option, PrepareContext, Prepared, QuantFormat, check_choice, register
+from qconv.formats.gptq import Grid, quantize_gptq
 from qconv.formats.hqq_layout import (
     BITS,
     BOOL_FIELDS,
@@ -134,11 +136,13 @@ class HQQFormat(QuantFormat):
                     # no choices here: compressed-tensors declares --solver too (rtn, hqq);
                     # make_recipe checks the value with the same message
                 ),
+                *uniform_calibrated.calibration_options("hqq"),
             ),
         )
 
     def make_recipe(self, options: dict[str, Any]) -> dict[str, Any]:
         given = self.given_options(options)
+        calibration = uniform_calibrated.calibration_recipe(given)
         bits = given["bits"] or 4
         check_choice(self, "bits", bits, BITS)
         group_size = given["group_size"] or 64
@@ -153,7 +157,7 @@ class HQQFormat(QuantFormat):
         axis = 1 if given["axis"] is None else given["axis"]
         if given["solver"] is not None:
             check_choice(self, "solver", given["solver"], SOLVERS)
-        return {
+        recipe = {
             "method": self.name,
             "bits": bits,
             "group_size": group_size,
@@ -167,10 +171,38 @@ class HQQFormat(QuantFormat):
             "kappa": KAPPA,
             "iters": ITERS,
         }
+        if calibration is None:
+            return recipe
+        if given["solver"] is not None:
+            raise UsageError(
+                "{method}: {option} {value} is data-free; with --calibration the solver is GPTQ",
+                option="solver",
+                value=given["solver"],
+                method=self.name,
+            )
+        if axis != 1:
+            # GPTQ walks the input columns; axis-0 groups run along the outputs of a column set
+            # that depends on the layer's shape, so their scales could not follow the walk
+            raise UsageError(
+                "{method}: {option} {value} cannot be calibrated (GPTQ needs groups along the inputs, "
+                "axis 1)",
+                option="axis",
+                value=axis,
+                method=self.name,
+            )
+        # a calibrated zero is any float (hqq stores it so): not rounded, whatever the bits
+        recipe.update(
+            solver=uniform_calibrated.SOLVER,
+            round_zero=False,
+            calibration=calibration,
+            gptq=uniform_calibrated.solver_settings(),
+        )
+        return recipe
 
     def label(self, recipe: dict) -> str:
         axis = "" if recipe["axis"] == 1 else " axis0"
-        return f"hqq {recipe['bits']}-bit g{recipe['group_size']}{axis}"
+        calibrated = " gptq" if recipe.get("calibration") else ""
+        return f"hqq {recipe['bits']}-bit g{recipe['group_size']}{axis}{calibrated}"
 
     def skip_reason(self, module_name: str, shape: tuple[int, ...], recipe: dict) -> str | None:
         group = recipe["group_size"]
@@ -232,6 +264,27 @@ class HQQFormat(QuantFormat):
             beta=recipe["beta"],
             iters=recipe["iters"],
         )
+
+    def prepare(self, context: PrepareContext) -> Prepared | None:
+        if not context.recipe.get("calibration"):
+            return None
+        return uniform_calibrated.prepare(context, self)
+
+    def gptq_layer(
+        self, weight: torch.Tensor, xtx: torch.Tensor, recipe: dict
+    ) -> dict[str, torch.Tensor] | None:
+        """GPTQ's numbers for one layer in hqq's layout (formats/gptq.py): codes 0..2^bits-1, a
+        float zero and a scale per group, both as stored; None when the groups would span
+        output rows (the group size does not divide the inputs)."""
+        out_features, in_features = weight.shape
+        group = recipe["group_size"]
+        if in_features % group:
+            return None
+        grid = Grid(0, 2 ** recipe["bits"] - 1, False, "float", scale_dtype(recipe))
+        result = quantize_gptq(weight, xtx, group, grid)
+        codes = result.codes.to(torch.uint8).reshape(-1, group)
+        scale, zero = result.scale.reshape(-1, 1), result.zero.reshape(-1, 1)
+        return layer_tensors(codes, scale, zero, recipe, (out_features, in_features))
 
     def quantize(self, weight: torch.Tensor, recipe: dict, device: torch.device) -> dict[str, torch.Tensor]:
         params = self.solver_params(recipe)

