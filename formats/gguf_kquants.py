@@ -121,11 +121,14 @@ def _as_int(t: torch.Tensor) -> torch.Tensor:
 
 
 def _make_qkx2_quants(
-    x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool
+    x: torch.Tensor, w: torch.Tensor | None, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ggml-quants.c make_qkx2_quants over rows of ``x`` [B, n] with weights ``w``:
-    (scale [B], the_min [B] (>= 0, subtracted), codes [B, n] as float)."""
-    x, w = x.T.contiguous(), w.T.contiguous()  # [n, B]
+    """ggml-quants.c make_qkx2_quants over rows of ``x`` [B, n] with weights ``w`` (None: all 1,
+    whose products are skipped: 1*v is v exactly): (scale [B], the_min [B] (>= 0, subtracted),
+    codes [B, n] as float)."""
+    unit = w is None
+    x = x.T.contiguous()  # [n, B]
+    w = torch.ones_like(x) if unit else w.T.contiguous()
     n = x.shape[0]
     diff = torch.empty_like(x)
     sums = torch.empty((n, 3, x.shape[1]), dtype=x.dtype, device=x.device)
@@ -137,13 +140,13 @@ def _make_qkx2_quants(
     def error(scale: torch.Tensor, codes: torch.Tensor, mn: torch.Tensor) -> torch.Tensor:
         # sum of w * (scale*l + min - x)^2 (or |.|), in C's order
         torch.mul(codes, scale, out=diff).add_(mn).sub_(x)
-        (diff.abs_() if use_mad else diff.mul_(diff)).mul_(w)
-        return _seqsum(diff)
+        per_value = diff.abs_() if use_mad else diff.mul_(diff)
+        return _seqsum(per_value if unit else per_value.mul_(w))
 
     mn = x.amin(0).clamp(max=0.0)  # if (min > 0) min = 0
     mx = x.amax(0)
     sum_w = _seqsum(w)
-    sum_x = _seqsum(w * x)
+    sum_x = _seqsum(x if unit else w * x)
     flat = mx == mn  # max == min (after min was clamped to 0): all codes 0
     span = mx - mn
     iscale = _const(span, nmax) / span
@@ -159,7 +162,10 @@ def _make_qkx2_quants(
         span = mx - mn
         iscale = _const(span, factor) / span
         codes_for(iscale, mn, aux)
-        torch.mul(w, aux, out=sums[:, 0])
+        if unit:
+            sums[:, 0].copy_(aux)
+        else:
+            torch.mul(w, aux, out=sums[:, 0])
         torch.mul(sums[:, 0], aux, out=sums[:, 1])
         torch.mul(sums[:, 0], x, out=sums[:, 2])
         sum_l, sum_l2, sum_xl = _seqsum(sums)
@@ -196,15 +202,18 @@ def _signed_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return value, value.abs()
 
 
-def _make_qx_quants(x: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """ggml-quants.c make_qx_quants (rmse_type 1 with w = x*x, or given weights) over rows of
-    ``x`` [B, n]: (scale [B], codes [B, n] in [0, 2*nmax - 1] as float; 0 for an all-zero row)."""
+def _make_qx_quants(x: torch.Tensor, w: torch.Tensor | None, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ggml-quants.c make_qx_quants (rmse_type 1 with w = x*x, or given weights; None: all 1,
+    products skipped) over rows of ``x`` [B, n]: (scale [B], codes [B, n] in [0, 2*nmax - 1] as
+    float; 0 for an all-zero row)."""
     mx, amax = _signed_max(x)
-    x, w = x.T.contiguous(), w.T.contiguous()  # [n, B]
+    unit = w is None
+    x = x.T.contiguous()  # [n, B]
+    w = None if unit else w.T.contiguous()
     steps = [0] + [s for s in range(-9, 10) if s != 0]
     # iscale = -(nmax + 0.1f*is) / max, the first one -nmax / max
     grid = [float(np.float32(nmax) + np.float32(0.1) * np.float32(s)) if s else float(nmax) for s in steps]
-    wx = w * x
+    wx = x if unit else w * x
     ls = torch.empty_like(x)
     sums = torch.empty((x.shape[0], 2, x.shape[1]), dtype=x.dtype, device=x.device)
     scale = best = code_iscale = None
@@ -212,7 +221,10 @@ def _make_qx_quants(x: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.
         iscale = _const(mx, -g) / mx
         torch.mul(x, iscale, out=ls).round_().clamp_(-nmax, nmax - 1)
         torch.mul(wx, ls, out=sums[:, 0])
-        torch.mul(w, ls, out=sums[:, 1]).mul_(ls)
+        if unit:
+            torch.mul(ls, ls, out=sums[:, 1])
+        else:
+            torch.mul(w, ls, out=sums[:, 1]).mul_(ls)
         sumlx, suml2 = _seqsum(sums)
         if s == 0:
             scale = torch.where(suml2 != 0, sumlx / suml2, torch.zeros_like(sumlx))
@@ -571,7 +583,9 @@ def _refine(type_name: str, x: torch.Tensor, d, dmin, sc, m, iterations: int):
         return d[:, None] * sc, dmin[:, None] * m
 
     def error(a, b, q):
-        return ((a[:, :, None] * q - b[:, :, None] - xs).double() ** 2).sum((1, 2))
+        # ((a*q - b - xs) in float32, squared and summed in float64), computed in place
+        diff = torch.mul(q, a[:, :, None]).sub_(b[:, :, None]).sub_(xs).double()
+        return diff.mul_(diff).sum((1, 2))
 
     best = None
 
@@ -664,21 +678,35 @@ def _refine(type_name: str, x: torch.Tensor, d, dmin, sc, m, iterations: int):
 
 
 def _sub_search(xs, d, dmin, sc, m, sc_base, m_base, spec, q):
+    """Every sub-scale / sub-min within QCONV_RADIUS of (sc_base, m_base), each with its own
+    nearest codes; a sub-block keeps its current pair (whose nearest codes are ``q``) unless one is
+    strictly better, the candidates taken in order (i over sub-scales, then j over sub-mins)."""
     lo, hi = -spec["q_offset"], spec["q_max"] - spec["q_offset"]
     radius = QCONV_RADIUS
     m_offsets = range(-radius, radius + 1) if spec["m_max"] else [0]
+    buf = torch.empty_like(xs)
 
-    def sub_error(sc_k, m_k):
-        a, b = d[:, None] * sc_k, dmin[:, None] * m_k
-        codes = _nearest_codes(xs, a, b, q, lo, hi)
-        return ((a[:, :, None] * codes - b[:, :, None] - xs) ** 2).sum(-1)
+    def sub_error(a: torch.Tensor, b: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        # sum over the sub-block of (a*codes - b - xs)^2, float32, in place in ``codes``
+        codes.mul_(a[:, :, None]).sub_(b[:, :, None]).sub_(xs)
+        return codes.mul_(codes).sum(-1)
 
-    best = sub_error(sc, m)
-    for i in range(-radius, radius + 1):
-        sc_k = (sc_base + i).clamp(spec["sc_lo"], spec["sc_hi"])
-        for j in m_offsets:
-            m_k = (m_base + j).clamp(0, spec["m_max"])
-            err = sub_error(sc_k, m_k)
+    best = sub_error(d[:, None] * sc, dmin[:, None] * m, buf.copy_(q))
+    sc_ks = [(sc_base + i).clamp(spec["sc_lo"], spec["sc_hi"]) for i in range(-radius, radius + 1)]
+    m_ks = [(m_base + j).clamp(0, spec["m_max"]) for j in m_offsets]
+    errors = {}
+    for j, m_k in enumerate(m_ks):
+        b = dmin[:, None] * m_k
+        shifted = xs + b[:, :, None]
+        for i, sc_k in enumerate(sc_ks):
+            a = d[:, None] * sc_k
+            # nearest codes, as _nearest_codes; where a is 0 every code gives the same value (-b),
+            # so any finite code gives that sub-block's error (0/0's NaN made 0)
+            codes = torch.div(shifted, a[:, :, None], out=buf).round_().clamp_(lo, hi).nan_to_num_(0.0)
+            errors[i, j] = sub_error(a, b, codes)
+    for i, sc_k in enumerate(sc_ks):
+        for j, m_k in enumerate(m_ks):
+            err = errors[i, j]
             take = err < best
             best = torch.where(take, err, best)
             sc = torch.where(take, sc_k, sc)
@@ -692,9 +720,8 @@ def _start_unweighted(type_name: str, x: torch.Tensor):
     spec = _SPECS[type_name]
     sub = x.reshape(-1, spec["sub"])
     nsub = QK_K // spec["sub"]
-    ones = torch.ones_like(sub)
     if spec["m_max"]:
-        scales, mins, _ = _make_qkx2_quants(sub, ones, spec["q_max"], -1.0, 0.1, 20, False)
+        scales, mins, _ = _make_qkx2_quants(sub, None, spec["q_max"], -1.0, 0.1, 20, False)
         scales, mins = scales.reshape(-1, nsub), mins.reshape(-1, nsub)
         max_scale = _positive_max(scales)
         max_min = _positive_max(mins)
@@ -706,7 +733,7 @@ def _start_unweighted(type_name: str, x: torch.Tensor):
         m = torch.round(mins / safe_m).clamp(0, spec["m_max"])
     else:
         half = spec["q_offset"]
-        scales, _ = _make_qx_quants(sub, ones, half)
+        scales, _ = _make_qx_quants(sub, None, half)
         scales = scales.reshape(-1, nsub)
         max_scale, _ = _signed_max(scales)
         d = _f16(max_scale / spec["sc_lo"])
