@@ -36,8 +36,9 @@ Solvers:
       normal     0.768 (0.773)  0.904 (0.908)  0.952 (0.955)  0.901 (0.905)  0.941 (0.946)
       t, df=4    0.704 (0.725)  0.910 (0.912)  0.943 (0.948)  0.895 (0.900)  0.943 (0.947)
 
-  It costs 2-5x llama's time on a GPU and 2-40x on the CPU (4096 x 4096 on an H100: llama
-  0.05-0.17 s, qconv 0.15-0.61 s per type).
+  It costs 2-5x llama's time on a GPU (4096 x 4096 on an H100: llama 0.05-0.17 s, qconv
+  0.15-0.61 s per type) and about 3.5-6.5x on one CPU thread, where llama's own is 4-7x the time
+  of ggml's C (bench/results/gguf_quantizer_cpu.json).
 
 Rows are processed in chunks so that memory stays bounded (a few hundred MB) for any tensor; on the
 CPU, smaller chunks spread over threads with one torch thread each (gguf_quants.run_chunks).
