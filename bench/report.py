@@ -778,7 +778,10 @@ def gguf_table(path: Path, rel: str) -> list[str]:
         "relative Frobenius error of each quantized tensor against the BF16 values (median and worst "
         "over tensors); ratio: qconv / llama.cpp per tensor. Perplexity computed by llama.cpp. Time: "
         "llama.cpp's whole call (read, quantize, write) against qconv's quantizing (`stats.quantize_s`; "
-        "the whole conversion in brackets); GB/s: bf16 bytes of the quantized tensors per second"
+        "the whole conversion in brackets); CPU: CPU seconds, which a shared machine's load inflates "
+        "far less than wall time: llama.cpp's call, qconv's quantizing (`stats.quantize_cpu_s`, every "
+        "thread) or, where a row predates it, the whole `qconv convert` process (marked 'process'); "
+        "GB/s: bf16 bytes of the quantized tensors per second"
         + (
             f". The CPU was shared with other work (the whole machine {_gguf_range(busy)} busy during "
             "the timed cases): times are indicative"
@@ -794,8 +797,8 @@ def gguf_table(path: Path, rel: str) -> list[str]:
         lines += [
             "",
             "| path | bits/weight | median error | worst error | tensors <= llama.cpp | ratio median / worst "
-            "| perplexity | time | GB/s | time vs llama.cpp |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| perplexity | time | CPU | GB/s | time vs llama.cpp |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         llama = entry.get("llama_cpp") or {}
         llama_s = llama.get("quantize_s") if "error" not in llama else None
@@ -804,7 +807,7 @@ def gguf_table(path: Path, rel: str) -> list[str]:
             if case is None:
                 continue
             if "error" in case:
-                lines.append(f"| {name} | {_gguf_failed(case)} |" + " - |" * 8)
+                lines.append(f"| {name} | {_gguf_failed(case)} |" + " - |" * 9)
                 continue
             facts = case.get("file_facts") or case
             bits = facts.get("bits_per_weight") or (case.get("summary") or {}).get("bits_per_weight")
@@ -816,10 +819,17 @@ def gguf_table(path: Path, rel: str) -> list[str]:
             ppl = case.get("ppl") or {}
             if key == "llama_cpp":
                 seconds, time_text = case["quantize_s"], f"{case['quantize_s']:.1f} s"
+                cpu_s = case.get("cpu_s_in_call")
+                cpu_text = f"{cpu_s:.1f} s" if cpu_s is not None else "-"
             else:
                 stats = case["stats"]
                 seconds = stats["quantize_s"]
                 time_text = f"{seconds:.1f} s ({stats['convert_s']:.1f} s)"
+                process_cpu = (case.get("process") or {}).get("cpu_s")
+                if stats.get("quantize_cpu_s") is not None:
+                    cpu_text = f"{stats['quantize_cpu_s']:.1f} s"
+                else:
+                    cpu_text = f"{process_cpu:.1f} s (process)" if process_cpu is not None else "-"
             ratio = "1.00x" if key == "llama_cpp" else (f"{seconds / llama_s:.1f}x" if llama_s else "-")
             lines.append(
                 f"| {name} | {bits:.3f} | "
@@ -830,7 +840,7 @@ def gguf_table(path: Path, rel: str) -> list[str]:
                     if versus
                     else "- | - | "
                 )
-                + f"{_gguf_ppl(ppl, entry)} | {time_text} | "
+                + f"{_gguf_ppl(ppl, entry)} | {time_text} | {cpu_text} | "
                 + (f"{quantized_bytes / seconds / 1e9:.3g} GB/s" if seconds else "-")
                 + f" | {ratio} |"
             )

@@ -219,7 +219,9 @@ def write_gguf(
         )
     layers: dict[str, dict] = {}
     skipped: dict[str, str] = {}
-    timers = {"read_s": 0.0, "quantize_s": 0.0, "measure_s": 0.0, "write_s": 0.0}
+    # quantize_cpu_s: this process's CPU seconds while quantizing (every thread's), which a shared
+    # machine's load does not inflate as it does the wall time quantize_s
+    timers = {"read_s": 0.0, "quantize_s": 0.0, "quantize_cpu_s": 0.0, "measure_s": 0.0, "write_s": 0.0}
     quantized_params = total_params = quantized_bytes = 0
     progress.start("quantize", len(planned))
     try:
@@ -230,7 +232,7 @@ def write_gguf(
             clock = time.perf_counter()
             values = tensor.values if tensor.values is not None else source.read(tensor.source_name)
             timers["read_s"] += time.perf_counter() - clock
-            clock = time.perf_counter()
+            clock, cpu_clock = time.perf_counter(), time.process_time()
             if tuple(values.shape) != tensor.shape:
                 raise SourceError(f"tensor {tensor.source_name!r} changed shape while reading")
             values = values.to(device=device, dtype=torch.float32)
@@ -242,6 +244,7 @@ def write_gguf(
             except QconvError as exc:
                 raise exc.with_context(tensor.source_name) from None
             timers["quantize_s"] += time.perf_counter() - clock
+            timers["quantize_cpu_s"] += time.process_time() - cpu_clock
             total_params += values.numel()
             # a weight is a layer of the manifest when stored in the file type's own kind: any
             # GGML type in a quantized file (a float one stands out as skipped), F16/BF16 in theirs

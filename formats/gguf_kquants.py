@@ -36,10 +36,12 @@ Solvers:
       normal     0.768 (0.773)  0.904 (0.908)  0.952 (0.955)  0.901 (0.905)  0.941 (0.946)
       t, df=4    0.704 (0.725)  0.910 (0.912)  0.943 (0.948)  0.895 (0.900)  0.943 (0.947)
 
-  It costs 2-5x llama's time on a GPU and 2-40x on the CPU (4096 x 4096 on an H100: llama
-  0.05-0.17 s, qconv 0.15-0.61 s per type).
+  It costs 2-5x llama's time on a GPU (4096 x 4096 on an H100: llama 0.05-0.17 s, qconv
+  0.15-0.61 s per type) and about 3.5-6.5x on one CPU thread, where llama's own is 4-7x the time
+  of ggml's C (bench/results/gguf_quantizer_cpu.json).
 
-Rows are processed in chunks so that memory stays bounded (a few hundred MB) for any tensor.
+Rows are processed in chunks so that memory stays bounded (a few hundred MB) for any tensor; on the
+CPU, smaller chunks spread over threads with one torch thread each (gguf_quants.run_chunks).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ import numpy as np
 import torch
 
 from qconv.errors import SourceError, UsageError
+from qconv.formats.gguf_quants import CPU_CHUNK_VALUES, run_chunks
 
 QK_K = 256  # values per super-block (ggml-common.h)
 SOLVERS = ("llama", "qconv")
@@ -75,10 +78,14 @@ def type_size(type_name: str) -> int:
 def _seqsum(t: torch.Tensor) -> torch.Tensor:
     """Sum over dim 0 first to last, as ggml's ``for (i...) sum += t[i]`` (float32 addition is not
     associative, and torch's own sum adds in another order). The solvers below keep a block's
-    values along dim 0 ([n, blocks]) so that each step adds contiguous rows."""
-    acc = t[0]
-    for i in range(1, t.shape[0]):
-        acc = acc + t[i]
+    values along dim 0 ([n, blocks] or [n, sums, blocks]) so that each step adds contiguous rows;
+    several sums stacked along dim 1 take one loop (fewer, larger ops). In place after the first
+    addition: the same float32 additions without a new tensor per step."""
+    if t.shape[0] == 1:
+        return t[0].clone()
+    acc = t[0] + t[1]
+    for i in range(2, t.shape[0]):
+        acc.add_(t[i])
     return acc
 
 
@@ -108,28 +115,46 @@ def _as_int(t: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- ggml-quants.c's sub-block solvers
+# Speed: a choice among candidates keeps the candidate's scale (a [blocks] tensor), not its codes
+# (a full [n, blocks] torch.where per candidate, with a mask that changes along the contiguous
+# dimension: branchy and slow on the CPU); the chosen codes are computed once at the end by the
+# very same float32 operations, so they are the same numbers.
 
 
 def _make_qkx2_quants(
-    x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool
+    x: torch.Tensor, w: torch.Tensor | None, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ggml-quants.c make_qkx2_quants over rows of ``x`` [B, n] with weights ``w``:
-    (scale [B], the_min [B] (>= 0, subtracted), codes [B, n] as float)."""
-    x, w = x.T.contiguous(), w.T.contiguous()  # [n, B]
+    """ggml-quants.c make_qkx2_quants over rows of ``x`` [B, n] with weights ``w`` (None: all 1,
+    whose products are skipped: 1*v is v exactly): (scale [B], the_min [B] (>= 0, subtracted),
+    codes [B, n] as float)."""
+    unit = w is None
+    x = x.T.contiguous()  # [n, B]
+    w = torch.ones_like(x) if unit else w.T.contiguous()
+    n = x.shape[0]
+    diff = torch.empty_like(x)
+    sums = torch.empty((n, 3, x.shape[1]), dtype=x.dtype, device=x.device)
 
-    def error(diff: torch.Tensor) -> torch.Tensor:
-        return _seqsum(w * (diff.abs() if use_mad else diff * diff))
+    def codes_for(iscale: torch.Tensor, mn: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        # nearest_int(iscale*(x[i] - min)), clamped to [0, nmax]
+        return torch.sub(x, mn, out=out).mul_(iscale).round_().clamp_(0, nmax)
+
+    def error(scale: torch.Tensor, codes: torch.Tensor, mn: torch.Tensor) -> torch.Tensor:
+        # sum of w * (scale*l + min - x)^2 (or |.|), in C's order
+        torch.mul(codes, scale, out=diff).add_(mn).sub_(x)
+        per_value = diff.abs_() if use_mad else diff.mul_(diff)
+        return _seqsum(per_value if unit else per_value.mul_(w))
 
     mn = x.amin(0).clamp(max=0.0)  # if (min > 0) min = 0
     mx = x.amax(0)
     sum_w = _seqsum(w)
-    sum_x = _seqsum(w * x)
+    sum_x = _seqsum(x if unit else w * x)
     flat = mx == mn  # max == min (after min was clamped to 0): all codes 0
     span = mx - mn
     iscale = _const(span, nmax) / span
     scale = _const(iscale, 1.0) / iscale
-    codes = torch.round(iscale * (x - mn)).clamp(0, nmax)
-    best = error(scale * codes + mn - x)
+    aux = codes_for(iscale, mn, torch.empty_like(x))
+    best = error(scale, aux, mn)
+    code_iscale, code_min = iscale, mn  # what the chosen codes are computed from
 
     # the steps run in order: a better candidate replaces min, and the next step's iscale and
     # x - min use the new one (as C reassigns min inside its loop)
@@ -137,23 +162,28 @@ def _make_qkx2_quants(
         factor = float((np.float32(rmin) + np.float32(rdelta) * np.float32(s)) + np.float32(nmax))
         span = mx - mn
         iscale = _const(span, factor) / span
-        aux = torch.round(iscale * (x - mn)).clamp(0, nmax)
-        wl = w * aux
-        sum_l = _seqsum(wl)
-        sum_l2 = _seqsum(wl * aux)
-        sum_xl = _seqsum(wl * x)
+        codes_for(iscale, mn, aux)
+        if unit:
+            sums[:, 0].copy_(aux)
+        else:
+            torch.mul(w, aux, out=sums[:, 0])
+        torch.mul(sums[:, 0], aux, out=sums[:, 1])
+        torch.mul(sums[:, 0], x, out=sums[:, 2])
+        sum_l, sum_l2, sum_xl = _seqsum(sums)
         det = sum_w * sum_l2 - sum_l * sum_l
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
         positive = this_min > 0
         this_min = torch.where(positive, torch.zeros_like(this_min), this_min)
         this_scale = torch.where(positive, sum_xl / sum_l2, this_scale)
-        cur = error(this_scale * aux + this_min - x)
+        cur = error(this_scale, aux, this_min)
         take = (det > 0) & (cur < best)
         best = torch.where(take, cur, best)
         scale = torch.where(take, this_scale, scale)
+        code_iscale = torch.where(take, iscale, code_iscale)
+        code_min = torch.where(take, mn, code_min)
         mn = torch.where(take, this_min, mn)
-        codes = torch.where(take, aux, codes)
+    codes = codes_for(code_iscale, code_min, aux)
     scale = torch.where(flat, torch.zeros_like(scale), scale)
     codes = torch.where(flat, torch.zeros_like(codes), codes)
     return scale, -mn, codes.T
@@ -173,31 +203,41 @@ def _signed_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return value, value.abs()
 
 
-def _make_qx_quants(x: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """ggml-quants.c make_qx_quants (rmse_type 1 with w = x*x, or given weights) over rows of
-    ``x`` [B, n]: (scale [B], codes [B, n] in [0, 2*nmax - 1] as float; 0 for an all-zero row)."""
+def _make_qx_quants(x: torch.Tensor, w: torch.Tensor | None, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ggml-quants.c make_qx_quants (rmse_type 1 with w = x*x, or given weights; None: all 1,
+    products skipped) over rows of ``x`` [B, n]: (scale [B], codes [B, n] in [0, 2*nmax - 1] as
+    float; 0 for an all-zero row)."""
     mx, amax = _signed_max(x)
-    x, w = x.T.contiguous(), w.T.contiguous()  # [n, B]
+    unit = w is None
+    x = x.T.contiguous()  # [n, B]
+    w = None if unit else w.T.contiguous()
     steps = [0] + [s for s in range(-9, 10) if s != 0]
     # iscale = -(nmax + 0.1f*is) / max, the first one -nmax / max
     grid = [float(np.float32(nmax) + np.float32(0.1) * np.float32(s)) if s else float(nmax) for s in steps]
-    wx = w * x
-    scale = best = codes = None
+    wx = x if unit else w * x
+    ls = torch.empty_like(x)
+    sums = torch.empty((x.shape[0], 2, x.shape[1]), dtype=x.dtype, device=x.device)
+    scale = best = code_iscale = None
     for s, g in enumerate(grid):
         iscale = _const(mx, -g) / mx
-        ls = torch.round(iscale * x).clamp(-nmax, nmax - 1)
-        sumlx = _seqsum(wx * ls)
-        suml2 = _seqsum((w * ls) * ls)
+        torch.mul(x, iscale, out=ls).round_().clamp_(-nmax, nmax - 1)
+        torch.mul(wx, ls, out=sums[:, 0])
+        if unit:
+            torch.mul(ls, ls, out=sums[:, 1])
+        else:
+            torch.mul(w, ls, out=sums[:, 1]).mul_(ls)
+        sumlx, suml2 = _seqsum(sums)
         if s == 0:
             scale = torch.where(suml2 != 0, sumlx / suml2, torch.zeros_like(sumlx))
             best = scale * sumlx
-            codes = ls
+            code_iscale = iscale
             continue
         take = (suml2 > 0) & (sumlx * sumlx > best * suml2)
         new_scale = sumlx / suml2
         scale = torch.where(take, new_scale, scale)
         best = torch.where(take, new_scale * sumlx, best)
-        codes = torch.where(take, ls, codes)
+        code_iscale = torch.where(take, iscale, code_iscale)
+    codes = torch.mul(x, code_iscale, out=ls).round_().clamp_(-nmax, nmax - 1)
     zero = amax < GROUP_MAX_EPS
     scale = torch.where(zero, torch.zeros_like(scale), scale)
     codes = torch.where(zero, torch.zeros_like(codes), codes + nmax)
@@ -207,8 +247,9 @@ def _make_qx_quants(x: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.
 def _make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     """ggml-quants.c make_q3_quants with do_rmse: start from -nmax/max, then up to 5 passes of
     one-value-at-a-time moves that raise sumlx^2/suml2 (weights x*x). Sequential within a block,
-    vectorized over blocks; a block whose pass changed nothing repeats itself exactly, so running
-    all 5 passes on every block equals C's early break."""
+    vectorized over blocks. A block whose pass changed nothing would repeat itself exactly (C
+    breaks out of its loop there), so each pass after the first runs only on the blocks the pass
+    before changed, and none once no block changes."""
     mx, amax = _signed_max(x)
     x = x.T.contiguous()  # [n, B]
     iscale = _const(mx, -nmax) / mx
@@ -217,18 +258,35 @@ def _make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Ten
     wx = w * x
     sumlx = _seqsum(wx * codes)
     suml2 = _seqsum((w * codes) * codes)
+    active = None  # all blocks
     for _ in range(5):
+        if active is None:
+            xa, wa, wxa, qa, slxa, sl2a = x, w, wx, codes, sumlx, suml2
+        else:
+            xa, wa, wxa = x[:, active], w[:, active], wx[:, active]
+            qa, slxa, sl2a = codes[:, active], sumlx[active], suml2[active]
+        changed = torch.zeros_like(slxa, dtype=torch.bool)
         for i in range(x.shape[0]):
-            li = codes[i]
-            slx = sumlx - wx[i] * li
-            sl2 = suml2 - (w[i] * li) * li
-            new_l = torch.round((x[i] * sl2) / slx).clamp(-nmax, nmax - 1)
-            slx2 = slx + wx[i] * new_l
-            sl22 = sl2 + (w[i] * new_l) * new_l
-            take = (slx > 0) & (new_l != li) & (sl22 > 0) & ((slx2 * slx2) * suml2 > (sumlx * sumlx) * sl22)
-            codes[i] = torch.where(take, new_l, li)
-            sumlx = torch.where(take, slx2, sumlx)
-            suml2 = torch.where(take, sl22, suml2)
+            li = qa[i]
+            slx = slxa - wxa[i] * li
+            sl2 = sl2a - (wa[i] * li) * li
+            new_l = torch.round((xa[i] * sl2) / slx).clamp(-nmax, nmax - 1)
+            slx2 = slx + wxa[i] * new_l
+            sl22 = sl2 + (wa[i] * new_l) * new_l
+            take = (slx > 0) & (new_l != li) & (sl22 > 0) & ((slx2 * slx2) * sl2a > (slxa * slxa) * sl22)
+            qa[i] = torch.where(take, new_l, li)
+            slxa = torch.where(take, slx2, slxa)
+            sl2a = torch.where(take, sl22, sl2a)
+            changed |= take
+        if active is None:
+            sumlx, suml2 = slxa, sl2a
+            active = changed.nonzero()[:, 0]
+        else:
+            codes[:, active] = qa
+            sumlx[active], suml2[active] = slxa, sl2a
+            active = active[changed]
+        if active.numel() == 0:
+            break
     scale = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(sumlx))
     zero = amax < GROUP_MAX_EPS
     scale = torch.where(zero, torch.zeros_like(scale), scale)
@@ -526,7 +584,9 @@ def _refine(type_name: str, x: torch.Tensor, d, dmin, sc, m, iterations: int):
         return d[:, None] * sc, dmin[:, None] * m
 
     def error(a, b, q):
-        return ((a[:, :, None] * q - b[:, :, None] - xs).double() ** 2).sum((1, 2))
+        # ((a*q - b - xs) in float32, squared and summed in float64), computed in place
+        diff = torch.mul(q, a[:, :, None]).sub_(b[:, :, None]).sub_(xs).double()
+        return diff.mul_(diff).sum((1, 2))
 
     best = None
 
@@ -619,21 +679,35 @@ def _refine(type_name: str, x: torch.Tensor, d, dmin, sc, m, iterations: int):
 
 
 def _sub_search(xs, d, dmin, sc, m, sc_base, m_base, spec, q):
+    """Every sub-scale / sub-min within QCONV_RADIUS of (sc_base, m_base), each with its own
+    nearest codes; a sub-block keeps its current pair (whose nearest codes are ``q``) unless one is
+    strictly better, the candidates taken in order (i over sub-scales, then j over sub-mins)."""
     lo, hi = -spec["q_offset"], spec["q_max"] - spec["q_offset"]
     radius = QCONV_RADIUS
     m_offsets = range(-radius, radius + 1) if spec["m_max"] else [0]
+    buf = torch.empty_like(xs)
 
-    def sub_error(sc_k, m_k):
-        a, b = d[:, None] * sc_k, dmin[:, None] * m_k
-        codes = _nearest_codes(xs, a, b, q, lo, hi)
-        return ((a[:, :, None] * codes - b[:, :, None] - xs) ** 2).sum(-1)
+    def sub_error(a: torch.Tensor, b: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        # sum over the sub-block of (a*codes - b - xs)^2, float32, in place in ``codes``
+        codes.mul_(a[:, :, None]).sub_(b[:, :, None]).sub_(xs)
+        return codes.mul_(codes).sum(-1)
 
-    best = sub_error(sc, m)
-    for i in range(-radius, radius + 1):
-        sc_k = (sc_base + i).clamp(spec["sc_lo"], spec["sc_hi"])
-        for j in m_offsets:
-            m_k = (m_base + j).clamp(0, spec["m_max"])
-            err = sub_error(sc_k, m_k)
+    best = sub_error(d[:, None] * sc, dmin[:, None] * m, buf.copy_(q))
+    sc_ks = [(sc_base + i).clamp(spec["sc_lo"], spec["sc_hi"]) for i in range(-radius, radius + 1)]
+    m_ks = [(m_base + j).clamp(0, spec["m_max"]) for j in m_offsets]
+    errors = {}
+    for j, m_k in enumerate(m_ks):
+        b = dmin[:, None] * m_k
+        shifted = xs + b[:, :, None]
+        for i, sc_k in enumerate(sc_ks):
+            a = d[:, None] * sc_k
+            # nearest codes, as _nearest_codes; where a is 0 every code gives the same value (-b),
+            # so any finite code gives that sub-block's error (0/0's NaN made 0)
+            codes = torch.div(shifted, a[:, :, None], out=buf).round_().clamp_(lo, hi).nan_to_num_(0.0)
+            errors[i, j] = sub_error(a, b, codes)
+    for i, sc_k in enumerate(sc_ks):
+        for j, m_k in enumerate(m_ks):
+            err = errors[i, j]
             take = err < best
             best = torch.where(take, err, best)
             sc = torch.where(take, sc_k, sc)
@@ -647,9 +721,8 @@ def _start_unweighted(type_name: str, x: torch.Tensor):
     spec = _SPECS[type_name]
     sub = x.reshape(-1, spec["sub"])
     nsub = QK_K // spec["sub"]
-    ones = torch.ones_like(sub)
     if spec["m_max"]:
-        scales, mins, _ = _make_qkx2_quants(sub, ones, spec["q_max"], -1.0, 0.1, 20, False)
+        scales, mins, _ = _make_qkx2_quants(sub, None, spec["q_max"], -1.0, 0.1, 20, False)
         scales, mins = scales.reshape(-1, nsub), mins.reshape(-1, nsub)
         max_scale = _positive_max(scales)
         max_min = _positive_max(mins)
@@ -661,7 +734,7 @@ def _start_unweighted(type_name: str, x: torch.Tensor):
         m = torch.round(mins / safe_m).clamp(0, spec["m_max"])
     else:
         half = spec["q_offset"]
-        scales, _ = _make_qx_quants(sub, ones, half)
+        scales, _ = _make_qx_quants(sub, None, half)
         scales = scales.reshape(-1, nsub)
         max_scale, _ = _signed_max(scales)
         d = _f16(max_scale / spec["sc_lo"])
@@ -707,15 +780,24 @@ def _quantizer(type_name: str) -> Callable[[torch.Tensor, str], torch.Tensor]:
         rows, n = weight.shape
         size = type_size(type_name)
         out = torch.empty((rows, n // QK_K * size), dtype=torch.uint8, device=weight.device)
-        per_chunk = CHUNK_ELEMENTS * (CUDA_CHUNK_FACTOR if weight.is_cuda else 1)
-        chunk = max(1, per_chunk // n)
+        if weight.is_cuda:
+            per_chunk = CHUNK_ELEMENTS * CUDA_CHUNK_FACTOR
+        elif weight.device.type == "cpu":
+            per_chunk = min(CHUNK_ELEMENTS, CPU_CHUNK_VALUES)
+        else:
+            per_chunk = CHUNK_ELEMENTS
+        step = max(1, per_chunk // n)
         solve = _LLAMA[type_name] if solver == "llama" else lambda x: _qconv(type_name, x)
-        for start in range(0, rows, chunk):
-            x = weight[start : start + chunk].to(torch.float32).reshape(-1, QK_K)
+
+        def solve_chunk(chunk: slice) -> None:
+            x = weight[chunk].to(torch.float32).reshape(-1, QK_K)
             if not torch.isfinite(x).all():
                 raise SourceError("the weight has NaN or infinite values")
             packed = _BYTES[type_name](solve(x))
-            out[start : start + chunk] = packed.to(torch.uint8).reshape(-1, n // QK_K * size)
+            out[chunk] = packed.to(torch.uint8).reshape(-1, n // QK_K * size)
+
+        chunks = [slice(start, start + step) for start in range(0, rows, step)]
+        run_chunks(solve_chunk, chunks, weight.device)
         return out
 
     quantize.__name__ = f"quantize_{type_name.lower()}"

@@ -230,6 +230,44 @@ def test_chunks_do_not_change_the_bytes(monkeypatch, type_name, solver):
     assert torch.equal(QUANTIZERS[type_name](weight, solver), whole)
 
 
+@pytest.mark.parametrize("type_name", ["Q4_0", "IQ4_NL", "Q4_K", "Q6_K"])
+@pytest.mark.parametrize("solver", gguf_quants.SOLVERS)
+def test_cpu_chunks_on_threads_give_one_threads_bytes(monkeypatch, type_name, solver):
+    """On the CPU, chunks run on torch.get_num_threads() Python threads with one torch thread
+    each (run_chunks): the same bytes as one thread, and torch's thread count restored after."""
+    from qconv.formats.format_gguf import QUANTIZERS as ALL
+
+    weight = torch.from_numpy(np.random.default_rng(9).standard_normal((24, 512)).astype(np.float32))
+    monkeypatch.setattr(gguf_quants, "CPU_CHUNK_VALUES", 3 * 512)  # 8 chunks
+    monkeypatch.setattr("qconv.formats.gguf_kquants.CPU_CHUNK_VALUES", 3 * 512)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = ALL[type_name](weight, solver)
+        torch.set_num_threads(3)
+        assert torch.equal(ALL[type_name](weight, solver), alone)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_chunks_error_reaches_the_caller_from_a_thread(monkeypatch):
+    from qconv.errors import SourceError
+    from qconv.formats.format_gguf import QUANTIZERS as ALL
+
+    weight = torch.zeros(24, 512)
+    weight[20, 3] = float("nan")  # in the last of 8 chunks
+    monkeypatch.setattr("qconv.formats.gguf_kquants.CPU_CHUNK_VALUES", 3 * 512)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with pytest.raises(SourceError, match="NaN or infinite"):
+            ALL["Q4_K"](weight, "llama")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize(
     ("type_name", "weight", "solver", "message"),
     [
