@@ -847,38 +847,92 @@ def gguf_table(path: Path, rel: str) -> list[str]:
     return lines
 
 
-def quantizer_throughput_table(path: Path, rel: str) -> list[str]:
-    """run_gguf_quantizer.py / run_ct_quantizer.py: one method's quantizers on 8B-shaped matrices."""
+def calibrated_table(path: Path, rel: str) -> list[str]:
+    """run_calibrated.py: data-free against calibrated (GPTQ) in the same format and bytes."""
     r = json.loads(path.read_text())
-    machine = (
-        short_gpu(r["gpu"]) if r.get("gpu") else f"CPU ({r.get('cpu')}, {r.get('torch_threads')} threads)"
-    )
+    settings = r.get("calibration_settings", {})
+    lines = [
+        f"Calibrated uniform quantization (issue 17), SmolLM2-135M-Instruct, {r.get('device')}, "
+        f"{r.get('threads')} torch thread(s) ([raw JSON]({rel})): {r.get('protocol')}. Calibration: "
+        f"{settings.get('text')}, {settings.get('calib_tokens'):,} tokens in sequences of "
+        f"{settings.get('seqlen')}. Calibration time: the whole calibration stage, and its mean per "
+        "quantized layer (the GPTQ solve alone).",
+        "",
+        "| format | bits/weight | data-free perplexity | calibrated perplexity | calibration | per layer |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    cases = r["cases"]
+    for name, summary in r.get("summary", {}).items():
+        calibrated = cases.get(f"{name}-gptq") or {}
+        data_free = cases.get(summary["data_free"]) or {}
+        label = (data_free.get("recipe") or {}).get("label", name)
+        if summary["data_free"].endswith("-rtn"):
+            label += " (rtn = llm-compressor's)"
+        lines.append(
+            f"| {label} | {calibrated.get('bits_per_weight', 0):.3f} | "
+            f"{perplexity_text(summary['data_free_ppl'])} | **{perplexity_text(summary['calibrated_ppl'])}** | "
+            f"{summary['calibration_s']:.0f} s | {summary['calibrate_s_per_layer_mean']:.2f} s |"
+        )
+    return lines
+
+
+def quantizer_throughput_table(path: Path, rel: str) -> list[str]:
+    """run_gguf_quantizer.py / run_ct_quantizer.py: one method's quantizers on fixed matrices. On
+    a GPU: bf16 source bytes per second of wall time. On the (shared) CPU: the process's CPU
+    seconds, which other work on the machine does not inflate, and the earlier code's beside them
+    where the run timed it (``--baseline``)."""
+    r = json.loads(path.read_text())
+    gpu = r.get("gpu")
+    threads = r.get("torch_threads")
+    machine = short_gpu(gpu) if gpu else f"CPU ({r.get('cpu')}, torch threads {threads})"
     gguf = path.name.startswith("gguf_")
     title = "GGUF block quantizers" if gguf else "compressed-tensors quantize (packing included)"
     shapes = ", ".join("x".join(str(n) for n in shape) for shape in r["shapes"])
     lines = [
-        f"{title} on Llama-3-8B-shaped matrices ({shapes}; random normal std 0.02, bf16), {machine} "
-        f"([raw JSON]({rel})): median of {r['repeats']} after a warm-up, synchronized; GB/s = bf16 source "
-        "bytes per second; error: relative Frobenius error of the stored numbers dequantized, first matrix."
+        f"{title} on {shapes} matrices (random normal std 0.02, bf16), {machine} ([raw JSON]({rel})): "
+        f"median of {r['repeats']} after a warm-up, synchronized; "
         + (
-            " llama.cpp's `ggml_quantize_chunk` runs on the CPU only (its row, where present, is one CPU thread)."
+            "GB/s = bf16 source bytes per second; "
+            if gpu
+            else "CPU seconds of the process (a shared machine: wall time measures the other work); "
+        )
+        + "error: relative Frobenius error of the stored numbers dequantized, first matrix."
+        + (
+            " llama.cpp's `ggml_quantize_chunk` runs on the CPU only (one thread)."
             if gguf
             else " `rtn` is llm-compressor's round to nearest, byte for byte (llm-compressor is not installed "
             "on the GPU machine: its own speed is not measured)."
         ),
         "",
     ]
-    if gguf:
+    if gguf and gpu:
+        lines += ["| type | llama solver | qconv solver | error llama / qconv |", "|---|---:|---:|---:|"]
+        for type_name, entry in r["results"].items():
+            lines.append(
+                f"| {type_name} | {speed(entry['llama']['gb_per_s'])} | {speed(entry['qconv']['gb_per_s'])} | "
+                f"{entry['llama']['rel_error_first_matrix']:.4f} / {entry['qconv']['rel_error_first_matrix']:.4f} |"
+            )
+    elif gguf:
+
+        def cpu_s(entry: dict | None) -> str:
+            return f"{entry['cpu_seconds']:.2f} s" if entry and "cpu_seconds" in entry else "-"
+
         lines += [
-            "| type | llama solver | qconv solver | llama.cpp | error llama / qconv |",
-            "|---|---:|---:|---:|---:|",
+            "| type | llama solver (earlier code) | qconv solver (earlier code) | llama.cpp | qconv / llama.cpp "
+            "| error llama / qconv |",
+            "|---|---:|---:|---:|---:|---:|",
         ]
         for type_name, entry in r["results"].items():
             ggml = entry.get("llama.cpp")
+            ratio = (
+                f"{entry['qconv']['cpu_seconds'] / ggml['cpu_seconds']:.0f}x"
+                if ggml and ggml.get("cpu_seconds")
+                else "-"
+            )
             lines.append(
-                f"| {type_name} | {speed(entry['llama']['gb_per_s'])} | {speed(entry['qconv']['gb_per_s'])} | "
-                f"{speed(ggml['gb_per_s']) if ggml else '-'} | {entry['llama']['rel_error_first_matrix']:.4f} / "
-                f"{entry['qconv']['rel_error_first_matrix']:.4f} |"
+                f"| {type_name} | {cpu_s(entry['llama'])} ({cpu_s(entry.get('llama_before'))}) | "
+                f"{cpu_s(entry['qconv'])} ({cpu_s(entry.get('qconv_before'))}) | {cpu_s(ggml)} | {ratio} | "
+                f"{entry['llama']['rel_error_first_matrix']:.4f} / {entry['qconv']['rel_error_first_matrix']:.4f} |"
             )
     else:
         lines += ["| scheme | solver | throughput | error |", "|---|---|---:|---:|"]
@@ -911,6 +965,7 @@ PER_FILE = (
     ("aqlm_reference_*.json", aqlm_reference_table),
     ("ct_smollm2_*.json", ct_smollm2_table),
     ("gguf_smollm2_*.json", gguf_table),
+    ("calibrated_smollm2_*.json", calibrated_table),
     ("gguf_quantizer_*.json", quantizer_throughput_table),
     ("ct_quantizer_*.json", quantizer_throughput_table),
 )
