@@ -36,10 +36,19 @@ from pathlib import Path
 from typing import Any
 
 from qconv.artifact import Artifact
-from qconv.errors import ArtifactError, HubError, NotVerifiedError, QconvWarning, UsageError, literal
+from qconv.errors import (
+    ArtifactError,
+    HubError,
+    NotVerifiedError,
+    QconvError,
+    QconvWarning,
+    UsageError,
+    literal,
+)
 from qconv.files import sha256_file
+from qconv.formats import get_format
 from qconv.manifest import MANIFEST_NAME, base_model_name, base_model_of, finite, parse_base_model
-from qconv.model_card import hub_model_card
+from qconv.model_card import gguf_hub_card, gguf_manifest_name, gguf_stem, hub_model_card
 from qconv.registry import ResolvedArtifact, resolve_artifact
 
 RETRY_ATTEMPTS = 4
@@ -47,6 +56,8 @@ RETRY_BACKOFF_S = 2.0  # doubled after each failed attempt
 CARD_NAME = "README.md"
 # Remote files an upload replaces wholesale: shards of an older artifact must not linger.
 DELETE_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
+# A GGUF artifact's manifest in the repo: NAME-TYPE.qconv.json beside NAME-TYPE.gguf
+GGUF_MANIFEST_SUFFIX = ".qconv.json"
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 BRANCH = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 RETRYABLE_STATUS = {408, 409, 412, 423, 425, 429}
@@ -102,10 +113,12 @@ def hub_token() -> str:
     return token
 
 
-def upload_files(resolved: ResolvedArtifact, manifest_bytes: bytes | None = None) -> list[UploadFile]:
+def upload_files(
+    resolved: ResolvedArtifact, manifest_bytes: bytes | None = None, manifest_name: str = MANIFEST_NAME
+) -> list[UploadFile]:
     """The artifact's files as the manifest lists them (its own README.md replaced by the Hub
-    card), plus the manifest itself (``manifest_bytes`` instead of its file, when this push
-    changes it); each checked to have the manifest's size."""
+    card), plus the manifest itself as ``manifest_name`` (``manifest_bytes`` instead of its
+    file, when this push changes it); each checked to have the manifest's size."""
     out = []
     for name, entry in sorted(resolved.manifest.get("files", {}).items()):
         if name in (CARD_NAME, MANIFEST_NAME):
@@ -119,10 +132,10 @@ def upload_files(resolved: ResolvedArtifact, manifest_bytes: bytes | None = None
     manifest_path = resolved.path / MANIFEST_NAME
     if manifest_bytes is not None:
         digest = hashlib.sha256(manifest_bytes).hexdigest()
-        out.append(UploadFile(MANIFEST_NAME, manifest_path, len(manifest_bytes), digest, manifest_bytes))
+        out.append(UploadFile(manifest_name, manifest_path, len(manifest_bytes), digest, manifest_bytes))
     else:
         out.append(
-            UploadFile(MANIFEST_NAME, manifest_path, manifest_path.stat().st_size, sha256_file(manifest_path))
+            UploadFile(manifest_name, manifest_path, manifest_path.stat().st_size, sha256_file(manifest_path))
         )
     return out
 
@@ -172,8 +185,23 @@ def push(
         )
     if metrics is None and resolved.id is not None:
         metrics = registry.get_artifact(resolved.id).get("metrics", [])
-    card = hub_model_card(resolved.manifest, metrics or [], repo=repo)
-    files = upload_files(resolved, pushed_manifest)
+    metrics = [{"name": m["name"], "value": m["value"], "protocol": m.get("protocol")} for m in metrics or []]
+    gguf = get_format(resolved.manifest["recipe"]["method"]).container == "gguf"
+    if gguf:
+        # NAME-TYPE.qconv.json beside NAME-TYPE.gguf, carrying the metrics the card shows, so
+        # that a later push of another type into this repo rebuilds the card from the Hub alone
+        manifest_name, delete_patterns = (
+            gguf_manifest_name(resolved.manifest),
+            _gguf_patterns(resolved.manifest),
+        )
+        if metrics:
+            manifest = {**resolved.manifest, "metrics": metrics}
+            pushed_manifest = (json.dumps(finite(manifest), indent=2) + "\n").encode("utf-8")
+        card = gguf_hub_card([(resolved.manifest, metrics)], repo)
+    else:
+        manifest_name, delete_patterns = MANIFEST_NAME, DELETE_PATTERNS
+        card = hub_model_card(resolved.manifest, metrics, repo=repo)
+    files = upload_files(resolved, pushed_manifest, manifest_name)
     card_bytes = card.encode("utf-8")
     listing = [{"name": f.name, "size": f.size, "sha256": f.sha256} for f in files]
     listing.append(
@@ -186,8 +214,19 @@ def push(
         return result
 
     token = token or hub_token()
+    if gguf:
+
+        def card_at(api, head: str, remote: dict) -> bytes:
+            entries = _gguf_entries(api, result.repo, head, remote, resolved.manifest, force)
+            return gguf_hub_card([(resolved.manifest, metrics), *entries], repo).encode("utf-8")
+
+    else:
+
+        def card_at(api, head: str, remote: dict) -> bytes:
+            return card_bytes
+
     with _staging(resolved.path, files, card_bytes) as staging:
-        _upload(result, staging, files, card_bytes, private, token, _commit_message(resolved))
+        _upload(result, staging, files, card_at, private, token, _commit_message(resolved), delete_patterns)
     _warn_if_no_base_model(resolved)  # once the card is up (a failed push says its error alone)
     if registry is not None:
         if result.artifact_id is None:
@@ -204,6 +243,68 @@ def _warn_if_no_base_model(resolved: ResolvedArtifact) -> None:
             "base_model",
         )
         warnings.warn(warning, stacklevel=3)
+
+
+def _gguf_patterns(manifest: dict) -> list[str]:
+    """The remote files a GGUF push of this artifact replaces: its own ``NAME-TYPE.gguf`` or
+    its gguf-split parts (a re-push split differently leaves no part behind); the other file
+    types' files are left as they are."""
+    stem = gguf_stem(manifest)
+    return [f"{stem}.gguf", f"{stem}-*-of-*.gguf"]
+
+
+def _gguf_entries(
+    api, repo: str, head: str, remote: dict, manifest: dict, force: bool
+) -> list[tuple[dict, list[dict]]]:
+    """``[(manifest, metrics)]`` of the other qconv GGUF artifacts the repo holds at ``head``
+    (their ``NAME-TYPE.qconv.json``, read at that very commit, and a ``qconv.json`` of a GGUF
+    artifact pushed before manifests were named per file), for the card of all of them.
+    Refuses (unless ``force``) a repo whose card and files belong to something else: a
+    safetensors artifact of qconv, or weights and a card qconv did not write."""
+    own = gguf_stem(manifest)
+    found: dict[str, tuple[dict, list[dict]]] = {}
+    for name in sorted(remote):
+        if not name.endswith(GGUF_MANIFEST_SUFFIX) or "/" in name:
+            continue
+        other = _remote_manifest(repo, name, head, api)
+        if get_format(other["recipe"]["method"]).container != "gguf":
+            raise HubError(f"{repo}: {name} is not the manifest of a GGUF artifact")
+        found[gguf_stem(other)] = (other, other.get("metrics") or [])
+    legacy = None
+    if MANIFEST_NAME in remote:
+        legacy = _remote_manifest(repo, MANIFEST_NAME, head, api)
+        if get_format(legacy["recipe"]["method"]).container == "gguf":
+            found.setdefault(gguf_stem(legacy), (legacy, legacy.get("metrics") or []))
+        elif not force:
+            recipe = legacy["recipe"]
+            raise HubError(
+                f"{repo}: holds a {recipe.get('label') or recipe['method']} artifact (its README.md and "
+                f"{MANIFEST_NAME}); a GGUF push would replace its model card: push to another repo, "
+                "or mix them with --force"
+            )
+    if legacy is None and not found and not force:
+        held = sorted(n for n in remote if n == CARD_NAME or n.endswith(".safetensors"))
+        if held:
+            raise HubError(
+                f"{repo}: holds {', '.join(held[:3])}{' ...' if len(held) > 3 else ''}, not written by "
+                "qconv; a GGUF push would replace its model card: push to another repo, or with --force"
+            )
+    found.pop(own, None)  # this push's own type: replaced by the artifact being pushed
+    return [found[stem] for stem in sorted(found)]
+
+
+def _remote_manifest(repo: str, name: str, revision: str, api) -> dict:
+    """A manifest of the repo at commit ``revision``, downloaded through huggingface_hub."""
+    from huggingface_hub import hf_hub_download
+
+    path = hf_hub_download(repo, name, revision=revision, token=api.token, endpoint=api.endpoint)
+    try:
+        manifest = json.loads(Path(path).read_text(encoding="utf-8"))
+        if get_format(manifest["recipe"]["method"]).container == "gguf":
+            manifest["recipe"]["type"]  # noqa: B018 - what the card needs
+    except (ValueError, KeyError, TypeError) as exc:
+        raise HubError(f"{repo}: {name} at {revision[:12]} is not a qconv manifest ({exc})") from None
+    return manifest
 
 
 def _commit_message(resolved: ResolvedArtifact) -> str:
@@ -294,16 +395,19 @@ def _upload(
     result: PushResult,
     staging: Path,
     files: list[UploadFile],
-    card: bytes,
+    card_at,
     private: bool,
     token: str,
     message: str,
+    delete_patterns: list[str],
 ) -> None:
+    """Commit the staging folder on top of the remote head, once. ``card_at(api, head, remote
+    files)`` gives the card for that head (a GGUF repo's card describes every type it holds at
+    that commit), written into the staging folder before the files are compared."""
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
     wanted = {f.name: (f.sha256, f.path) for f in files}
-    wanted[CARD_NAME] = (hashlib.sha256(card).hexdigest(), staging / CARD_NAME)
     failed_before = False
     for attempt in range(1, RETRY_ATTEMPTS + 1):
         result.attempts = attempt
@@ -313,7 +417,11 @@ def _upload(
                 if result.revision != "main":
                     api.create_branch(result.repo, branch=result.revision, exist_ok=True, repo_type="model")
             head, remote = _remote_files(api, result.repo, result.revision)
-            if _matches(remote, wanted):
+            card = card_at(api, head, remote)
+            (staging / CARD_NAME).write_bytes(card)
+            result.card = card.decode("utf-8")
+            wanted[CARD_NAME] = (hashlib.sha256(card).hexdigest(), staging / CARD_NAME)
+            if _matches(remote, wanted, delete_patterns):
                 # After a failure, a match means the failed attempt's commit did land.
                 result.status = "committed" if failed_before else "unchanged"
                 result.commit_sha = head
@@ -324,10 +432,12 @@ def _upload(
                 folder_path=str(staging),
                 revision=result.revision,
                 commit_message=message,
-                delete_patterns=DELETE_PATTERNS,
+                delete_patterns=delete_patterns,
                 parent_commit=head,
                 repo_type="model",
             )
+        except QconvError:  # qconv's own refusal (the repo holds something else): said as it is
+            raise
         except Exception as exc:  # noqa: BLE001 - classified below; anything else is re-raised
             transport = network_error(exc)
             if attempt == 1 and transport is not None and "Connect" in type(transport).__name__:
@@ -343,7 +453,7 @@ def _upload(
             time.sleep(RETRY_BACKOFF_S * 2 ** (attempt - 1))
             continue
         head, remote = _remote_files(api, result.repo, result.revision)
-        if head != info.oid or not _matches(remote, wanted):
+        if head != info.oid or not _matches(remote, wanted, delete_patterns):
             raise HubError(
                 f"{result.repo}: after the commit {info.oid}, the remote files differ from the artifact"
             )
@@ -363,9 +473,9 @@ def _remote_files(api, repo: str, revision: str) -> tuple[str, dict[str, tuple[s
     return info.sha, files
 
 
-def _matches(remote: dict, wanted: dict[str, tuple[str, Path]]) -> bool:
+def _matches(remote: dict, wanted: dict[str, tuple[str, Path]], delete_patterns: list[str]) -> bool:
     stale = [
-        name for name in remote if name not in wanted and any(Path(name).match(p) for p in DELETE_PATTERNS)
+        name for name in remote if name not in wanted and any(Path(name).match(p) for p in delete_patterns)
     ]
     if stale:
         return False

@@ -9,6 +9,7 @@ is a quantized version of, when one is known: :func:`qconv.manifest.base_model_o
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import yaml
@@ -72,15 +73,13 @@ def hub_model_card(manifest: dict, metrics: list[dict], repo: str) -> str:
     again finds nothing changed."""
     recipe, source, summary = manifest["recipe"], manifest["source"], manifest["summary"]
     method = recipe["method"]
+    if get_format(method).container == "gguf":
+        return gguf_hub_card([(manifest, metrics)], repo)
     base = _base_model(manifest)
     front = ["---", *_base_model_front(manifest)]
     if source.get("license"):
         front.append(f"license: {_yaml_str(source['license'])}")
-    if get_format(method).container == "gguf":
-        # the Hub's GGUF convention: no transformers library, the gguf tag and the file type
-        front += ["tags:", "- qconv", "- gguf", "- quantized", f"- {_yaml_str(str(recipe['type']))}"]
-    else:
-        front += ["library_name: transformers", "tags:", "- qconv", f"- {_yaml_str(method)}", "- quantized"]
+    front += ["library_name: transformers", "tags:", "- qconv", f"- {_yaml_str(method)}", "- quantized"]
     bits = recipe.get("bits")
     if bits:
         front.append(f"- {_yaml_str(f'{bits}-bit')}")
@@ -125,6 +124,187 @@ def hub_model_card(manifest: dict, metrics: list[dict], repo: str) -> str:
     return "\n".join(lines)
 
 
+def gguf_hub_card(entries: list[tuple[dict, list[dict]]], repo: str) -> str:
+    """The README.md of a GGUF repo holding one or several of qconv's GGUF artifacts (one file
+    type each: ``NAME-Q4_K_M.gguf``, ``NAME-Q8_0.gguf``...), from their manifests and metrics:
+    ``entries`` is ``[(manifest, metrics)]``, the artifact being pushed first (its base model
+    and licence head the card; another entry's base model when it has none). The Hub's GGUF
+    conventions: no transformers library, the ``gguf`` tag and one tag per file type, then one
+    table of the files and usage snippets naming each. Deterministic: the same entries in any
+    order after the first give the same bytes."""
+    first = entries[0][0]
+    rows = sorted(entries, key=lambda e: gguf_files(e[0])[:1] or [e[0]["recipe"]["type"]])
+    front_of = next((m for m, _ in entries if base_model_of(m)), first)
+    front = ["---", *_base_model_front(front_of)]
+    if first["source"].get("license"):
+        front.append(f"license: {_yaml_str(first['source']['license'])}")
+    types = sorted({str(m["recipe"]["type"]) for m, _ in entries})
+    front += ["tags:", "- qconv", "- gguf", "- quantized", *(f"- {_yaml_str(t)}" for t in types)]
+    front.append("---")
+    base = _base_model(front_of) or first["source"]["ref"]
+    kinds = f"{len(rows)} GGUF files" if len(rows) > 1 else "One GGUF file"
+    lines = [
+        *front,
+        "",
+        f"# {repo.split('/')[-1]}",
+        "",
+        f"`{base}` quantized with qconv for llama.cpp and what is built on it (Ollama, LM Studio, "
+        f"llama-cpp-python). {kinds}, each verified in llama.cpp by qconv:",
+        "",
+        "| file | type | bits per weight | size | worst layer error | perplexity | verified with |",
+        "|---|---|---:|---:|---:|---:|---|",
+        *(_gguf_row(manifest, metrics) for manifest, metrics in rows),
+        "",
+        "Bits per weight are those of the quantized layers (token embeddings and output included); "
+        "the worst layer error is the relative error of the worst tensor against the source; "
+        "perplexity is computed by the engine named under Metrics, with its protocol.",
+        "",
+        *_gguf_verified(rows),
+        "",
+        "## Use",
+        "",
+        *_gguf_loading(repo, rows),
+        "",
+        "## Recipes",
+        "",
+        *(_gguf_recipe(manifest) for manifest, _ in rows),
+        "",
+        "## Metrics",
+        "",
+        *_gguf_metrics(rows),
+        "",
+        "## Provenance",
+    ]
+    for manifest, _ in rows:
+        lines += [
+            "",
+            f"### `{_gguf_first(manifest)}`",
+            "",
+            *_provenance(manifest, gguf_manifest_name(manifest)),
+        ]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def gguf_files(manifest: dict) -> list[str]:
+    """The artifact's GGUF files, sorted (the first part first, for a split file)."""
+    return sorted(n for n in manifest.get("files") or {} if n.endswith(".gguf"))
+
+
+#: gguf-split's part suffix (llama.cpp's ``llama_split_path``: ``PREFIX-%05d-of-%05d.gguf``)
+_SPLIT_PART = re.compile(r"-\d{5}-of-\d{5}$")
+
+
+def gguf_stem(manifest: dict) -> str:
+    """``NAME-TYPE``: the artifact's GGUF file name without ``.gguf`` and without a split part's
+    ``-00001-of-0000N``; for a manifest listing no GGUF file, ``TYPE``."""
+    names = gguf_files(manifest)
+    if not names:
+        return str(manifest["recipe"]["type"])
+    return _SPLIT_PART.sub("", names[0].removesuffix(".gguf"))
+
+
+def gguf_manifest_name(manifest: dict) -> str:
+    """Where a GGUF artifact's manifest goes in a Hub repo: ``NAME-TYPE.qconv.json`` beside its
+    ``NAME-TYPE.gguf``, so that several file types coexist in one repo."""
+    return f"{gguf_stem(manifest)}.qconv.json"
+
+
+def _gguf_first(manifest: dict) -> str:
+    names = gguf_files(manifest)
+    return names[0] if names else f"*{manifest['recipe']['type']}.gguf"
+
+
+def _gguf_loader(manifest: dict) -> str | None:
+    return ((manifest.get("verify") or {}).get("logits") or {}).get("loader")
+
+
+def _gguf_ppl(metrics: list[dict]) -> dict | None:
+    """The perplexity the table shows: the last one recorded (all are under Metrics)."""
+    rows = [m for m in metrics if m.get("name") == "ppl"]
+    return rows[-1] if rows else None
+
+
+def _gguf_row(manifest: dict, metrics: list[dict]) -> str:
+    summary, files = manifest.get("summary") or {}, manifest.get("files") or {}
+    names = gguf_files(manifest)
+    size = sum(files[n].get("size") or 0 for n in names)
+    parts = f" (+{len(names) - 1} parts)" if len(names) > 1 else ""
+    error = summary.get("worst_rel_error")
+    worst = f"{error:.4f} (`{summary.get('worst_layer')}`)" if error is not None else "unknown"
+    ppl = _gguf_ppl(metrics)
+    bits = summary.get("bits_per_weight")
+    bits_cell = f"{bits:.3f}" if bits is not None else "-"
+    ppl_cell = f"{ppl['value']:.4g}" if ppl else "-"
+    return (
+        f"| `{_gguf_first(manifest)}`{parts} | {manifest['recipe']['type']} | {bits_cell} | "
+        f"{_size(size)} | {worst} | {ppl_cell} | {_gguf_loader(manifest) or 'not verified'} |"
+    )
+
+
+def _gguf_verified(rows: list[tuple[dict, list[dict]]]) -> list[str]:
+    """Which llama.cpp version verified which file: one line per version."""
+    by_loader: dict[str, list[str]] = {}
+    for manifest, _ in rows:
+        by_loader.setdefault(_gguf_loader(manifest) or "", []).append(f"`{_gguf_first(manifest)}`")
+    return [
+        f"Verified with {loader}: {', '.join(names)}." if loader else f"Not verified: {', '.join(names)}."
+        for loader, names in sorted(by_loader.items())
+    ]
+
+
+def _gguf_loading(repo: str, rows: list[tuple[dict, list[dict]]]) -> list[str]:
+    """llama.cpp and what is built on it, for each file type (the Hub's ``repo:TYPE`` shorthand
+    picks the file of that type), and llama-cpp-python by file name."""
+    commands, python = [], []
+    for manifest, _ in rows:
+        file_type = manifest["recipe"]["type"]
+        commands += [f"llama-cli -hf {repo}:{file_type} -p 'Hello'", f"ollama run hf.co/{repo}:{file_type}"]
+        line = f'llm = Llama.from_pretrained(repo_id="{repo}", filename="{_gguf_first(manifest)}")'
+        python.append(("# " if python else "") + line + f"  # {file_type}")
+    split = [
+        f"`{_gguf_first(m)}` is the first of {len(gguf_files(m))} parts; llama.cpp loads the others beside it."
+        for m, _ in rows
+        if len(gguf_files(m)) > 1
+    ]
+    return [
+        "```bash",
+        *commands,
+        "```",
+        "",
+        "```python",
+        "from llama_cpp import Llama",
+        "",
+        *python,
+        'print(llm("Hello", max_tokens=32)["choices"][0]["text"])',
+        "```",
+        *([""] + split if split else []),
+    ]
+
+
+def _gguf_recipe(manifest: dict) -> str:
+    options = ", ".join(f"`{k}={_cell(v)}`" for k, v in manifest["recipe"].items() if k != "label")
+    skipped = ", ".join(f"`{m}`" for m in manifest.get("skipped") or []) or "none"
+    return f"- `{_gguf_first(manifest)}`: {options}; left unquantized: {skipped}."
+
+
+def _gguf_metrics(rows: list[tuple[dict, list[dict]]]) -> list[str]:
+    measured = [(manifest, m) for manifest, metrics in rows for m in metrics]
+    if not measured:
+        return ["Not measured yet (`qconv eval`)."]
+    table = ["| file | metric | value | protocol |", "|---|---|---:|---|"]
+    for manifest, m in measured:
+        table.append(f"| `{_gguf_first(manifest)}` | {_metric_row(m)} |")
+    return table
+
+
+def _size(size: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.2f} {unit}"
+    return f"{size} B"
+
+
 def _base_model(manifest: dict) -> str | None:
     """The Hub id for ``base_model``, when the artifact has a base model."""
     entry = base_model_of(manifest)
@@ -142,7 +322,7 @@ def _loading(method: str, repo: str, manifest: dict | None = None) -> list[str]:
     """How to load it, as the method declares (``stock_loader``, ``libraries``, ``extra``)."""
     fmt = get_format(method)
     if fmt.stock_loader == "llama.cpp":
-        return _gguf_loading(repo, manifest or {"recipe": {"type": "TYPE"}})
+        return _gguf_loading(repo, [(manifest or {"recipe": {"type": "TYPE"}}, [])])
     if fmt.stock_loader == "transformers":
         return [
             f"Stock transformers loads it (install `{' '.join(fmt.libraries)}`):",
@@ -171,34 +351,6 @@ def _loading(method: str, repo: str, manifest: dict | None = None) -> list[str]:
     ]
 
 
-def _gguf_loading(repo: str, manifest: dict) -> list[str]:
-    """llama.cpp and what is built on it, by the file type (the Hub's ``repo:TYPE`` shorthand)."""
-    file_type = manifest["recipe"]["type"]
-    names = sorted(n for n in manifest.get("files", {}) if n.endswith(".gguf"))
-    first = names[0] if names else f"*{file_type}.gguf"
-    verified = (manifest.get("verify") or {}).get("logits") or {}
-    lines = [
-        f"One GGUF file, `{first}`" + (f" (first of {len(names)} parts)" if len(names) > 1 else "") + ".",
-    ]
-    if verified.get("loader"):
-        lines[0] += f" Verified with {verified['loader']}."
-    return [
-        *lines,
-        "",
-        "```bash",
-        f"llama-cli -hf {repo}:{file_type} -p 'Hello'",
-        f"ollama run hf.co/{repo}:{file_type}",
-        "```",
-        "",
-        "```python",
-        "from llama_cpp import Llama",
-        "",
-        f'llm = Llama.from_pretrained(repo_id="{repo}", filename="{first}")',
-        'print(llm("Hello", max_tokens=32)["choices"][0]["text"])',
-        "```",
-    ]
-
-
 #: how each serving engine a method declares (``QuantFormat.serving_engines``) serves a Hub repo
 _SERVE = {
     "vllm": ("vLLM", "vllm serve {repo}"),
@@ -219,14 +371,19 @@ def _metrics(metrics: list[dict]) -> list[str]:
         return ["Not measured yet (`qconv eval`)."]
     rows = ["| metric | value | protocol |", "|---|---:|---|"]
     for m in sorted(metrics, key=lambda m: (m["name"], str(m.get("protocol")))):
-        protocol = m.get("protocol")
-        if isinstance(protocol, dict):
-            protocol = ", ".join(f"{k}: {_cell(v)}" for k, v in sorted(protocol.items()))
-        rows.append(f"| {m['name']} | {m['value']:.4g} | {protocol or '-'} |")
+        rows.append(f"| {_metric_row(m)} |")
     return rows
 
 
-def _provenance(manifest: dict) -> list[str]:
+def _metric_row(m: dict) -> str:
+    """``name | value | protocol`` cells of one metric."""
+    protocol = m.get("protocol")
+    if isinstance(protocol, dict):
+        protocol = ", ".join(f"{k}: {_cell(v)}" for k, v in sorted(protocol.items()))
+    return f"{m['name']} | {m['value']:.4g} | {protocol or '-'}"
+
+
+def _provenance(manifest: dict, manifest_name: str = "qconv.json") -> list[str]:
     source, env = manifest["source"], manifest.get("environment") or {}
     base = base_model_of(manifest)
     lines = [
@@ -261,8 +418,8 @@ def _provenance(manifest: dict) -> list[str]:
             for n, e in sorted((source.get("files") or {}).items())
         ),
         "",
-        "Every file's sha256 (its LFS oid) and every layer's error are in `qconv.json`; "
-        "`qconv verify` re-checks a downloaded copy.",
+        f"Every file's sha256 (its LFS oid) and every layer's error are in `{manifest_name}`"
+        + ("; `qconv verify` re-checks a downloaded copy." if manifest_name == "qconv.json" else "."),
     ]
     return lines
 
