@@ -19,6 +19,11 @@ the artifact's hashed files are never touched. What makes it safe to run again, 
   the killed run's commit records it (tests/test_push_resume.py).
 - The token comes from ``HF_TOKEN`` or huggingface_hub's stored login, is handed to the client
   only, and is scrubbed from every error message qconv shows.
+- A GGUF artifact joins the other file types of its repo (the Hub's convention: NAME-Q8_0.gguf,
+  NAME-Q4_K_M.gguf... side by side): its manifest goes up as ``NAME-TYPE.qconv.json``, and the
+  card is rebuilt at each attempt from every qconv GGUF manifest in the repo at the head that
+  attempt builds on (tests/test_gguf_push.py). A repo whose card belongs to something else (a
+  safetensors artifact, a card qconv did not write) is refused unless ``force``.
 """
 
 from __future__ import annotations
@@ -227,7 +232,8 @@ def push(
 
     with _staging(resolved.path, files, card_bytes) as staging:
         _upload(result, staging, files, card_at, private, token, _commit_message(resolved), delete_patterns)
-    _warn_if_no_base_model(resolved)  # once the card is up (a failed push says its error alone)
+    if not (gguf and result.card.startswith("---\nbase_model: ")):  # another type's may name one
+        _warn_if_no_base_model(resolved)  # once the card is up (a failed push says its error alone)
     if registry is not None:
         if result.artifact_id is None:
             result.artifact_id = registry.record_artifact(resolved.manifest, resolved.path)

@@ -142,14 +142,13 @@ def gguf_hub_card(entries: list[tuple[dict, list[dict]]], repo: str) -> str:
     front += ["tags:", "- qconv", "- gguf", "- quantized", *(f"- {_yaml_str(t)}" for t in types)]
     front.append("---")
     base = _base_model(front_of) or first["source"]["ref"]
-    kinds = f"{len(rows)} GGUF files" if len(rows) > 1 else "One GGUF file"
     lines = [
         *front,
         "",
         f"# {repo.split('/')[-1]}",
         "",
         f"`{base}` quantized with qconv for llama.cpp and what is built on it (Ollama, LM Studio, "
-        f"llama-cpp-python). {kinds}, each verified in llama.cpp by qconv:",
+        "llama-cpp-python), in the GGUF file types below:",
         "",
         "| file | type | bits per weight | size | worst layer error | perplexity | verified with |",
         "|---|---|---:|---:|---:|---:|---|",

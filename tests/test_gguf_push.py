@@ -234,3 +234,13 @@ def test_dry_run_names_the_per_type_manifest(cli, hub, made, monkeypatch):
     assert sorted(f["name"] for f in doc["files"]) == ["README.md", Q4, "tiny-llama-Q4_0.qconv.json"]
     assert doc["card"].startswith("---\ntags:\n- qconv\n- gguf\n- quantized\n- Q4_0\n---\n")
     assert hub.requests == []
+
+
+def test_a_type_without_a_base_model_takes_the_repos(cli, hub, made, tmp_path):
+    push(cli, made["Q8_0"])
+    result, doc = cli.json("push", made["Q4_0"], "--repo", REPO)
+    assert doc["status"] == "committed"
+    # the card names the Q8_0 push's base model, so there is nothing to warn about
+    assert result.stderr == ""
+    assert card_of(hub, tmp_path)[1]["base_model"] == BASE
+    assert json.loads(hub.file_bytes(REPO, "tiny-llama-Q4_0.qconv.json"))["base_model"] is None
