@@ -266,7 +266,19 @@ def _gguf_loading(repo: str, rows: list[tuple[dict, list[dict]]]) -> list[str]:
         for m, _ in rows
         if len(gguf_files(m)) > 1
     ]
+    if len(rows) == 1:
+        names = gguf_files(rows[0][0])
+        parts = (
+            f" (first of {len(names)} parts; llama.cpp loads the others beside it)" if len(names) > 1 else ""
+        )
+        intro, split = f"One GGUF file, `{_gguf_first(rows[0][0])}`{parts}.", []
+    else:
+        intro = (
+            "Pick a file by its type (`-hf REPO:TYPE`, `hf.co/REPO:TYPE`) or by its name (llama-cpp-python):"
+        )
     return [
+        intro,
+        "",
         "```bash",
         *commands,
         "```",
