@@ -244,3 +244,25 @@ def test_a_type_without_a_base_model_takes_the_repos(cli, hub, made, tmp_path):
     assert result.stderr == ""
     assert card_of(hub, tmp_path)[1]["base_model"] == BASE
     assert json.loads(hub.file_bytes(REPO, "tiny-llama-Q4_0.qconv.json"))["base_model"] is None
+
+
+@pytest.mark.parametrize("which", ["not json", "a bnb manifest"])
+def test_a_per_type_manifest_that_is_not_a_gguf_ones_is_refused(cli, hub, made, tiny_llama, tmp_path, which):
+    if which == "not json":
+        data, why = (
+            b"{not json",
+            (
+                "is not a qconv manifest (Expecting property name enclosed in double quotes: line 1 column 2 (char 1))"
+            ),
+        )
+    else:
+        bnb = tmp_path / "bnb"
+        cli("convert", tiny_llama, "-o", bnb, "--method", "bnb", "--device", "cpu", "--no-verify")
+        data, why = (bnb / "qconv.json").read_bytes(), "is not the manifest of a GGUF artifact"
+    hub.add_model(REPO, {"other-Q8_0.qconv.json": data})
+    head = hub.commits(REPO)[0].sha
+    result = cli("push", made["Q4_0"], "--repo", REPO, ok=False)
+    assert result.exit_code == 2 and result.stdout == ""
+    at = f" at {head[:12]}" if which == "not json" else ""
+    assert result.stderr == f"Error: {REPO}: other-Q8_0.qconv.json{at} {why}\n"
+    assert commit_requests(hub) == 0 and pushes() == []
