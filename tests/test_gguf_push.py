@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import gguf_reference
 import pytest
 from test_gguf import tiny_source  # noqa: F401 - the module's source model, a fixture
+from test_push_resume import kill_when
 
 from qconv import hub as hub_module
 from qconv.registry import open_registry
@@ -266,3 +269,64 @@ def test_a_per_type_manifest_that_is_not_a_gguf_ones_is_refused(cli, hub, made, 
     at = f" at {head[:12]}" if which == "not json" else ""
     assert result.stderr == f"Error: {REPO}: other-Q8_0.qconv.json{at} {why}\n"
     assert commit_requests(hub) == 0 and pushes() == []
+
+
+def start_push(folder: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "qconv", "push", str(folder), "--repo", REPO, "--base-model", BASE, "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def wait_for(stall, process: subprocess.Popen) -> None:
+    while not stall.reached.wait(0.05):
+        assert process.poll() is None, process.stderr.read().decode()[-2000:]
+
+
+def test_a_type_pushed_while_another_push_runs_is_kept(cli, hub, made, tmp_path):
+    """Two types pushed at once: the later commit names a stale parent, the Hub refuses it (HTTP
+    412), and its retry rebuilds the card at the new head, with the other type in it."""
+    stall = hub.stall_next("preupload")  # the Q4_0 push has read the head, then waits here
+    process = start_push(made["Q4_0"])
+    try:
+        wait_for(stall, process)
+        _, q8 = push(cli, made["Q8_0"])
+        assert q8["status"] == "committed"
+        stall.release.set()
+        out, err = process.communicate(timeout=240)
+    finally:
+        stall.release.set()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, err.decode()
+    q4 = json.loads(out)
+    assert (q4["status"], q4["attempts"]) == ("committed", 2)
+    assert q4["retried_errors"] == [
+        f"{REPO}: the Hub answered HTTP 412: A commit has happened since. Please refresh and try again."
+    ]
+    assert [c.sha for c in hub.commits(REPO)[:2]] == [q4["commit_sha"], q8["commit_sha"]]
+    assert {Q4, Q8, "tiny-llama-Q4_0.qconv.json", "tiny-llama-Q8_0.qconv.json"} <= set(hub.files(REPO))
+    assert card_of(hub, tmp_path)[1]["tags"] == ["qconv", "gguf", "quantized", "Q4_0", "Q8_0"]
+    assert len(pushes()) == 2
+
+
+def test_a_gguf_push_killed_after_its_commit_is_finished_by_running_it_again(cli, hub, made, tmp_path):
+    push(cli, made["Q8_0"])
+    stall = hub.stall_next("commit", after_commit=True)
+    process = start_push(made["Q4_0"])
+    try:
+        kill_when(hub, process, stall, "the commit")
+    finally:
+        stall.release.set()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    commits = hub.commits(REPO)
+    assert len(commits) == 3 and len(pushes()) == 1  # its commit landed, unrecorded
+    _, doc = push(cli, made["Q4_0"])
+    assert (doc["status"], doc["commit_sha"], doc["recorded"]) == ("unchanged", commits[0].sha, True)
+    assert len(hub.commits(REPO)) == 3 and commit_requests(hub) == 2
+    assert card_of(hub, tmp_path)[1]["tags"] == ["qconv", "gguf", "quantized", "Q4_0", "Q8_0"]
+    assert [r["commit_sha"] for r in pushes()] == [commits[1].sha, commits[0].sha]
