@@ -130,8 +130,8 @@ def gguf_hub_card(entries: list[tuple[dict, list[dict]]], repo: str) -> str:
     ``entries`` is ``[(manifest, metrics)]``, the artifact being pushed first (its base model
     and licence head the card; another entry's base model when it has none). The Hub's GGUF
     conventions: no transformers library, the ``gguf`` tag and one tag per file type, then one
-    table of the files and usage snippets naming each. Deterministic: the same entries in any
-    order after the first give the same bytes."""
+    table of the files and usage snippets naming each. Deterministic: rows are ordered by file
+    name, so the same entries give the same bytes (pushing again finds nothing changed)."""
     first = entries[0][0]
     rows = sorted(entries, key=lambda e: gguf_files(e[0])[:1] or [e[0]["recipe"]["type"]])
     front_of = next((m for m, _ in entries if base_model_of(m)), first)
