@@ -59,8 +59,70 @@ class _KQuant:
         self.sub = spec["sub"]
         self.lo, self.hi = -spec["q_offset"], spec["q_max"] - spec["q_offset"]
 
-    def candidates(self, x: torch.Tensor) -> list[dict]:
-        return [gguf_kquants._qconv(self.name, x), gguf_kquants._LLAMA[self.name](x)]
+    def candidates(self, x: torch.Tensor, weights: torch.Tensor) -> list[dict]:
+        """The data-free qconv and llama solutions, an imatrix-style start fitted with
+        ``weights`` (per element), and each refitted for ``weights`` at its own codes."""
+        starts = [gguf_kquants._qconv(self.name, x), gguf_kquants._LLAMA[self.name](x)]
+        starts.append(self._weighted_start(x, weights))
+        return starts + [self._refit(solution, x, weights) for solution in starts]
+
+    def _weighted_start(self, x: torch.Tensor, weights: torch.Tensor) -> dict:
+        """Each sub-block fitted for the weighted squared error (ggml-quants.c's imatrix path:
+        make_qkx3_quants' grid -0.9 + 0.05 k, k <= 36, or make_qx_quants with weights), then
+        the sub-scales (and mins) quantized against the largest, as llama.cpp's reference does."""
+        spec = gguf_kquants._SPECS[self.name]
+        nsub = gguf_kquants.QK_K // self.sub
+        sub_x, sub_w = x.reshape(-1, self.sub), weights.reshape(-1, self.sub)
+        if spec["m_max"]:
+            scales, mins, _ = gguf_kquants._make_qkx2_quants(
+                sub_x, sub_w, spec["q_max"], -0.9, 0.05, 36, False
+            )
+            scales, mins = scales.reshape(-1, nsub), mins.reshape(-1, nsub)
+            d = gguf_kquants._f16(gguf_kquants._positive_max(scales) / spec["sc_hi"])
+            dmin = gguf_kquants._f16(gguf_kquants._positive_max(mins) / spec["m_max"])
+            safe_m = torch.where(dmin == 0, torch.ones_like(dmin), dmin)[:, None]
+            m = torch.round(mins / safe_m).clamp(0, spec["m_max"])
+        else:
+            scales, _ = gguf_kquants._make_qx_quants(sub_x, sub_w, spec["q_offset"])
+            scales = scales.reshape(-1, nsub)
+            d = gguf_kquants._f16(gguf_kquants._signed_max(scales)[0] / spec["sc_lo"])
+            dmin = torch.zeros_like(d)
+            m = torch.zeros_like(scales)
+        safe = torch.where(d == 0, torch.ones_like(d), d)[:, None]
+        sc = torch.round(scales / safe).clamp(spec["sc_lo"], spec["sc_hi"])
+        return self._solution(d, dmin, sc.to(torch.int64), m.to(torch.int64))
+
+    def _solution(self, d, dmin, sc, m) -> dict:
+        q = torch.zeros((d.shape[0], sc.shape[1], self.sub), dtype=torch.int64, device=d.device)
+        return gguf_kquants._signed_to_stored(self.name, d, dmin, sc, m, q)
+
+    def _refit(self, solution: dict, x: torch.Tensor, weights: torch.Tensor) -> dict:
+        """Weighted least squares of the super-block's ``d`` (and ``dmin``) for the nearest codes
+        of ``solution`` and its integer sub-scales, rounded to fp16."""
+        grid = self.grid(solution)
+        q = _codes(self, grid, x)
+        sc, m = grid.params["sc"].to(torch.float32), grid.params["m"].to(torch.float32)
+        u = sc.repeat_interleave(self.sub, dim=1) * q
+        v = m.repeat_interleave(self.sub, dim=1)
+        w = weights.double()
+        u, v, xd = u.double(), v.double(), x.double()
+        uu, ux = (w * u * u).sum(1), (w * u * xd).sum(1)
+        d, dmin = grid.params["d"], grid.params["dmin"]
+        if gguf_kquants._SPECS[self.name]["m_max"]:
+            uv, vv, vx = (w * u * v).sum(1), (w * v * v).sum(1), (w * v * xd).sum(1)
+            det = uu * vv - uv * uv
+            ok = det > 1e-12 * (uu * vv).clamp(min=1e-300)
+            new_d = (ux * vv - uv * vx) / torch.where(ok, det, torch.ones_like(det))
+            new_dmin = (ux * uv - uu * vx) / torch.where(ok, det, torch.ones_like(det))
+        else:
+            ok = uu > 0
+            new_d = ux / torch.where(ok, uu, torch.ones_like(uu))
+            new_dmin = torch.zeros_like(new_d)
+        new_d, new_dmin = gguf_kquants._f16(new_d.float()), gguf_kquants._f16(new_dmin.float())
+        ok = ok & torch.isfinite(new_d) & torch.isfinite(new_dmin) & (new_dmin >= 0)
+        return self._solution(
+            torch.where(ok, new_d, d), torch.where(ok, new_dmin, dmin), grid.params["sc"], grid.params["m"]
+        )
 
     def grid(self, solution: dict) -> BlockGrid:
         sc, m, _ = gguf_kquants._stored_to_signed(self.name, solution)
@@ -90,8 +152,48 @@ class _Legacy:
         self.spec = gguf_quants._LEGACY[type_name]
         self.lo, self.hi = self.spec.low, self.spec.high
 
-    def candidates(self, x: torch.Tensor) -> list[tuple]:
-        return [gguf_quants._qconv(x, self.spec), gguf_quants._llama(x, self.spec)]
+    def candidates(self, x: torch.Tensor, weights: torch.Tensor) -> list[tuple]:
+        """The data-free qconv and llama blocks, an imatrix-style start fitted with ``weights``
+        (ggml-quants.c quantize_q4_0 / q4_1 / q5_0 / q5_1 with quant_weights: make_qx_quants,
+        make_qkx3_quants), and each refitted for ``weights`` at its own codes."""
+        starts = [gguf_quants._qconv(x, self.spec), gguf_quants._llama(x, self.spec)]
+        if not self.spec.nonlinear and self.spec.name != "Q8_0":  # llama.cpp ignores weights there
+            if self.spec.has_min:
+                scale, the_min, _ = gguf_kquants._make_qkx2_quants(
+                    x, weights, self.spec.high, -0.9, 0.05, 36, False
+                )
+                starts.append((gguf_quants._fp16(scale), gguf_quants._fp16(-the_min), None))
+            else:
+                scale, _ = gguf_kquants._make_qx_quants(x, weights, -self.spec.low)
+                starts.append((gguf_quants._fp16(scale), None, None))
+        return starts + [self._refit(solution, x, weights) for solution in starts]
+
+    def _refit(self, solution: tuple, x: torch.Tensor, weights: torch.Tensor) -> tuple:
+        """Weighted least squares of ``d`` (and ``m``) for the nearest levels of ``solution``."""
+        d16, m16, _ = solution
+        grid = self.grid(solution)
+        level = self.level(_codes(self, grid, x)).double()
+        w, xd = weights.double(), x.double()
+        ll, lx = (w * level * level).sum(1), (w * level * xd).sum(1)
+        if m16 is None:
+            ok = ll > 0
+            d = lx / torch.where(ok, ll, torch.ones_like(ll))
+            m = None
+        else:
+            sw, sl, sx = w.sum(1), (w * level).sum(1), (w * xd).sum(1)
+            det = sw * ll - sl * sl
+            ok = det > 1e-12 * (sw * ll).clamp(min=1e-300)
+            safe = torch.where(ok, det, torch.ones_like(det))
+            d = (sw * lx - sl * sx) / safe
+            m = (ll * sx - sl * lx) / safe
+        new_d = gguf_quants._fp16(d.float())
+        ok = ok & torch.isfinite(new_d.float())
+        new_m = None
+        if m is not None:
+            new_m = gguf_quants._fp16(m.float())
+            ok = ok & torch.isfinite(new_m.float())
+            new_m = torch.where(ok, new_m, m16)
+        return torch.where(ok, new_d, d16), new_m, None
 
     def grid(self, solution: tuple) -> BlockGrid:
         d16, m16, _ = solution
@@ -123,10 +225,14 @@ def _grid_values(kind, grid: BlockGrid, codes: torch.Tensor) -> torch.Tensor:
 
 
 def fit_block(kind, x: torch.Tensor, importance: torch.Tensor) -> BlockGrid:
-    """The block's numbers for rows ``x`` ``[rows, block]``: of the type's data-free candidates,
-    the one with the lowest ``importance``-weighted squared error per row (float64)."""
+    """The block's numbers for rows ``x`` ``[rows, block]``: of the type's candidates, the one
+    with the lowest ``importance``-weighted squared error per row (float64). The weights the
+    imatrix-style candidates are fitted with are llama.cpp's: ``qw * sqrt(sigma2 + x^2)``,
+    ``sigma2 = 2 * mean(x^2)`` of the row's block (ggml-quants.c quantize_row_q4_K_impl)."""
     best_grid, best_error = None, None
-    for solution in kind.candidates(x):
+    sigma2 = 2 * x.square().mean(dim=1, keepdim=True)
+    weights = importance[None, :] * torch.sqrt(sigma2 + x * x)
+    for solution in kind.candidates(x, weights):
         grid = kind.grid(solution)
         codes = _codes(kind, grid, x)
         error = ((x - _grid_values(kind, grid, codes)).double().square() * importance.double()).sum(1)
