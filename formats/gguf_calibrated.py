@@ -47,7 +47,8 @@ def solver_settings() -> dict[str, Any]:
     return {
         "damp": gguf_gptq.DAMP,
         "block": gguf_gptq.BLOCK,
-        "block_numbers": "qconv or llama solver's, whichever has the lower diag(H)-weighted error",
+        "block_numbers": "the qconv, llama and an imatrix-style weighted fit's, each also refitted by weighted "
+        "least squares; the lowest diag(H)-weighted error kept",
         "act_order": False,
     }
 
