@@ -197,9 +197,12 @@ def write_gguf(
     device: torch.device,
     max_shard_bytes: int,
     progress: ProgressSink,
+    prepared=None,
 ) -> WrittenGGUF:
     """Write the GGUF file(s) at ``path`` (parts named as gguf-split names them when the file
-    would exceed ``max_shard_bytes``) and measure every quantized tensor's error."""
+    would exceed ``max_shard_bytes``) and measure every quantized tensor's error. ``prepared``:
+    a calibration stage's result (formats/gguf_calibrated.py): the layers it holds bytes for are
+    written from them (rows permuted as the tensor's transform permutes them), not quantized."""
     import gguf
 
     total = sum(int(np.prod(byte_shape(t.shape, t.ggml_type))) for t in planned)
@@ -240,7 +243,11 @@ def write_gguf(
                 if tensor.values is None:
                     values = model.transform(tensor.source_name, values)
                 rows = values.reshape(-1, tensor.shape[-1])
-                data = fmt.quantize_as(rows, tensor.ggml_type, recipe["solver"]).cpu().numpy()
+                packed = prepared.packed(tensor.module) if prepared is not None and tensor.module else None
+                if packed is not None:
+                    data = _prepared_bytes(model, tensor, next(iter(packed.values())))
+                else:
+                    data = fmt.quantize_as(rows, tensor.ggml_type, recipe["solver"]).cpu().numpy()
             except QconvError as exc:
                 raise exc.with_context(tensor.source_name) from None
             timers["quantize_s"] += time.perf_counter() - clock
@@ -256,6 +263,7 @@ def write_gguf(
                     "shape": list(tensor.shape),
                     "format": tensor.ggml_type,
                     "gguf_name": tensor.name,
+                    **(prepared.layer_stats(tensor.module) if prepared is not None else {}),
                 }
                 quantized_params += values.numel()
                 quantized_bytes += data.nbytes
@@ -277,6 +285,16 @@ def write_gguf(
         file = path.parent / name
         files[name] = {"sha256": sha256_file(file), "size": file.stat().st_size}
     return WrittenGGUF(files, layers, skipped, quantized_params, total_params, quantized_bytes, timers)
+
+
+def _prepared_bytes(model: GGUFModel, tensor: PlannedTensor, data: torch.Tensor) -> np.ndarray:
+    """A calibrated layer's bytes (rows in the source's order) in the file's row order."""
+    expected = byte_shape(tensor.shape, tensor.ggml_type)
+    if tuple(data.shape) != expected:
+        raise SourceError(
+            f"the calibration checkpoint holds {list(data.shape)} bytes, not {tensor.ggml_type}'s {list(expected)}"
+        )
+    return data[row_order(model, tensor.source_name, tensor.shape)].contiguous().numpy()
 
 
 def _float_reason(tensor: PlannedTensor, recipe: dict) -> str:
@@ -338,11 +356,11 @@ class StoredGGUF:
             raise SourceError(f"{name} holds {values.numel()} values, the source's {hf_name} {list(shape)}")
         values = values.reshape(shape)
         if len(shape) == 2:
-            values = values[_row_order(self.model, hf_name, shape).argsort()]
+            values = values[row_order(self.model, hf_name, shape).argsort()]
         return values
 
 
-def _row_order(model: GGUFModel, hf_name: str, shape: tuple[int, ...]) -> torch.Tensor:
+def row_order(model: GGUFModel, hf_name: str, shape: tuple[int, ...]) -> torch.Tensor:
     """Which source row each stored row is (the transform's row permutation), found by
     transforming rows that hold their own index; refuses a transform that is not one."""
     probe = torch.arange(shape[0], dtype=torch.float32)[:, None].expand(shape).contiguous()

@@ -300,6 +300,7 @@ def convert(
                     max_rel_error,
                     progress,
                     base=base,
+                    prepared=prepared,
                 )
             else:
                 result = _convert_into(
@@ -585,6 +586,7 @@ def _convert_gguf_into(
     max_rel_error: float | None,
     progress: ProgressSink,
     base: BaseModelEntry | None = None,
+    prepared: Prepared | None = None,
 ) -> ConvertResult:
     """The GGUF path (``fmt.container == "gguf"``): one llama.cpp file instead of safetensors
     shards and config.json; the manifest, model card and verification as for every method."""
@@ -595,7 +597,7 @@ def _convert_gguf_into(
     source.start_hashing()
     path = tmp / f"{gguf_export.file_stem(source)}-{recipe['type']}.gguf"
     written = gguf_export.write_gguf(
-        source, model, planned, fmt, recipe, path, device, max_shard_bytes, progress
+        source, model, planned, fmt, recipe, path, device, max_shard_bytes, progress, prepared
     )
     convert_s = time.perf_counter() - t0
     source_file_hashes = source.file_hashes()
@@ -606,7 +608,7 @@ def _convert_gguf_into(
     manifest = new_manifest(
         source_entry(source, plan.architecture, source_file_hashes),
         recipe,
-        None,
+        prepared.calibration if prepared is not None else None,
         environment(device, fmt.libraries),
         layers,
         written.skipped,

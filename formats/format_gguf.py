@@ -13,6 +13,10 @@ The numbers come from one of two solvers, in the very same bytes per block:
   whichever of its candidates and llama.cpp's own choice has the lower error, so it is never
   worse than llama.cpp on any block (``gguf_quants.py``, ``gguf_kquants.py``).
 
+With ``--calibration FILE|wikitext2`` the Linears of the decoder blocks are quantized by GPTQ
+into the same bytes instead (``gguf_calibrated.py``, ``gguf_gptq.py``); the token embeddings
+and the output head stay with the data-free solver.
+
 The conversion itself is :mod:`qconv.gguf_export` (the pipeline hands GGUF methods to it).
 """
 
@@ -23,9 +27,9 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from qconv.errors import ArtifactError, SourceError
-from qconv.formats import gguf_kquants, gguf_quants
-from qconv.formats.base import Option, QuantFormat, check_choice, register
+from qconv.errors import ArtifactError, SourceError, UsageError
+from qconv.formats import gguf_calibrated, gguf_kquants, gguf_quants, uniform_calibrated
+from qconv.formats.base import Option, PrepareContext, Prepared, QuantFormat, check_choice, register
 from qconv.formats.gguf_mix import FILE_TYPES
 
 DEFAULT_TYPE = "Q4_K_M"
@@ -62,6 +66,7 @@ class GGUFFormat(QuantFormat):
                     "or 'llama' (llama.cpp's own reference quantization)",
                     default="qconv",
                 ),
+                *uniform_calibrated.calibration_options("gguf"),
             ),
         )
 
@@ -70,16 +75,43 @@ class GGUFFormat(QuantFormat):
         file_type = str(given["type"]).upper()
         check_choice(self, "type", file_type, tuple(FILE_TYPES))
         check_choice(self, "solver", given["solver"], SOLVERS)
-        return {
+        calibration = uniform_calibrated.calibration_recipe(given)
+        recipe = {
             "method": self.name,
             "type": file_type,
             "solver": given["solver"],
             "file_type": FILE_TYPES[file_type].ftype,
         }
+        if calibration is None:
+            return recipe
+        if file_type in FLOAT_TYPES:
+            raise UsageError(
+                "{method}: --calibration does not apply to {value}: its weights are stored as floats, "
+                "no block to fit",
+                value=file_type,
+                method=self.name,
+            )
+        if given["solver"] != "qconv":
+            raise UsageError(
+                "{method}: {option} {value} is data-free; with --calibration the block Linears' solver "
+                "is GPTQ",
+                option="solver",
+                value=given["solver"],
+                method=self.name,
+            )
+        # "solver" stays the data-free one, for the tensors outside the blocks (embeddings, head)
+        recipe.update(calibration=calibration, gptq=gguf_calibrated.solver_settings())
+        return recipe
 
     def label(self, recipe: dict) -> str:
         solver = "" if recipe.get("solver", "qconv") == "qconv" else f" ({recipe['solver']} solver)"
-        return f"gguf {recipe['type']}{solver}"
+        calibrated = " gptq" if recipe.get("calibration") else ""
+        return f"gguf {recipe['type']}{solver}{calibrated}"
+
+    def prepare(self, context: PrepareContext) -> Prepared | None:
+        if not context.recipe.get("calibration"):
+            return None
+        return gguf_calibrated.prepare(context, self)
 
     def quantize_as(self, weight: torch.Tensor, ggml_type: str, solver: str) -> torch.Tensor:
         """The GGUF bytes of one float32 ``[rows, n]`` tensor in ``ggml_type``: uint8 ``[rows,
