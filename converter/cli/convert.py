@@ -88,7 +88,7 @@ max_rel_error_option = click.option(
 @click.option(
     "--resume",
     is_flag=True,
-    help="Continue an interrupted calibrated conversion (aqlm; hqq and compressed-tensors with --calibration) from its checkpoint beside OUTPUT.",
+    help="Continue an interrupted calibrated conversion (aqlm; hqq, compressed-tensors and gguf with --calibration) from its checkpoint beside OUTPUT.",
 )
 @click.option("--verify/--no-verify", default=True, show_default=True, help="Verify the artifact at the end.")
 @click.option(
