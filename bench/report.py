@@ -848,7 +848,9 @@ def gguf_table(path: Path, rel: str) -> list[str]:
 
 
 def calibrated_table(path: Path, rel: str) -> list[str]:
-    """run_calibrated.py: data-free against calibrated (GPTQ) in the same format and bytes."""
+    """run_calibrated.py: data-free against calibrated (GPTQ) in the same format and bytes; under a
+    format, the same format calibrated by another tool where the run has one
+    (run_llmcompressor_gptq.py: llm-compressor's GPTQ on the same calibration token ids)."""
     r = json.loads(path.read_text())
     settings = r.get("calibration_settings", {})
     lines = [
@@ -862,17 +864,45 @@ def calibrated_table(path: Path, rel: str) -> list[str]:
         "|---|---:|---:|---:|---:|---:|",
     ]
     cases = r["cases"]
+
+    def seconds(value, digits: int) -> str:
+        return "-" if value is None else f"{value:.{digits}f} s"
+
+    notes = []
     for name, summary in r.get("summary", {}).items():
         calibrated = cases.get(f"{name}-gptq") or {}
         data_free = cases.get(summary["data_free"]) or {}
-        label = (data_free.get("recipe") or {}).get("label", name)
-        if summary["data_free"].endswith("-rtn"):
+        label = (data_free.get("recipe") or calibrated.get("recipe") or {}).get("label", name)
+        if (summary["data_free"] or "").endswith("-rtn"):
             label += " (rtn = llm-compressor's)"
+        bits = calibrated.get("bits_per_weight")
+        data_free_ppl = summary["data_free_ppl"] if summary["data_free"] else "not run"
+        calibrated_ppl = summary["calibrated_ppl"] if "error" not in calibrated else "failed"
         lines.append(
-            f"| {label} | {calibrated.get('bits_per_weight', 0):.3f} | "
-            f"{perplexity_text(summary['data_free_ppl'])} | **{perplexity_text(summary['calibrated_ppl'])}** | "
-            f"{summary['calibration_s']:.0f} s | {summary['calibrate_s_per_layer_mean']:.2f} s |"
+            f"| {label} | {'-' if bits is None else f'{bits:.3f}'} | "
+            f"{perplexity_text(data_free_ppl)} | **{perplexity_text(calibrated_ppl)}** | "
+            f"{seconds(summary['calibration_s'], 0)} | {seconds(summary['calibrate_s_per_layer_mean'], 2)} |"
         )
+        reference = summary.get("reference")
+        if reference:
+            case = cases.get(reference["case"]) or {}
+            tokens = reference.get("calib_tokens")
+            same = tokens == settings.get("calib_tokens")
+            lines.append(
+                f"| {reference['tool']} GPTQ, same format | - | - | "
+                f"{perplexity_text(reference['calibrated_ppl'] if 'error' not in case else 'failed')} | "
+                f"{seconds(reference['calibration_s'], 0)} | {seconds(reference['calibrate_s_per_layer_mean'], 2)} |"
+            )
+            gptq = case.get("gptq") or {}
+            notes.append(
+                f"{reference['tool']}: GPTQModifier (oneshot) calibrated on "
+                + (f"the same {tokens:,} token ids" if same else f"{tokens} token ids (NOT the same count)")
+                + ", "
+                + ", ".join(f"{key} {value}" for key, value in gptq.items() if value is not None)
+                + "; per layer: its logged solve time over the modules solved together"
+            )
+    if notes:
+        lines += [""] + [f"_{note}._" for note in notes]
     return lines
 
 
