@@ -97,6 +97,16 @@ def protocol_text(max_windows: int | None) -> str:
     )
 
 
+def evaluate_case(case: dict, out: Path, home: Path, write, max_windows: int | None) -> dict:
+    started = time.perf_counter()
+    evaluation = qconv("eval", str(out), *eval_args(max_windows), "--device", "cpu", home=home)
+    case["eval_s"] = round(time.perf_counter() - started, 1)
+    case["eval"] = evaluation
+    case["perplexity"] = evaluation["metrics"]["ppl"]
+    write(case)
+    return case
+
+
 def run_case(
     name: str, gguf: Path, work: Path, home: Path, tokens: int, write, max_windows: int | None = MAX_WINDOWS
 ) -> dict:
@@ -127,13 +137,7 @@ def run_case(
         case["prepare_s_per_layer"] = case["prepare_s"] / len(timed)
         case["mean_rel_output_error"] = sum(errors) / len(errors)
     write(case)
-    started = time.perf_counter()
-    evaluation = qconv("eval", str(out), *eval_args(max_windows), "--device", "cpu", home=home)
-    case["eval_s"] = round(time.perf_counter() - started, 1)
-    case["eval"] = evaluation
-    case["perplexity"] = evaluation["metrics"]["ppl"]
-    write(case)
-    return case
+    return evaluate_case(case, out, home, write, max_windows)
 
 
 def summarize(doc: dict) -> None:
@@ -182,6 +186,19 @@ def main() -> None:
         "--full",
         action="store_true",
         help="qconv eval's full protocol (every window; default --out " + FULL_OUT.name + ")",
+    )
+    parser.add_argument(
+        "--artifacts",
+        type=Path,
+        default=None,
+        help="with --converted-in: evaluate the artifacts kept here (DIR/CASE) under this run's protocol "
+        "instead of converting again",
+    )
+    parser.add_argument(
+        "--converted-in",
+        type=Path,
+        default=None,
+        help="the run's JSON that converted --artifacts (its cases' convert records are copied)",
     )
     parser.add_argument(
         "--merge",
@@ -240,7 +257,13 @@ def main() -> None:
                 save()
 
             try:
-                run_case(name, gguf, work, home, args.calib_tokens, write, max_windows)
+                if args.artifacts is not None:
+                    converted = json.loads(args.converted_in.read_text())["cases"][name]
+                    case = {k: v for k, v in converted.items() if k not in ("eval", "eval_s", "perplexity")}
+                    case["converted_in"] = args.converted_in.name
+                    evaluate_case(case, args.artifacts / name, home, write, max_windows)
+                else:
+                    run_case(name, gguf, work, home, args.calib_tokens, write, max_windows)
             except RuntimeError as exc:
                 cases[name] = {"error": str(exc)[-2000:]}
                 save()

@@ -116,6 +116,41 @@ def per_layer_times(log: str) -> tuple[dict[str, float], list[dict]]:
     return times, batches
 
 
+def run_steps(
+    case: dict, args, gguf: Path, work: Path, source: Path, ids_path: Path, compressed: Path, save, out
+) -> None:
+    """export, then llm-compressor's GPTQ in its venv; what they measured, into ``case``."""
+    started = time.perf_counter()
+    case["export"] = export(gguf, source, ids_path, args.calib_tokens)
+    case["calibration"] = case["export"]["calibration"]
+    case["export_s"] = round(time.perf_counter() - started, 1)
+    save()
+    started = time.perf_counter()
+    done = subprocess.run(
+        [str(args.lc_python), __file__, "--inner", str(source), str(ids_path), str(compressed)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    case["gptq_wall_s"] = round(time.perf_counter() - started, 1)
+    log = done.stdout + done.stderr
+    (work / "llmcompressor.log").write_text(log)
+    if done.returncode:
+        case["error"] = log.strip()[-3000:]
+        save()
+        raise SystemExit(f"llm-compressor failed ({done.returncode}); see {out}")
+    inner = json.loads((compressed / "llmcompressor_run.json").read_text())
+    case.update(inner)
+    times, batches = per_layer_times(log)
+    case["calibrate_s_per_layer"] = times
+    case["solve_batches"] = len(batches)
+    if times:
+        case["calibrated_layers"] = len(times)
+        case["calibrate_s_per_layer_mean"] = sum(times.values()) / len(times)
+    case["prepare_s"] = inner["oneshot_s"]
+    save()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -173,34 +208,17 @@ def main() -> None:
         tmp.write_text(json.dumps(doc, indent=1) + "\n")
         os.replace(tmp, out)
 
-    started = time.perf_counter()
-    case["export"] = export(gguf, source, ids_path, args.calib_tokens)
-    case["calibration"] = case["export"]["calibration"]
-    case["export_s"] = round(time.perf_counter() - started, 1)
-    save()
-    started = time.perf_counter()
-    done = subprocess.run(
-        [str(args.lc_python), __file__, "--inner", str(source), str(ids_path), str(compressed)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    case["gptq_wall_s"] = round(time.perf_counter() - started, 1)
-    log = done.stdout + done.stderr
-    (work / "llmcompressor.log").write_text(log)
-    if done.returncode:
-        case["error"] = log.strip()[-3000:]
-        save()
-        raise SystemExit(f"llm-compressor failed ({done.returncode}); see {out}")
-    inner = json.loads((compressed / "llmcompressor_run.json").read_text())
-    case.update(inner)
-    times, batches = per_layer_times(log)
-    case["calibrate_s_per_layer"] = times
-    case["solve_batches"] = len(batches)
-    if times:
-        case["calibrated_layers"] = len(times)
-        case["calibrate_s_per_layer_mean"] = sum(times.values()) / len(times)
-    case["prepare_s"] = inner["oneshot_s"]
+    recorded = work / "gptq_case.json"  # a kept --work's GPTQ run: evaluated again, not redone
+    if recorded.is_file():
+        case.update(json.loads(recorded.read_text()))
+        if case["calibration"]["tokens"] != args.calib_tokens:
+            raise SystemExit(
+                f"{recorded}: calibrated on {case['calibration']['tokens']} tokens, not {args.calib_tokens}"
+            )
+        case["reused_from_work"] = True
+    else:
+        run_steps(case, args, gguf, work, source, ids_path, compressed, save, out)
+        recorded.write_text(json.dumps(case, indent=1) + "\n")
     save()
     started = time.perf_counter()
     evaluation = qconv_eval(compressed, max_windows, home)
