@@ -883,24 +883,27 @@ def calibrated_table(path: Path, rel: str) -> list[str]:
             f"{perplexity_text(data_free_ppl)} | **{perplexity_text(calibrated_ppl)}** | "
             f"{seconds(summary['calibration_s'], 0)} | {seconds(summary['calibrate_s_per_layer_mean'], 2)} |"
         )
-        reference = summary.get("reference")
-        if reference:
+        for reference in summary.get("references", []):
             case = cases.get(reference["case"]) or {}
             tokens = reference.get("calib_tokens")
             same = tokens == settings.get("calib_tokens")
+            gptq = case.get("gptq") or {}
             lines.append(
-                f"| {reference['tool']} GPTQ, same format | - | - | "
+                f"| {reference['tool']} GPTQ (actorder {gptq.get('actorder')}), same format | - | - | "
                 f"{perplexity_text(reference['calibrated_ppl'] if 'error' not in case else 'failed')} | "
                 f"{seconds(reference['calibration_s'], 0)} | {seconds(reference['calibrate_s_per_layer_mean'], 2)} |"
             )
-            gptq = case.get("gptq") or {}
-            notes.append(
+            note = (
                 f"{reference['tool']}: GPTQModifier (oneshot) calibrated on "
                 + (f"the same {tokens:,} token ids" if same else f"{tokens} token ids (NOT the same count)")
                 + ", "
-                + ", ".join(f"{key} {value}" for key, value in gptq.items() if value is not None)
+                + ", ".join(
+                    f"{key} {value}" for key, value in gptq.items() if value is not None and key != "actorder"
+                )
                 + "; per layer: its logged solve time over the modules solved together"
             )
+            if note not in notes:
+                notes.append(note)
     if notes:
         lines += [""] + [f"_{note}._" for note in notes]
     return lines

@@ -142,8 +142,8 @@ def run_case(
 
 def summarize(doc: dict) -> None:
     """Per format, the two perplexities side by side (what the issue's goals compare); a case
-    another tool calibrated (``tool``: bench/run_llmcompressor_gptq.py's) is that format's
-    ``reference``."""
+    another tool calibrated (``tool``: bench/run_llmcompressor_gptq.py's) is one of that format's
+    ``references``."""
     cases = doc.get("cases", {})
     summary = {}
     for name in cases:
@@ -163,14 +163,16 @@ def summarize(doc: dict) -> None:
         base = next((b for b in summary if tool and name.startswith(f"{b}-")), None)
         if base is None:
             continue
-        summary[base]["reference"] = {
-            "case": name,
-            "tool": f"{tool} {case.get('versions', {}).get(tool, '')}".strip(),
-            "calibrated_ppl": case.get("perplexity"),
-            "calibration_s": case.get("prepare_s"),
-            "calibrate_s_per_layer_mean": case.get("calibrate_s_per_layer_mean"),
-            "calib_tokens": (case.get("calibration") or {}).get("tokens"),
-        }
+        summary[base].setdefault("references", []).append(
+            {
+                "case": name,
+                "tool": f"{tool} {case.get('versions', {}).get(tool, '')}".strip(),
+                "calibrated_ppl": case.get("perplexity"),
+                "calibration_s": case.get("prepare_s"),
+                "calibrate_s_per_layer_mean": case.get("calibrate_s_per_layer_mean"),
+                "calib_tokens": (case.get("calibration") or {}).get("tokens"),
+            }
+        )
     doc["summary"] = summary
 
 

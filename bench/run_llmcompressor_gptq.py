@@ -48,7 +48,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 ROOT = Path(__file__).resolve().parent.parent
-CASE = "ct-W4A16-llmcompressor-gptq"
+CASE = "ct-W4A16-llmcompressor-gptq"  # + "-actorder-X" when --actorder is not llm-compressor's default
 GROUP_SIZE = 64
 SEQLEN = 2048
 MAX_WINDOWS = 8
@@ -127,7 +127,15 @@ def run_steps(
     save()
     started = time.perf_counter()
     done = subprocess.run(
-        [str(args.lc_python), __file__, "--inner", str(source), str(ids_path), str(compressed)],
+        [
+            str(args.lc_python),
+            __file__,
+            "--inner",
+            str(source),
+            str(ids_path),
+            str(compressed),
+            args.actorder,
+        ],
         capture_output=True,
         text=True,
         check=False,
@@ -161,16 +169,28 @@ def main() -> None:
     parser.add_argument("--gguf", type=Path, default=None)
     parser.add_argument("--work", type=Path, default=None, help="keep the folders here (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--inner", nargs=3, metavar=("SOURCE", "IDS", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--actorder",
+        default="default",
+        choices=("default", "none", "static", "group", "weight"),
+        help="GPTQModifier's actorder ('default': llm-compressor's own, static; 'none': columns in order, "
+        "as qconv's GPTQ)",
+    )
+    parser.add_argument(
+        "--inner", nargs=4, metavar=("SOURCE", "IDS", "OUT", "ACTORDER"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.inner:
-        run_gptq(*map(Path, args.inner))
+        run_gptq(*map(Path, args.inner[:3]), args.inner[3])
         return
     from run_bench import environment
     from run_ct import smollm2_gguf
 
     max_windows = None if args.full else MAX_WINDOWS
-    suffix = "full_cpu" if args.full else "cpu"
+    name = CASE if args.actorder == "default" else f"{CASE}-actorder-{args.actorder}"
+    suffix = ("" if args.actorder == "default" else f"actorder-{args.actorder}_") + (
+        "full_cpu" if args.full else "cpu"
+    )
     out = args.out or ROOT / "bench" / "results" / f"llmcompressor_gptq_smollm2_{suffix}.json"
     gguf = args.gguf or smollm2_gguf()
     scratch = tempfile.TemporaryDirectory(prefix="qconv-llmc-bench-")
@@ -178,7 +198,7 @@ def main() -> None:
     source, ids_path, compressed, home = (
         work / "bf16",
         work / "calib_ids.safetensors",
-        work / CASE,
+        work / name,
         work / "home",
     )
     case: dict = {}
@@ -199,7 +219,7 @@ def main() -> None:
         "device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
         "threads": os.environ.get("OMP_NUM_THREADS", "torch default"),
         "environment": environment("cpu", ("transformers", "compressed-tensors")),
-        "cases": {CASE: case},
+        "cases": {name: case},
     }
 
     def save() -> None:
@@ -226,14 +246,14 @@ def main() -> None:
     case["eval"] = evaluation
     case["perplexity"] = evaluation["metrics"]["ppl"]
     save()
-    print(CASE, case["perplexity"], flush=True)
+    print(name, case["perplexity"], flush=True)
     scratch.cleanup()
 
 
 # --- llm-compressor's venv --------------------------------------------------------------------------
 
 
-def run_gptq(source: Path, ids_path: Path, out: Path) -> None:
+def run_gptq(source: Path, ids_path: Path, out: Path, actorder: str = "default") -> None:
     """``oneshot`` with GPTQModifier on the ids; the compressed checkpoint and what ran, in OUT."""
     import dataclasses
     from importlib.metadata import version
@@ -262,7 +282,8 @@ def run_gptq(source: Path, ids_path: Path, out: Path) -> None:
             },
         }
     }
-    modifier = GPTQModifier(config_groups=config_groups, ignore=["lm_head"])
+    chosen = {} if actorder == "default" else {"actorder": None if actorder == "none" else actorder}
+    modifier = GPTQModifier(config_groups=config_groups, ignore=["lm_head"], **chosen)
     started = time.perf_counter()
     oneshot(
         model=model,

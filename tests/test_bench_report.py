@@ -452,10 +452,18 @@ def test_calibrated_table_full_protocol_with_the_llmcompressor_reference(report,
             ),
             "hqq2-gptq": {"error": "qconv convert failed (1): killed"},
             "ct-W4A16-llmcompressor-gptq": reference,
+            "ct-W4A16-llmcompressor-gptq-actorder-none": {
+                **reference,
+                "perplexity": 23.9,
+                "gptq": {**reference["gptq"], "actorder": None},
+            },
         },
     }
     bench_module("run_calibrated").summarize(doc)
-    assert doc["summary"]["ct-W4A16"]["reference"]["case"] == "ct-W4A16-llmcompressor-gptq"
+    assert [r["case"] for r in doc["summary"]["ct-W4A16"]["references"]] == [
+        "ct-W4A16-llmcompressor-gptq",
+        "ct-W4A16-llmcompressor-gptq-actorder-none",
+    ]
     assert "ct-W4A16-llmcompressor" not in doc["summary"]
     name = "calibrated_smollm2_full_cpu.json"
     lines = report.calibrated_table(write(tmp_path, name, doc), f"bench/results/{name}")
@@ -465,11 +473,12 @@ def test_calibrated_table_full_protocol_with_the_llmcompressor_reference(report,
         "| format | bits/weight | data-free perplexity | calibrated perplexity | calibration | per layer |",
         "|---|---:|---:|---:|---:|---:|",
         "| compressed-tensors W4A16 g64 gptq | 4.250 | not run | **26.50** | 600 s | 1.50 s |",
-        "| llmcompressor 0.14.0.1 GPTQ, same format | - | - | 24.10 | 600 s | 0.25 s |",
+        "| llmcompressor 0.14.0.1 GPTQ (actorder static), same format | - | - | 24.10 | 600 s | 0.25 s |",
+        "| llmcompressor 0.14.0.1 GPTQ (actorder None), same format | - | - | 23.90 | 600 s | 0.25 s |",
         "| hqq2 | - | not run | **failed** | - | - |",
         "",
         "_llmcompressor 0.14.0.1: GPTQModifier (oneshot) calibrated on the same 4,096 token ids, "
-        "dampening_frac 0.01, block_size 128, actorder static; per layer: its logged solve time over the "
+        "dampening_frac 0.01, block_size 128; per layer: its logged solve time over the "
         "modules solved together._",
     ]
 
