@@ -877,7 +877,7 @@ def calibrated_table(path: Path, rel: str) -> list[str]:
             label += " (rtn = llm-compressor's)"
         bits = calibrated.get("bits_per_weight")
         data_free_ppl = summary["data_free_ppl"] if summary["data_free"] else "not run"
-        calibrated_ppl = summary["calibrated_ppl"] if "error" not in calibrated else "failed"
+        calibrated_ppl = _calibrated_ppl(calibrated, summary["calibrated_ppl"])
         lines.append(
             f"| {label} | {'-' if bits is None else f'{bits:.3f}'} | "
             f"{perplexity_text(data_free_ppl)} | **{perplexity_text(calibrated_ppl)}** | "
@@ -890,7 +890,7 @@ def calibrated_table(path: Path, rel: str) -> list[str]:
             gptq = case.get("gptq") or {}
             lines.append(
                 f"| {reference['tool']} GPTQ (actorder {gptq.get('actorder')}), same format | - | - | "
-                f"{perplexity_text(reference['calibrated_ppl'] if 'error' not in case else 'failed')} | "
+                f"{perplexity_text(_calibrated_ppl(case, reference['calibrated_ppl']))} | "
                 f"{seconds(reference['calibration_s'], 0)} | {seconds(reference['calibrate_s_per_layer_mean'], 2)} |"
             )
             note = (
@@ -904,9 +904,22 @@ def calibrated_table(path: Path, rel: str) -> list[str]:
             )
             if note not in notes:
                 notes.append(note)
+    stopped = sorted(
+        {c["cut_off"]["why"] for c in cases.values() if "cut_off" in c and "perplexity" not in c}
+    )
+    notes += [f"cut off: {why}" for why in stopped]
     if notes:
         lines += [""] + [f"_{note}._" for note in notes]
     return lines
+
+
+def _calibrated_ppl(case: dict, ppl):
+    """A case's perplexity, or why there is none (a failed run; one stopped before its eval ended)."""
+    if "error" in case:
+        return "failed"
+    if ppl is None and "cut_off" in case:
+        return "cut off"
+    return ppl
 
 
 def quantizer_throughput_table(path: Path, rel: str) -> list[str]:

@@ -452,6 +452,9 @@ def test_calibrated_table_full_protocol_with_the_llmcompressor_reference(report,
             ),
             "hqq2-gptq": {"error": "qconv convert failed (1): killed"},
             "ct-W4A16-llmcompressor-gptq": reference,
+            "hqq3-gptq": calibrated_case(
+                "hqq 3-bit g64 gptq", None, 3.703, cut_off={"step": "eval", "why": "the deadline came"}
+            ),
             "ct-W4A16-llmcompressor-gptq-actorder-none": {
                 **reference,
                 "perplexity": 23.9,
@@ -476,10 +479,12 @@ def test_calibrated_table_full_protocol_with_the_llmcompressor_reference(report,
         "| llmcompressor 0.14.0.1 GPTQ (actorder static), same format | - | - | 24.10 | 600 s | 0.25 s |",
         "| llmcompressor 0.14.0.1 GPTQ (actorder None), same format | - | - | 23.90 | 600 s | 0.25 s |",
         "| hqq2 | - | not run | **failed** | - | - |",
+        "| hqq 3-bit g64 gptq | 3.703 | not run | **cut off** | 600 s | - |",
         "",
         "_llmcompressor 0.14.0.1: GPTQModifier (oneshot) calibrated on the same 4,096 token ids, "
         "dampening_frac 0.01, block_size 128; per layer: its logged solve time over the "
         "modules solved together._",
+        "_cut off: the deadline came._",
     ]
 
 
