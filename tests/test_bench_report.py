@@ -446,6 +446,7 @@ def test_calibrated_table_full_protocol_with_the_llmcompressor_reference(report,
         "protocol": "qconv eval (its default, the full protocol): every window",
         "max_windows": None,
         "calibration_settings": {"text": "wikitext2", "calib_tokens": 4096, "seqlen": 2048},
+        "source_eval": {"eval": {"metrics": {"ppl": 19.132}, "protocol": {"dtype": "bfloat16"}}},
         "cases": {
             "ct-W4A16-gptq": calibrated_case(
                 "compressed-tensors W4A16 g64 gptq", 26.5, calibrate_s_per_layer_mean=1.5
@@ -480,6 +481,7 @@ def test_calibrated_table_full_protocol_with_the_llmcompressor_reference(report,
         "| llmcompressor 0.14.0.1 GPTQ (actorder None), same format | - | - | 23.90 | 600 s | 0.25 s |",
         "| hqq2 | - | not run | **failed** | - | - |",
         "| hqq 3-bit g64 gptq | 3.703 | not run | **cut off** | 600 s | - |",
+        "| unquantized source (bfloat16) | 16 | - | 19.13 | - | - |",
         "",
         "_llmcompressor 0.14.0.1: GPTQModifier (oneshot) calibrated on the same 4,096 token ids, "
         "dampening_frac 0.01, block_size 128; per layer: its logged solve time over the "
