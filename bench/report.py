@@ -904,6 +904,12 @@ def calibrated_table(path: Path, rel: str) -> list[str]:
             )
             if note not in notes:
                 notes.append(note)
+    source = r.get("source_eval")
+    if source:
+        lines.append(
+            f"| unquantized source ({source['eval']['protocol']['dtype']}) | 16 | - | "
+            f"{perplexity_text(source['eval']['metrics']['ppl'])} | - | - |"
+        )
     stopped = sorted(
         {c["cut_off"]["why"] for c in cases.values() if "cut_off" in c and "perplexity" not in c}
     )
