@@ -261,7 +261,11 @@ def main() -> None:
             try:
                 if args.artifacts is not None:
                     converted = json.loads(args.converted_in.read_text())["cases"][name]
-                    case = {k: v for k, v in converted.items() if k not in ("eval", "eval_s", "perplexity")}
+                    case = {
+                        k: v
+                        for k, v in converted.items()
+                        if k not in ("eval", "eval_s", "perplexity", "cut_off")
+                    }
                     case["converted_in"] = args.converted_in.name
                     evaluate_case(case, args.artifacts / name, home, write, max_windows)
                 else:
