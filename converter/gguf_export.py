@@ -26,6 +26,7 @@ import torch
 
 from qconv.errors import QconvError, QconvWarning, SourceError, literal
 from qconv.files import sha256_file
+from qconv.formats import gguf_gptq
 from qconv.formats.format_gguf import FLOAT_TYPES, GGUFFormat
 from qconv.formats.gguf_metadata import GGUFModel, describe_gguf, describe_hf
 from qconv.formats.gguf_mix import ModelFacts, quantize_order, tensor_types
@@ -358,6 +359,23 @@ class StoredGGUF:
         if len(shape) == 2:
             values = values[row_order(self.model, hf_name, shape).argsort()]
         return values
+
+
+def block_typed_layers(model: GGUFModel, planned: list[PlannedTensor]) -> dict[str, tuple[str, str]]:
+    """module -> (GGML type, source tensor name) of every 2-D weight the writer stores in a block
+    type a calibrated stage can compute (formats/gguf_gptq.py's TYPES); a weight whose GGUF
+    transform is not a row permutation is left out (its bytes could not be computed in the
+    source's layout)."""
+    types = {}
+    for tensor in planned:
+        if tensor.module is None or tensor.ggml_type not in gguf_gptq.TYPES or len(tensor.shape) != 2:
+            continue
+        try:
+            row_order(model, tensor.source_name, tensor.shape)
+        except SourceError:
+            continue
+        types[tensor.module] = (tensor.ggml_type, tensor.source_name)
+    return types
 
 
 def row_order(model: GGUFModel, hf_name: str, shape: tuple[int, ...]) -> torch.Tensor:

@@ -271,7 +271,18 @@ def convert(
                 f"{checkpoint}: an interrupted conversion left its checkpoint here; add --resume to "
                 "continue it, or --force to start over"
             )
-        context = PrepareContext(source, plan, recipe, torch_device, checkpoint, resume, progress)
+        context = PrepareContext(
+            source,
+            plan,
+            recipe,
+            torch_device,
+            checkpoint,
+            resume,
+            progress,
+            block_types=gguf_export.block_typed_layers(gguf_model, gguf_plan)
+            if gguf_model is not None
+            else None,
+        )
         try:
             prepared = fmt.prepare(context)
         except QconvError:

@@ -58,7 +58,10 @@ class Option:
 @dataclass
 class PrepareContext:
     """What ``QuantFormat.prepare`` gets. ``checkpoint``: a folder of its own, kept across an
-    interrupted run; ``resume``: continue from what it holds instead of starting over."""
+    interrupted run; ``resume``: continue from what it holds instead of starting over.
+    ``block_types``: for a container that chooses a block type per tensor (GGUF), what its writer
+    planned: module -> (type name, source tensor name) of each weight it stores in a block type
+    and whose bytes can be computed in the source's layout (None for safetensors methods)."""
 
     source: Any
     plan: Any
@@ -67,6 +70,7 @@ class PrepareContext:
     checkpoint: Path
     resume: bool
     progress: Any
+    block_types: dict[str, tuple[str, str]] | None = None
 
 
 class Prepared:

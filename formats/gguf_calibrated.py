@@ -23,15 +23,12 @@ data-free solver's bytes of the same type and weight) and ``calibrate_s``.
 
 from __future__ import annotations
 
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from qconv.calibration import BlockRunner
-from qconv.errors import SourceError
 from qconv.formats import gguf_gptq
 from qconv.formats.blockwise import CheckpointedBlocks, InputStatistics, calibration_set, walk_blocks
 from qconv.formats.gptq import output_error
@@ -53,30 +50,9 @@ def solver_settings() -> dict[str, Any]:
     }
 
 
-def planned_types(source, recipe: dict) -> dict[str, tuple[str, str]]:
-    """module -> (GGML type, source tensor name) for every weight the GGUF writer will store in a
-    block type, planned as the writer plans them; a weight whose GGUF transform is not a row
-    permutation is left out (its bytes could not be computed in the source's layout)."""
-    from qconv import gguf_export  # the writer's own planning (a converter module: imported late)
-
-    with tempfile.TemporaryDirectory(prefix="qconv-gguf-") as scratch:
-        model = gguf_export.describe_source(source, Path(scratch))
-        planned = gguf_export.plan_tensors(source, model, recipe, list(recipe.get("skip", [])))
-    types = {}
-    for tensor in planned:
-        if tensor.module is None or tensor.ggml_type not in gguf_gptq.TYPES or len(tensor.shape) != 2:
-            continue
-        try:
-            gguf_export.row_order(model, tensor.source_name, tensor.shape)
-        except SourceError:
-            continue
-        types[tensor.module] = (tensor.ggml_type, tensor.source_name)
-    return types
-
-
 def prepare(context, fmt) -> CheckpointedBlocks:
     recipe, device = context.recipe, context.device
-    types = planned_types(context.source, recipe)
+    types = context.block_types or {}  # the GGUF writer's plan (qconv.gguf_export.block_typed_layers)
     calib = calibration_set(context)
 
     def quantize_block(block, prefix, names, hidden, kwargs, index, target, layers, blocks):
