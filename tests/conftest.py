@@ -7,7 +7,11 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -205,3 +209,28 @@ def hub(hub_server, monkeypatch, tmp_path):
     monkeypatch.setattr(constants, "HUGGINGFACE_HUB_CACHE", str(cache), raising=False)
     yield hub_server
     hub_server.reset()
+
+
+def convert_killed_after_first_block(source, out: Path, args: list) -> int:
+    """Run ``qconv convert SOURCE -o OUT ARGS`` in a subprocess, SIGKILL it once its calibration
+    checkpoint (beside OUT) holds a finished block, and return how many blocks it holds. The
+    kill -9 + --resume tests of every calibrated method use it."""
+    checkpoint = out.parent / f".{out.name}.qconv-checkpoint"
+    command = [sys.executable, "-m", "qconv", "convert", str(source), "-o", str(out), *map(str, args)]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300  # generous: a loaded 2-core machine is slow
+
+    def blocks_done() -> int:  # state.json is replaced atomically after each block's file
+        try:
+            return json.loads((checkpoint / "state.json").read_text())["blocks_done"]
+        except (OSError, ValueError, KeyError):
+            return 0
+
+    while blocks_done() < 1:
+        assert process.poll() is None, process.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not out.exists()
+    return json.loads((checkpoint / "state.json").read_text())["blocks_done"]

@@ -7,13 +7,10 @@ transformers + compressed-tensors); kill -9 and --resume; the bad inputs."""
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
+from conftest import convert_killed_after_first_block
 from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
 from safetensors.torch import load_file
 
@@ -178,24 +175,7 @@ def test_killed_calibration_resumes_to_the_same_bytes(cli, tiny_llama_text, tmp_
 
     out = tmp_path / "resumed"
     checkpoint = tmp_path / ".resumed.qconv-checkpoint"
-    command = [sys.executable, "-m", "qconv", "convert", str(tiny_llama_text), "-o", str(out), *args]
-    process = subprocess.Popen(command, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 300  # generous: a loaded 2-core machine is slow
-
-    def blocks_done() -> int:  # state.json is replaced atomically after each block's file
-        try:
-            return json.loads((checkpoint / "state.json").read_text())["blocks_done"]
-        except (OSError, ValueError, KeyError):
-            return 0
-
-    while blocks_done() < 1:
-        assert process.poll() is None, process.stderr.read().decode()[-2000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not out.exists()
-    assert 1 <= json.loads((checkpoint / "state.json").read_text())["blocks_done"] < 3
+    assert 1 <= convert_killed_after_first_block(tiny_llama_text, out, args) < 3
 
     other = [a if a != "3" else "4" for a in args]  # another recipe: refused
     mismatch = cli("convert", tiny_llama_text, "-o", out, *other, "--resume", ok=None)

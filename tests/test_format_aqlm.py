@@ -448,8 +448,7 @@ def test_a_source_without_tokenizer_cannot_be_calibrated(cli, tiny_llama, tmp_pa
 def test_killed_conversion_resumes_to_the_same_bytes(cli, tiny_llama_text, tmp_path):
     """kill -9 after the first block's checkpoint, --resume: the same artifact bytes as an
     uninterrupted run (CPU, same seed)."""
-    import signal
-    import time
+    from conftest import convert_killed_after_first_block
 
     whole = tmp_path / "whole"
     assert (
@@ -458,25 +457,10 @@ def test_killed_conversion_resumes_to_the_same_bytes(cli, tiny_llama_text, tmp_p
 
     out = tmp_path / "resumed"
     checkpoint = tmp_path / ".resumed.qconv-checkpoint"
-    args = [sys.executable, "-m", "qconv", "convert", str(tiny_llama_text), "-o", str(out), *CALIBRATED]
-    process = subprocess.Popen([*args, "--no-verify", "--no-record"], stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 300  # generous: a loaded 2-core machine is slow
-
-    def blocks_done() -> int:  # state.json is replaced atomically after each block's file
-        try:
-            return json.loads((checkpoint / "state.json").read_text())["blocks_done"]
-        except (OSError, ValueError, KeyError):
-            return 0
-
-    while blocks_done() < 1:
-        assert process.poll() is None, process.stderr.read().decode()[-2000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not out.exists()
-    state = json.loads((checkpoint / "state.json").read_text())
-    assert 1 <= state["blocks_done"] < 4
+    blocks = convert_killed_after_first_block(
+        tiny_llama_text, out, [*CALIBRATED, "--no-verify", "--no-record"]
+    )
+    assert 1 <= blocks < 4
 
     refused = cli("convert", tiny_llama_text, "-o", out, *CALIBRATED, "--no-verify", "--no-record", ok=None)
     assert refused.exit_code == 2
