@@ -996,6 +996,65 @@ def quantizer_throughput_table(path: Path, rel: str) -> list[str]:
     return lines
 
 
+GPTQ_LAYER_CASES = {
+    "qconv-ct-w4a16-g128": "qconv CT W4A16 g128",
+    "qconv-hqq-4bit-g64": "qconv HQQ 4-bit g64",
+    "llmcompressor-actorder-static": "llm-compressor W4A16 (actorder static)",
+    "llmcompressor-actorder-none": "llm-compressor W4A16 (actorder none)",
+    "llmcompressor-actorder-static-eager": "llm-compressor W4A16 static, eager path",
+}
+
+
+def gptq_layer_table(path: Path, rel: str) -> list[str]:
+    """run_gptq_layer.py: GPTQ solve seconds and H-weighted error per Llama-3-8B Linear shape, qconv
+    against llm-compressor's quantize_weight, and the 32-block sum."""
+    r = json.loads(path.read_text())
+    names = [n for n in r["settings"] if any(n in e["cases"] for e in r["results"].values())]
+    lc = r.get("llmcompressor") or {}
+    backend = (r["settings"].get("llmcompressor-actorder-static") or {}).get("backend")
+    where = r["environment"].get("gpu") or r["device"]
+    lines = [
+        "GPTQ solve per Linear shape of a Llama-3-8B block (issues 17, 19): random bf16 weights (std 0.02), "
+        f"H = X^T X of {r['calibration_input']['tokens']} made-up activation rows (log-normal channel scales, "
+        "a shared low-rank part, outlier channels; not a real model's), the same W and H for every solver; "
+        f"{where}, median of {r['repeats']} timed runs after a warm-up ([raw JSON]({rel})). llm-compressor "
+        f"{lc.get('llmcompressor', '?')} (compressed-tensors {lc.get('compressed-tensors', '?')}): its own "
+        f"`quantize_weight`{f', {backend}' if backend else ''}. Cells: solve seconds (relative output "
+        "error tr((W-Q)H(W-Q)^T)/tr(WHW^T)).",
+        "",
+        "| shape (layers) | "
+        + " | ".join(GPTQ_LAYER_CASES.get(n, n) for n in names)
+        + " | time, qconv CT / llm-compressor static |",
+        "|---|" + "---:|" * (len(names) + 1),
+    ]
+
+    def ratio(cases: dict, key: str = "solve_s") -> str:
+        ours, theirs = cases.get("qconv-ct-w4a16-g128"), cases.get("llmcompressor-actorder-static")
+        if not ours or not theirs or not theirs[key]:
+            return "-"
+        return f"{ours[key] / theirs[key]:.2f}x"
+
+    for shape, entry in r["results"].items():
+        cells = []
+        for name in names:
+            case = entry["cases"].get(name)
+            cells.append("-" if case is None else f"{case['solve_s']:.3f} s ({case['rel_output_error']:.4f})")
+        label = f"{shape} ({', '.join(entry['layers'])})"
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {ratio(entry['cases'])} |")
+    estimate = (r.get("estimate_8b") or {}).get("cases", {})
+    if estimate:
+        cells = [f"**{estimate[n]['model_s']:.0f} s**" if n in estimate else "-" for n in names]
+        ours, theirs = estimate.get("qconv-ct-w4a16-g128"), estimate.get("llmcompressor-actorder-static")
+        tail = f"{ours['model_s'] / theirs['model_s']:.2f}x" if ours and theirs and theirs["model_s"] else "-"
+        lines.append("| **32 blocks (8B), solve only** | " + " | ".join(cells) + f" | {tail} |")
+        lines += [
+            "",
+            "_32 x the block's seven Linears; excludes X^T X accumulation, block forwards, reading and "
+            "writing the model, and llm-compressor's batching of same-shape modules._",
+        ]
+    return lines
+
+
 def _rendered(render, path: Path, rel: str) -> list[str]:
     """One file's lines, or a note saying why it could not be rendered (a partial or failed run
     must not stop the report)."""
@@ -1018,6 +1077,7 @@ PER_FILE = (
     ("ct_smollm2_*.json", ct_smollm2_table),
     ("gguf_smollm2_*.json", gguf_table),
     ("calibrated_smollm2_*.json", calibrated_table),
+    ("gptq_layer_*.json", gptq_layer_table),
     ("gguf_quantizer_*.json", quantizer_throughput_table),
     ("ct_quantizer_*.json", quantizer_throughput_table),
 )

