@@ -213,7 +213,7 @@ def lc_versions(root: Path, compressed_tensors) -> dict:
     return versions
 
 
-def lc_solver(lc, actorder: str | None, eager: bool):
+def lc_solver(lc, actorder: str | None, eager: bool, device):
     """``solve(weight, xtx) -> (dequantized, seconds, extra)`` by llm-compressor's quantize_weight."""
     import torch
 
@@ -267,6 +267,7 @@ def lc_solver(lc, actorder: str | None, eager: bool):
         return quantized[0].to(weight.dtype), done - solve_start, extra
 
     settings = {
+        "backend": lc_backend(lc, device, eager, args),
         "quant_args": args.model_dump(mode="json"),
         "blocksize": block_size,
         "percdamp": percdamp,
@@ -276,15 +277,26 @@ def lc_solver(lc, actorder: str | None, eager: bool):
     return solve, settings
 
 
-def lc_backend(lc, device, eager: bool) -> str:
-    gptq_quantize = lc[0]
-    if device.type != "cuda":
-        return "eager (not cuda)"
-    if eager:
-        return "eager (LLMCOMPRESSOR_DISABLE_GPTQ_TRITON=1)"
-    from compressed_tensors.utils.triton import HAS_TRITON
+def lc_backend(lc, device, eager: bool, args) -> str:
+    """Which block update llm-compressor's dispatch takes, asked of its own requirement check
+    (``_gptq_block_update_triton_req``) on a block of the shape its solve uses."""
+    import torch
 
-    return "triton (fused block update)" if HAS_TRITON and gptq_quantize.triton else "eager (no triton)"
+    gptq_quantize = lc[0]
+    if eager:
+        os.environ["LLMCOMPRESSOR_DISABLE_GPTQ_TRITON"] = "1"
+    else:
+        os.environ.pop("LLMCOMPRESSOR_DISABLE_GPTQ_TRITON", None)
+    block = torch.zeros(1, 16, 128, device=device)
+    hinv = torch.zeros(1, 128, 128, device=device)
+    triton = gptq_quantize._gptq_block_update_triton_req(
+        block, hinv, block, block, block, scale=None, zero_point=None, global_scale=None, g_idx=None,
+        quant_args=args, i1=0,
+    )  # fmt: skip
+    os.environ.pop("LLMCOMPRESSOR_DISABLE_GPTQ_TRITON", None)
+    if triton:
+        return "triton (its fused block update)"
+    return "eager (LLMCOMPRESSOR_DISABLE_GPTQ_TRITON=1)" if eager else f"eager (no triton on {device.type})"
 
 
 # --- qconv ------------------------------------------------------------------------------------------
@@ -395,8 +407,7 @@ def main() -> None:
         else:
             eager = case.endswith("-eager")
             actorder = "static" if "static" in case else None
-            solve, settings = lc_solver(lc, actorder, eager)
-            settings["backend"] = lc_backend(lc, device, eager)
+            solve, settings = lc_solver(lc, actorder, eager, device)
             solvers[case] = (solve, settings)
         doc["settings"][case] = solvers[case][1]
     save()
