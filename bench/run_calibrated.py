@@ -26,7 +26,7 @@ Each step runs through the CLI in its own process:
 
 ``--device cuda`` (default cpu) converts and evaluates on the GPU; the JSON is then named after it
 (``calibrated_smollm2_<gpu>.json``, ``calibrated_smollm2_full_<gpu>.json`` with ``--full``, the gpu
-as bench/run_bench.py's ``gpu_slug`` writes it). On the lent GPU machine, after
+as bench/run_bench.py's ``gpu_slug`` writes it; ``--out FOLDER`` puts that name in FOLDER). On the lent GPU machine, after
 ``source bench/gpu_env.sh``, the compressed-tensors cases need compressed-tensors there (transformers
 loads such a folder only with it): carry ``.dev/lcsite`` (bench/pack_lcsite.sh) and put it on
 PYTHONPATH. ``--max-windows N`` evaluates N windows instead of 8 (a short smoke test).
@@ -197,7 +197,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--out", type=Path, default=None, help="the JSON, or a folder for the default name in it"
+    )
     parser.add_argument("--cases", default=",".join(ORDER))
     parser.add_argument("--calib-tokens", type=int, default=CALIB_TOKENS)
     parser.add_argument("--gguf", type=Path, default=None)
@@ -238,8 +240,11 @@ def main() -> None:
         parser.error("--full evaluates every window: leave out --max-windows")
     max_windows = None if args.full else (args.max_windows or MAX_WINDOWS)
     slug = gpu_slug(args.device)
+    default_name = f"calibrated_smollm2_{'full_' if args.full else ''}{slug}.json"
     if args.out is None:
-        args.out = RESULTS / f"calibrated_smollm2_{'full_' if args.full else ''}{slug}.json"
+        args.out = RESULTS / default_name
+    elif args.out.is_dir():  # a folder (the GPU machine's $OUT): the default name in it
+        args.out = args.out / default_name
     if args.merge:
         doc = json.loads(args.out.read_text()) if args.out.is_file() else {}
         for part in args.merge:
