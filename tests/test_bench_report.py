@@ -572,3 +572,24 @@ def test_gptq_layer_table_exact(report, tmp_path):
     ]
     rendered = report.tables(path.parent, "", tmp_path)
     assert sum(line.startswith("GPTQ solve per Linear shape") for line in rendered) == 1  # quick left out
+
+
+def test_gptq_layer_quick_run_of_qconv_cases_renders(tmp_path, monkeypatch, report):
+    """run_gptq_layer.py --quick with qconv's cases (llm-compressor is another venv's): the formats'
+    gptq_layer as the pipeline calls it, a JSON per case and an estimate the report renders."""
+    module = bench_module("run_gptq_layer")
+    cases = "qconv-ct-w4a16-g128,qconv-hqq-4bit-g64"
+    argv = ["run_gptq_layer.py", "--quick", "--out", str(tmp_path), "--tokens", "256", "--cases", cases]
+    monkeypatch.setattr("sys.argv", argv)
+    module.main()
+    doc = json.loads((tmp_path / "gptq_layer_cpu_quick.json").read_text())
+    assert list(doc["results"]) == ["256x256", "64x256", "896x256", "256x896"]
+    assert doc["llmcompressor"] is None
+    for entry in doc["results"].values():
+        for case in cases.split(","):
+            assert 0 < entry["cases"][case]["rel_output_error"] < 0.05
+    assert set(doc["estimate_8b"]["cases"]) == set(cases.split(","))
+    assert doc["settings"]["qconv-ct-w4a16-g128"]["group_size"] == 128
+    assert doc["settings"]["qconv-hqq-4bit-g64"]["solver"] == "gptq"
+    lines = report.gptq_layer_table(tmp_path / "gptq_layer_cpu_quick.json", "x.json")
+    assert lines[-3].startswith("| **32 blocks (8B), solve only** | **")
