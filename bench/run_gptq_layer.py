@@ -11,7 +11,8 @@ once, the block's seven Linears counted by their shape), on the SAME weight and 
   ``--method compressed-tensors --scheme W4A16 --calibration wikitext2`` (symmetric int4, groups of
   128, scales in bf16; the recipe is the format's own ``make_recipe`` plus the working dtype the
   pipeline adds). The clock covers ``gptq_layer`` (the solve and its stored tensors);
-  ``fmt.dequantize`` and the error are outside it.
+  ``calibrate_s`` adds ``fmt.dequantize`` and ``output_error``, as the manifest's ``calibrate_s``
+  of a conversion does.
 - ``qconv-hqq-4bit-g64``: the same for ``--method hqq --bits 4 --group-size 64 --calibration
   wikitext2`` (asymmetric, float zero, groups of 64).
 - ``llmcompressor-actorder-static`` / ``llmcompressor-actorder-none``: llm-compressor 0.14.0.1's
@@ -305,6 +306,7 @@ def lc_backend(lc, device, eager: bool, args) -> str:
 def qconv_solver(method: str, options: dict):
     """``solve(weight, xtx)`` by the format's ``gptq_layer`` as uniform_calibrated.prepare calls it."""
     from qconv.formats.base import get_format
+    from qconv.formats.gptq import output_error
 
     fmt = get_format(method)
     recipe = fmt.make_recipe({**options, "calibration": "wikitext2"})
@@ -316,7 +318,10 @@ def qconv_solver(method: str, options: dict):
         tensors = fmt.gptq_layer(weight, xtx, recipe)
         sync(weight.device)
         seconds = time.perf_counter() - started
-        return fmt.dequantize(tensors, recipe), seconds, {}
+        approx = fmt.dequantize(tensors, recipe)
+        output_error(weight, approx, xtx)  # uniform_calibrated.prepare's calibrate_s includes these
+        sync(weight.device)
+        return approx, seconds, {"calibrate_s": round(time.perf_counter() - started, 4)}
 
     settings = {k: v for k, v in recipe.items() if k != "calibration"}
     return solve, settings
