@@ -854,8 +854,9 @@ def calibrated_table(path: Path, rel: str) -> list[str]:
     r = json.loads(path.read_text())
     settings = r.get("calibration_settings", {})
     lines = [
-        f"Calibrated uniform quantization (issue 17), SmolLM2-135M-Instruct, {r.get('device')}, "
-        f"{r.get('threads')} torch thread(s) ([raw JSON]({rel})): {r.get('protocol')}. Calibration: "
+        f"Calibrated uniform quantization (issue 17), SmolLM2-135M-Instruct, {r.get('device')}"
+        + (f", {r.get('threads')} torch thread(s)" if str(r.get("threads")).isdigit() else "")
+        + f" ([raw JSON]({rel})): {r.get('protocol')}. Calibration: "
         f"{settings.get('text')}, {settings.get('calib_tokens'):,} tokens in sequences of "
         f"{settings.get('seqlen')}. Calibration time: the whole calibration stage, and its mean per "
         "quantized layer (the GPTQ solve alone).",
@@ -877,6 +878,10 @@ def calibrated_table(path: Path, rel: str) -> list[str]:
             label += " (rtn = llm-compressor's)"
         bits = calibrated.get("bits_per_weight")
         data_free_ppl = summary["data_free_ppl"] if summary["data_free"] else "not run"
+        borrowed = None if summary["data_free"] else _hqq_data_free_row(path, r, calibrated)
+        if borrowed is not None:
+            data_free_ppl = borrowed["ppl"]
+            label += " ¹"
         calibrated_ppl = _calibrated_ppl(calibrated, summary["calibrated_ppl"])
         lines.append(
             f"| {label} | {'-' if bits is None else f'{bits:.3f}'} | "
@@ -910,6 +915,11 @@ def calibrated_table(path: Path, rel: str) -> list[str]:
             f"| unquantized source ({source['eval']['protocol']['dtype']}) | 16 | - | "
             f"{perplexity_text(source['eval']['metrics']['ppl'])} | - | - |"
         )
+    if any(" ¹ |" in line for line in lines):
+        notes.append(
+            f"¹ data-free: qconv's own HQQ row of the same GPU's full-protocol run "
+            f"(bench/results/hqq_smollm2_{r.get('device')}.json, bench/run_hqq.py), not converted in this run"
+        )
     stopped = sorted(
         {c["cut_off"]["why"] for c in cases.values() if "cut_off" in c and "perplexity" not in c}
     )
@@ -917,6 +927,21 @@ def calibrated_table(path: Path, rel: str) -> list[str]:
     if notes:
         lines += [""] + [f"_{note}._" for note in notes]
     return lines
+
+
+def _hqq_data_free_row(path: Path, run: dict, calibrated: dict) -> dict | None:
+    """For a full-protocol GPU run without its own data-free HQQ case: qconv's data-free HQQ row of
+    the same bits and group from run_hqq.py's full-protocol run on the same GPU (same source, text
+    and protocol), or None."""
+    recipe = calibrated.get("recipe") or {}
+    if recipe.get("method") != "hqq" or run.get("max_windows") is not None:
+        return None
+    other = path.parent / f"hqq_smollm2_{run.get('device')}.json"
+    if not other.exists():
+        return None
+    wanted = f"qconv hqq {recipe.get('bits')}-bit g{recipe.get('group_size')} (solver qconv)"
+    rows = json.loads(other.read_text()).get("rows", [])
+    return next((row for row in rows if row.get("model") == wanted and row.get("windows")), None)
 
 
 def _calibrated_ppl(case: dict, ppl):

@@ -15,7 +15,7 @@ from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
 from safetensors.torch import load_file
 
 from qconv.errors import UsageError
-from qconv.formats import get_format
+from qconv.formats import get_format, gptq
 from qconv.formats.gptq import Grid, dequantize, output_error, quantize_gptq
 from qconv.formats.hqq_layout import parse_layer
 from qconv.formats.uniform import UniformSpec, solve_rtn
@@ -68,6 +68,24 @@ def test_gptq_is_deterministic_and_refuses_groups_across_rows():
     assert torch.equal(first.codes, second.codes) and torch.equal(first.scale, second.scale)
     with pytest.raises(ValueError, match="128 inputs do not split into groups of 48"):
         quantize_gptq(weight, xtx, 48, grid)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize(
+    "grid",
+    [
+        Grid(0, 15, False, "float", torch.float16),
+        Grid(-8, 7, True, "int", torch.bfloat16, 7.5, holds_zero=True),
+    ],
+)
+def test_the_graphed_block_walk_gives_the_eager_walks_numbers(grid, monkeypatch):
+    weight, xtx = _problem(out=320, inputs=576)  # 4 whole blocks of 128 and a partial one
+    weight, xtx = weight.cuda(), xtx.cuda()
+    graphed = quantize_gptq(weight, xtx, 64, grid)
+    monkeypatch.setattr(gptq, "CUDA_GRAPHS", False)
+    eager = quantize_gptq(weight, xtx, 64, grid)
+    for name in ("codes", "scale", "zero"):
+        assert torch.equal(getattr(graphed, name), getattr(eager, name)), name
 
 
 # -- conversions --------------------------------------------------------------------------------
