@@ -286,6 +286,10 @@ def aqlm_block8b_table(path: Path, rel: str) -> list[str]:
         {c["extrapolation"]["tokens_note"] for c in timed if c["extrapolation"].get("tokens_note")}
     )
     for name in names:
+        case = cases[name]
+        if "phases" in case:
+            notes.append(_block8b_shares(name, case))
+    for name in names:
         partial = cases[name]
         if "totals_s" in partial:  # what a case cut off at the budget measured before it stopped
             totals, done = partial["totals_s"], partial.get("layers_done", [])
@@ -299,6 +303,31 @@ def aqlm_block8b_table(path: Path, rel: str) -> list[str]:
     if notes:
         lines += [""] + [f"_{note}._" for note in notes]
     return lines
+
+
+def _block8b_shares(name: str, case: dict) -> str:
+    """Which phases dominate a timed case's block, and what the 1 h goal leaves a block."""
+    total = case["block_total_s"]
+    shares = sorted(
+        ((sum(case["phases"][k] for k in keys) / total, label) for label, keys in BLOCK8B_PHASES),
+        reverse=True,
+    )
+    extrapolation = case["extrapolation"]
+    per_block_goal = (extrapolation["goal_s"] - case.get("one_off_s", 0.0)) / extrapolation["blocks"]
+    text = (
+        f"{_block8b_case(name)}: "
+        + ", ".join(f"{label} {share:.0%}" for share, label in shares[:4])
+        + f" of the block; the goal leaves {per_block_goal:.0f} s a block"
+    )
+    finetune = case.get("finetune")
+    if finetune and finetune.get("rel_error_before") is not None:
+        text += (
+            f"; block fine-tuning ran {finetune['epochs_run']} epochs"
+            + (" (its cap)" if finetune.get("capped") else "")
+            + f" and moved the block's relative output error from {finetune['rel_error_before']:.3f} "
+            f"to {finetune['rel_error']:.3f}"
+        )
+    return text
 
 
 def _block8b_case(name: str) -> str:
