@@ -313,7 +313,8 @@ def _block8b_shares(name: str, case: dict) -> str:
         reverse=True,
     )
     extrapolation = case["extrapolation"]
-    per_block_goal = (extrapolation["goal_s"] - case.get("one_off_s", 0.0)) / extrapolation["blocks"]
+    goal_s, blocks = extrapolation.get("goal_s", 3600.0), extrapolation.get("blocks", 32)
+    per_block_goal = (goal_s - case.get("one_off_s", 0.0)) / blocks
     text = (
         f"{_block8b_case(name)}: "
         + ", ".join(f"{label} {share:.0%}" for share, label in shares[:4])
