@@ -953,6 +953,12 @@ def gguf_calibrated_table(path: Path, rel: str) -> list[str]:
                     if text["tokens_identical"]
                     else f"(NOT the same token ids: first difference at token {text['first_mismatch']})"
                 )
+                + (
+                    f"; one imatrix for every type, {imatrix['imatrix']['process']['wall_s']:.0f} s wall on "
+                    "the same shared CPU"
+                    if "process" in imatrix.get("imatrix", {})
+                    else ""
+                )
                 + f", then `llama-quantize --imatrix` ([raw JSON]({link}))"
             )
         else:

@@ -544,7 +544,7 @@ def gguf_imatrix_doc(fingerprint: dict, identical: bool = True) -> dict:
             "tokens_identical": identical,
             "first_mismatch": 7,
         },
-        "imatrix": {"file": {"chunk_count": 4, "chunk_size": 2048}},
+        "imatrix": {"file": {"chunk_count": 4, "chunk_size": 2048}, "process": {"wall_s": 199.5}},
         "cases": {"Q4_K_M": {"perplexity": 25.301}, "Q2_K": {"error": "ppl: exit 1"}},
     }
 
@@ -580,7 +580,8 @@ def test_gguf_calibrated_table_with_the_imatrix_column(report, tmp_path):
         "",
         "_llama.cpp + imatrix: `llama-imatrix` (llama.cpp built from the sources llama-cpp-python 0.3.36 "
         "vendors) on the BF16 file over 4 chunks of 2048 tokens, qconv's calibration sequences (the same "
-        "token ids, in order), then `llama-quantize --imatrix` ([raw JSON](../bench/results/"
+        "token ids, in order); one imatrix for every type, 200 s wall on the same shared CPU, then "
+        "`llama-quantize --imatrix` ([raw JSON](../bench/results/"
         "gguf_imatrix_smollm2_cpu.json))._",
     ]
 
