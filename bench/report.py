@@ -974,6 +974,83 @@ def _hqq_data_free_row(path: Path, run: dict, calibrated: dict) -> dict | None:
     return next((row for row in rows if row.get("model") == wanted and row.get("windows")), None)
 
 
+def gguf_calibrated_table(path: Path, rel: str) -> list[str]:
+    """run_gguf_calibrated.py: calibrated GGUF against the data-free qconv solver and llama.cpp's
+    quantizer without imatrix (rows copied from gguf_smollm2_*.json) and, from the sibling
+    gguf_imatrix_*.json (run_gguf_imatrix.py), llama.cpp's quantizer with an importance matrix made
+    from the same calibration tokens: shown only where its calibration and windows are the
+    calibrated cases' own."""
+    doc = json.loads(path.read_text())
+    free = doc["data_free"]
+    folder = rel.rsplit("/", 1)[0] + "/" if "/" in rel else ""
+    free_link = folder + Path(free["from"]).name
+    imatrix_path = path.with_name(path.name.replace("gguf_calibrated_", "gguf_imatrix_", 1))
+    imatrix = json.loads(imatrix_path.read_text()) if imatrix_path.is_file() else None
+    fingerprints = [
+        {k: v for k, v in case["calibration"].items() if k not in ("solver", "blocks")}
+        for case in doc["cases"].values()
+        if case.get("calibration")
+    ]
+    notes = []
+    if imatrix is not None:
+        text = imatrix["calibration_text"]
+        matches = bool(fingerprints) and all(f == text["qconv_fingerprint"] for f in fingerprints)
+        matches = matches and imatrix.get("max_windows") == free["max_windows"]
+        link = folder + imatrix_path.name
+        if matches:
+            tool = imatrix["imatrix"]["file"]
+            notes.append(
+                f"llama.cpp + imatrix: `llama-imatrix` (llama.cpp built from the sources llama-cpp-python "
+                f"{imatrix['environment'].get('llama-cpp-python')} vendors) on the BF16 file over "
+                f"{tool['chunk_count']} chunks of {tool['chunk_size']} tokens, qconv's calibration sequences "
+                + (
+                    "(the same token ids, in order)"
+                    if text["tokens_identical"]
+                    else f"(NOT the same token ids: first difference at token {text['first_mismatch']})"
+                )
+                + (
+                    f"; one imatrix for every type, {imatrix['imatrix']['process']['wall_s']:.0f} s wall on "
+                    "the same shared CPU"
+                    if "process" in imatrix.get("imatrix", {})
+                    else ""
+                )
+                + f", then `llama-quantize --imatrix` ([raw JSON]({link}))"
+            )
+        else:
+            notes.append(
+                f"llama.cpp + imatrix left out: [its run]({link}) used another calibration or protocol"
+            )
+            imatrix = None
+    lines = [
+        "Calibrated GGUF (issue 17), `bench/run_gguf_calibrated.py` and `bench/run_gguf_imatrix.py`. "
+        f"SmolLM2-135M-Instruct, wikitext-2 test perplexity by llama.cpp over the first {free['max_windows']} "
+        f"windows of 2048 tokens (BF16 file: {free['bf16_ppl']:.2f}); calibration "
+        f"{doc['calibration_settings']['calib_tokens']:,} tokens of the shipped WikiText-2 validation text "
+        f"([raw JSON]({rel}), data-free rows from [{free['from']}]({free_link})):",
+        "",
+        "| type | calibrated qconv (GPTQ) | data-free qconv | llama.cpp (no imatrix) | llama.cpp + imatrix "
+        "(same calibration tokens) | layers' output error, calibrated / data-free (median, worst) | "
+        "calibration wall s (shared 2-core CPU, 3 runs at once) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for file_type, case in doc["cases"].items():
+        if "perplexity" not in case:
+            continue
+        rows = free.get(file_type, {})
+        ratio = case["output_error_ratio_vs_data_free"]
+        with_imatrix = ((imatrix or {}).get("cases") or {}).get(file_type) or {}
+        imatrix_ppl = "failed" if "error" in with_imatrix else with_imatrix.get("perplexity")
+        lines.append(
+            f"| {file_type} | {case['perplexity']:.2f} | {rows['qconv_qconv']['ppl']:.2f} | "
+            f"{rows['llama_cpp']['ppl']:.2f} | {perplexity_text(imatrix_ppl)} | "
+            f"{ratio['median']:.2f}, {ratio['worst']:.2f} "
+            f"({ratio['layers_below']} of {case['calibrated_layers']} layers below) | {case['prepare_s']:.0f} |"
+        )
+    if notes:
+        lines += [""] + [f"_{note}._" for note in notes]
+    return lines
+
+
 def _calibrated_ppl(case: dict, ppl):
     """A case's perplexity, or why there is none (a failed run; one stopped before its eval ended)."""
     if "error" in case:
@@ -1133,6 +1210,7 @@ PER_FILE = (
     ("gguf_smollm2_*.json", gguf_table),
     ("calibrated_smollm2_*.json", calibrated_table),
     ("gptq_layer_*.json", gptq_layer_table),
+    ("gguf_calibrated_smollm2_*.json", gguf_calibrated_table),
     ("gguf_quantizer_*.json", quantizer_throughput_table),
     ("ct_quantizer_*.json", quantizer_throughput_table),
 )

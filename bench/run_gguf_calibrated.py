@@ -21,6 +21,9 @@ source file, same protocol and window count), not measured again here.
         [--types Q4_K_M,Q3_K_M,Q2_K] [--calib-tokens 8192] [--max-windows 4]
     .venv/bin/python bench/run_gguf_calibrated.py --render       # the README's table, from the JSON
 
+bench/run_gguf_imatrix.py adds llama.cpp's quantizer WITH an importance matrix computed from the
+same calibration tokens (its own JSON, a column of the same table).
+
 The JSON is rewritten after every step; a case already measured is not run again.
 """
 
@@ -99,31 +102,13 @@ def data_free_rows(types) -> dict:
     return rows
 
 
-def render(doc: dict) -> str:
-    """The README's markdown table from a results document."""
-    free = doc["data_free"]
-    lines = [
-        f"SmolLM2-135M-Instruct, wikitext-2 test perplexity by llama.cpp over the first {free['max_windows']} "
-        f"windows of 2048 tokens (BF16 file: {free['bf16_ppl']:.2f}); calibration "
-        f"{doc['calibration_settings']['calib_tokens']:,} tokens of the shipped WikiText-2 validation text "
-        "([raw JSON](bench/results/gguf_calibrated_smollm2_cpu.json), data-free rows from "
-        f"[{free['from']}]({free['from']})):",
-        "",
-        "| type | calibrated qconv (GPTQ) | data-free qconv | llama.cpp (no imatrix) | layers' output error, "
-        "calibrated / data-free (median, worst) | calibration wall s (shared 2-core CPU, 3 runs at once) |",
-        "|---|---|---|---|---|---|",
-    ]
-    for file_type, case in doc["cases"].items():
-        if "perplexity" not in case:
-            continue
-        rows = free.get(file_type, {})
-        ratio = case["output_error_ratio_vs_data_free"]
-        lines.append(
-            f"| {file_type} | {case['perplexity']:.2f} | {rows['qconv_qconv']['ppl']:.2f} | "
-            f"{rows['llama_cpp']['ppl']:.2f} | {ratio['median']:.2f}, {ratio['worst']:.2f} "
-            f"({ratio['layers_below']} of {case['calibrated_layers']} layers below) | {case['prepare_s']:.0f} |"
-        )
-    return "\n".join(lines)
+def render(path: Path) -> str:
+    """The README's markdown table from a results document: bench/report.py's, which adds the
+    llama.cpp + imatrix column from run_gguf_imatrix.py's JSON beside it."""
+    from report import gguf_calibrated_table
+
+    rel = path.resolve().relative_to(ROOT).as_posix() if ROOT in path.resolve().parents else str(path)
+    return "\n".join(gguf_calibrated_table(path, rel))
 
 
 def main() -> None:
@@ -137,7 +122,7 @@ def main() -> None:
     parser.add_argument("--render", action="store_true", help="print the README's table from --out")
     args = parser.parse_args()
     if args.render:
-        print(render(json.loads(args.out.read_text())))
+        print(render(args.out))
         return
     types = args.types.split(",")
     doc = json.loads(args.out.read_text()) if args.out.is_file() else {}

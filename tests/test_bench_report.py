@@ -603,3 +603,108 @@ def test_gptq_layer_quick_run_of_qconv_cases_renders(tmp_path, monkeypatch, repo
     assert doc["settings"]["qconv-hqq-4bit-g64"]["solver"] == "gptq"
     lines = report.gptq_layer_table(tmp_path / "gptq_layer_cpu_quick.json", "x.json")
     assert lines[-3].startswith("| **32 blocks (8B), solve only** | **")
+
+
+FINGERPRINT = {"text": "wikitext2-validation", "sha256": "f0", "sequences": 4, "seqlen": 2048, "tokens": 8192}
+
+
+def gguf_calibrated_doc() -> dict:
+    """run_gguf_calibrated.py's shape: one calibrated case per type, the data-free rows copied."""
+
+    def case(ppl: float) -> dict:
+        return {
+            "calibration": {**FINGERPRINT, "solver": "gptq", "blocks": {}},
+            "prepare_s": 1010.4,
+            "calibrated_layers": 210,
+            "output_error_ratio_vs_data_free": {"median": 0.281, "worst": 0.94, "layers_below": 210},
+            "perplexity": ppl,
+        }
+
+    return {
+        "calibration_settings": {"text": "wikitext2", "calib_tokens": 8192},
+        "data_free": {
+            "from": "bench/results/gguf_smollm2_cpu.json",
+            "max_windows": 4,
+            "bf16_ppl": 24.142,
+            "Q4_K_M": {"qconv_qconv": {"ppl": 25.396}, "llama_cpp": {"ppl": 25.737}},
+            "Q2_K": {"qconv_qconv": {"ppl": 33.163}, "llama_cpp": {"ppl": 34.341}},
+        },
+        "cases": {"Q4_K_M": case(25.183), "Q2_K": case(33.485), "Q3_K_M": {"error": "killed"}},
+    }
+
+
+def gguf_imatrix_doc(fingerprint: dict, identical: bool = True) -> dict:
+    """run_gguf_imatrix.py's shape."""
+    return {
+        "max_windows": 4,
+        "environment": {"llama-cpp-python": "0.3.36"},
+        "calibration_text": {
+            "qconv_fingerprint": fingerprint,
+            "tokens_identical": identical,
+            "first_mismatch": 7,
+        },
+        "imatrix": {"file": {"chunk_count": 4, "chunk_size": 2048}, "process": {"wall_s": 199.5}},
+        "cases": {"Q4_K_M": {"perplexity": 25.301}, "Q2_K": {"error": "ppl: exit 1"}},
+    }
+
+
+GGUF_CALIBRATED_HEAD = [
+    "Calibrated GGUF (issue 17), `bench/run_gguf_calibrated.py` and `bench/run_gguf_imatrix.py`. "
+    "SmolLM2-135M-Instruct, wikitext-2 test perplexity by llama.cpp over the first 4 windows of 2048 tokens "
+    "(BF16 file: 24.14); calibration 8,192 tokens of the shipped WikiText-2 validation text ([raw JSON]"
+    "(../bench/results/gguf_calibrated_smollm2_cpu.json), data-free rows from "
+    "[bench/results/gguf_smollm2_cpu.json](../bench/results/gguf_smollm2_cpu.json)):",
+    "",
+    "| type | calibrated qconv (GPTQ) | data-free qconv | llama.cpp (no imatrix) | llama.cpp + imatrix (same "
+    "calibration tokens) | layers' output error, calibrated / data-free (median, worst) | calibration wall s "
+    "(shared 2-core CPU, 3 runs at once) |",
+    "|---|---|---|---|---|---|---|",
+]
+
+
+def render_gguf_calibrated(report, folder: Path, imatrix: dict | None) -> list[str]:
+    path = write(folder, "gguf_calibrated_smollm2_cpu.json", gguf_calibrated_doc())
+    if imatrix is not None:
+        write(folder, "gguf_imatrix_smollm2_cpu.json", imatrix)
+    return report.gguf_calibrated_table(path, "../bench/results/gguf_calibrated_smollm2_cpu.json")
+
+
+def test_gguf_calibrated_table_with_the_imatrix_column(report, tmp_path):
+    """llama.cpp + imatrix joined by type from the sibling JSON; a failed type says so, a type it
+    lacks shows '-', a calibrated case without perplexity has no row."""
+    assert render_gguf_calibrated(report, tmp_path, gguf_imatrix_doc(FINGERPRINT)) == [
+        *GGUF_CALIBRATED_HEAD,
+        "| Q4_K_M | 25.18 | 25.40 | 25.74 | 25.30 | 0.28, 0.94 (210 of 210 layers below) | 1010 |",
+        "| Q2_K | 33.48 | 33.16 | 34.34 | failed | 0.28, 0.94 (210 of 210 layers below) | 1010 |",
+        "",
+        "_llama.cpp + imatrix: `llama-imatrix` (llama.cpp built from the sources llama-cpp-python 0.3.36 "
+        "vendors) on the BF16 file over 4 chunks of 2048 tokens, qconv's calibration sequences (the same "
+        "token ids, in order); one imatrix for every type, 200 s wall on the same shared CPU, then "
+        "`llama-quantize --imatrix` ([raw JSON](../bench/results/"
+        "gguf_imatrix_smollm2_cpu.json))._",
+    ]
+
+
+def test_gguf_calibrated_table_says_when_the_imatrix_tokens_differ(report, tmp_path):
+    lines = render_gguf_calibrated(report, tmp_path, gguf_imatrix_doc(FINGERPRINT, identical=False))
+    assert "qconv's calibration sequences (NOT the same token ids: first difference at token 7)" in lines[-1]
+
+
+def test_gguf_calibrated_table_leaves_out_an_imatrix_of_another_calibration(report, tmp_path):
+    other = gguf_imatrix_doc({**FINGERPRINT, "tokens": 4096, "sequences": 2})
+    assert render_gguf_calibrated(report, tmp_path, other) == [
+        *GGUF_CALIBRATED_HEAD,
+        "| Q4_K_M | 25.18 | 25.40 | 25.74 | - | 0.28, 0.94 (210 of 210 layers below) | 1010 |",
+        "| Q2_K | 33.48 | 33.16 | 34.34 | - | 0.28, 0.94 (210 of 210 layers below) | 1010 |",
+        "",
+        "_llama.cpp + imatrix left out: [its run](../bench/results/gguf_imatrix_smollm2_cpu.json) used "
+        "another calibration or protocol._",
+    ]
+
+
+def test_gguf_calibrated_table_without_an_imatrix_run(report, tmp_path):
+    assert render_gguf_calibrated(report, tmp_path, None) == [
+        *GGUF_CALIBRATED_HEAD,
+        "| Q4_K_M | 25.18 | 25.40 | 25.74 | - | 0.28, 0.94 (210 of 210 layers below) | 1010 |",
+        "| Q2_K | 33.48 | 33.16 | 34.34 | - | 0.28, 0.94 (210 of 210 layers below) | 1010 |",
+    ]
