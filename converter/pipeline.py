@@ -30,7 +30,7 @@ from qconv.artifact import Artifact
 from qconv.environment import environment, peak_rss_bytes, resolve_device, resolve_dtype
 from qconv.errors import DestinationExistsError, DiskSpaceError, QconvError, UsageError, literal
 from qconv.files import FLOAT_DTYPES, dtype_name, fsync_path, parse_size
-from qconv.formats import all_formats, get_format
+from qconv.formats import all_formats, blockwise, get_format
 from qconv.formats.base import PrepareContext, Prepared, QuantFormat
 from qconv.manifest import (
     MANIFEST_NAME,
@@ -286,8 +286,10 @@ def convert(
         try:
             prepared = fmt.prepare(context)
         except QconvError:
+            blockwise.discard_if_unstarted(checkpoint)
             raise
         except torch.OutOfMemoryError as exc:
+            blockwise.discard_if_unstarted(checkpoint)
             raise UsageError(f"out of memory while calibrating ({str(exc).splitlines()[0]})") from None
         prepare_s = time.perf_counter() - started
         tmp = dest.parent / f".{dest.name}.qconv-tmp-{os.getpid()}"

@@ -244,9 +244,41 @@ def _stored_gguf(artifact: Artifact, source: Source) -> gguf_export.StoredGGUF:
 #: What a loader that fails on the artifact raises, which fails the loader check: qconv's own
 #: errors (a malformed folder), an optional library that is missing (ImportError), unreadable
 #: files (OSError) and the libraries' refusals (transformers, hqq and aqlm raise ValueError or
-#: RuntimeError, torch's size mismatches and out-of-memory are RuntimeErrors). Anything else
-#: (AttributeError, TypeError, NameError...) is a bug in qconv and propagates.
+#: RuntimeError, torch's size mismatches and out-of-memory are RuntimeErrors). Any other
+#: exception raised inside one of the loaders' own libraries (``LOADER_LIBRARIES``) fails the check
+#: too: transformers' Falcon initialises the weight of every Linear subclass by ``module.weight``,
+#: which compressed-tensors' compressed modules no longer have (an AttributeError). One raised
+#: anywhere else (qconv, a format registered from elsewhere) is a bug and propagates.
 LOADER_ERRORS = (QconvError, ImportError, OSError, ValueError, RuntimeError)
+#: the top-level packages of the real loaders and what they run on
+LOADER_LIBRARIES = frozenset(
+    {"transformers", "torch", "compressed_tensors", "hqq", "aqlm", "bitsandbytes", "llama_cpp", "safetensors",
+     "accelerate", "gguf", "triton"}
+)  # fmt: skip
+
+
+def _raised_by_a_library(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised by the code of one of ``LOADER_LIBRARIES`` (its innermost frame)."""
+    if not isinstance(exc, Exception):
+        return False  # KeyboardInterrupt, SystemExit: never a loader's verdict
+    traceback = exc.__traceback__
+    while traceback is not None and traceback.tb_next is not None:
+        traceback = traceback.tb_next
+    if traceback is None:
+        return False
+    module = traceback.tb_frame.f_globals.get("__name__") or ""
+    return module.partition(".")[0] in LOADER_LIBRARIES
+
+
+def _loader_failed(exc: BaseException, report: VerifyReport) -> None:
+    """Record a failed real loader in ``report``, or re-raise a bug of qconv's own."""
+    if not isinstance(exc, LOADER_ERRORS) and not _raised_by_a_library(exc):
+        raise exc
+    report.add(
+        "loader",
+        False,
+        f"the real loader failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}",
+    )
 
 
 def prompt_ids(folder: Path, vocab_size: int) -> list[torch.Tensor]:
@@ -377,10 +409,8 @@ def check_runs(folder: Path, device: torch.device, report: VerifyReport) -> None
         prompts = prompt_ids(Path(folder), model.config.vocab_size)
         logits = torch.cat(_logits(model, prompts, device))
         del model
-    except LOADER_ERRORS as exc:
-        report.add(
-            "loader", False, f"the real loader failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-        )
+    except Exception as exc:  # noqa: BLE001 - sorted by _loader_failed: a library's failure or qconv's bug
+        _loader_failed(exc, report)
         return
     finite = bool(torch.isfinite(logits).all())
     report.logits = {
@@ -395,10 +425,8 @@ def check_runs(folder: Path, device: torch.device, report: VerifyReport) -> None
 def check_loader(artifact: Artifact, source: Source, device: torch.device, report: VerifyReport) -> None:
     try:
         result = logits_comparison(artifact, source, device)
-    except LOADER_ERRORS as exc:
-        report.add(
-            "loader", False, f"the real loader failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-        )
+    except Exception as exc:  # noqa: BLE001 - sorted by _loader_failed: a library's failure or qconv's bug
+        _loader_failed(exc, report)
         return
     report.logits = result
     tolerance = artifact.format.loader_tolerance(artifact.recipe)

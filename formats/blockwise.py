@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +88,18 @@ def open_checkpoint(folder: Path, key: str, resume: bool) -> dict:
     state = {"key": key, "blocks_done": 0, "layers": {}}
     write_atomic(state_path, lambda p: p.write_text(json.dumps(state, indent=1)))
     return state
+
+
+def discard_if_unstarted(folder: Path) -> None:
+    """Remove a checkpoint folder whose state records no finished block (a run refused or failed
+    before its first block): there is nothing to resume, and leaving it would make the next run ask
+    for --resume or --force."""
+    try:
+        state = json.loads((folder / STATE_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return  # not a checkpoint qconv can read: leave it to the user
+    if state.get("blocks_done", 0) == 0 and not any(folder.glob("block-*")):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def calibration_set(context) -> CalibrationSet:

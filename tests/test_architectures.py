@@ -6,6 +6,7 @@ loading does not replace."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -164,3 +165,41 @@ def test_calibrated_aqlm_refuses_fused_experts_in_one_line(cli, models, tmp_path
         "--calibration none works)\n"
     )
     assert not out.exists()
+    # nothing to resume is left behind: the same command refuses the same way, not with "add --resume"
+    assert not (tmp_path / ".out.qconv-checkpoint").exists()
+    again = cli("convert", models["mixtral"], "-o", out, "--method", "aqlm", "--device", "cpu", ok=None)
+    assert again.exit_code == 2 and again.stderr == result.stderr
+
+
+def test_a_real_loader_failing_inside_its_library_fails_verify_in_one_line(cli, models, tmp_path):
+    """transformers' Falcon initialises the weight of every FalconLinear by ``module.weight``, which
+    compressed-tensors' compressed modules no longer have: the artifact does not load in stock
+    transformers, and verify says so (the loader check fails, exit 1) instead of a traceback.
+    A transformers that stops doing so turns this test red: then the artifact loads, and the
+    assertions below should say that."""
+    out = tmp_path / "out"
+    result = cli(
+        "convert", models["falcon"], "-o", out, "--method", "compressed-tensors", "--device", "cpu", ok=None
+    )
+    assert result.exit_code == 1
+    assert "verification FAILED" in result.output
+    manifest = json.loads((out / "qconv.json").read_text())
+    loader = next(c for c in manifest["verify"]["checks"] if c["name"] == "loader")
+    assert loader == {
+        "name": "loader",
+        "passed": False,
+        "detail": "the real loader failed: AttributeError: 'FalconLinear' object has no attribute 'weight'",
+    }
+
+
+def test_only_exceptions_raised_inside_a_library_count_as_its_loader_failing():
+    from qconv.verify import _raised_by_a_library, _sortable
+
+    try:
+        torch.nn.Linear(2, 2).no_such_attribute  # noqa: B018 - raised inside torch's Module.__getattr__
+    except AttributeError as exc:
+        assert _raised_by_a_library(exc)
+    try:
+        _sortable("not a number")  # math.isnan's TypeError, raised in qconv's own frame: a bug
+    except TypeError as exc:
+        assert not _raised_by_a_library(exc)
