@@ -90,7 +90,7 @@ def run_case(gguf: Path, scheme: str, solver: str, work: Path, home: Path) -> di
     wall_s = time.perf_counter() - started
     manifest = json.loads((out / "qconv.json").read_text())
     layers = {
-        name: {key: entry.get(key) for key in ("rel_error", "rtn_rel_error", "hqq_groups")}
+        name: {key: entry.get(key) for key in ("rel_error", "rtn_rel_error", "hqq_groups", "hqq_choice")}
         for name, entry in manifest["layers"].items()
     }
     case = {
