@@ -171,10 +171,20 @@ def ct_smollm2_table(path: Path, rel: str) -> list[str]:
             every = "all layers <=" if comparison["all_layers_hqq_le_rtn"] else "NOT all layers <="
             ratio = f"{comparison['mean_ratio']:.3f}, {comparison['worst_ratio']:.3f} ({every})"
         solver = "rtn (= llm-compressor)" if case["solver"] == "rtn" else case["solver"]
+        if case.get("solver_version"):  # formats/ct_solver.py's version that made the row
+            solver += f" v{case['solver_version']}"
         lines.append(
             f"| {case['scheme']} | {solver} | {case['perplexity']:.2f} | {case['mean_rel_error']:.4f} | "
             f"{ratio} | {case['bits_per_weight']:.2f} | {case['quantize_s']:.0f} s |"
         )
+    superseded = [
+        f"{c['scheme']} hqq v{c['solver_version']} {c['perplexity']:.2f}" for c in r.get("superseded", [])
+    ]
+    if superseded:
+        lines += [
+            "",
+            "Superseded (an earlier solver version, kept in the JSON): " + ", ".join(superseded) + ".",
+        ]
     return lines
 
 

@@ -90,7 +90,7 @@ def run_case(gguf: Path, scheme: str, solver: str, work: Path, home: Path) -> di
     wall_s = time.perf_counter() - started
     manifest = json.loads((out / "qconv.json").read_text())
     layers = {
-        name: {key: entry.get(key) for key in ("rel_error", "rtn_rel_error", "hqq_groups")}
+        name: {key: entry.get(key) for key in ("rel_error", "rtn_rel_error", "hqq_groups", "hqq_choice")}
         for name, entry in manifest["layers"].items()
     }
     case = {
@@ -104,6 +104,8 @@ def run_case(gguf: Path, scheme: str, solver: str, work: Path, home: Path) -> di
         "quantized_params": manifest["summary"]["quantized_params"],
         "verify_passed": doc["verify"]["passed"] if doc.get("verify") else None,
         "size_bytes": doc.get("size_bytes"),
+        # which version of formats/ct_solver.py made the numbers (the recipe records it)
+        "solver_version": manifest["recipe"].get("hqq", {}).get("version", 1) if solver == "hqq" else None,
         "layers": layers,
         "mean_rel_error": sum(e["rel_error"] for e in layers.values()) / len(layers),
     }
@@ -158,7 +160,11 @@ def main() -> None:
         "cases": [],
     }
     if args.resume and args.out.is_file():
-        result["cases"] = json.loads(args.out.read_text())["cases"]
+        previous = json.loads(args.out.read_text())
+        result["cases"] = previous["cases"]
+        if "superseded" in previous:
+            # hqq rows an earlier solver version made, kept for the record (not in the table)
+            result["superseded"] = previous["superseded"]
     done = {(case["scheme"], case["solver"]) for case in result["cases"]}
     with tempfile.TemporaryDirectory(prefix="qconv-bench-ct-") as scratch:
         work = Path(scratch)
@@ -176,6 +182,7 @@ def main() -> None:
                     flush=True,
                 )
                 result["cases"].append(case)
+                result["cases"].sort(key=lambda c: (SCHEMES.index(c["scheme"]), SOLVERS.index(c["solver"])))
                 result["comparison"] = compare(result["cases"])
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 args.out.write_text(json.dumps(result, indent=1) + "\n")

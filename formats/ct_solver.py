@@ -1,48 +1,54 @@
-"""``--solver hqq`` for compressed-tensors' integer schemes: HQQ's half-quadratic solver, held to
-the numbers llm-compressor stores, and never worse than its round to nearest.
+"""``--solver hqq`` for compressed-tensors' integer schemes: a per-group search of the scheme's
+grid for the lowest importance-weighted error (llama.cpp's data-free k-quant search, refitted
+with HQQ's half-quadratic step), never above llm-compressor's round to nearest per layer.
 
 The bytes are those of ``--solver rtn`` (``ct_layout``): per group of ``group_size`` inputs (or
 per output channel) a scale in the checkpoint's dtype and, for W4A16_ASYM only, an integer zero
 point in the code range; codes in the full signed range ([-8, 7] for 4 bits), dequantized as
-``(code - zero) * scale``. Only the values change: the solver picks scales (and zero points)
-that reconstruct the weight better than llm-compressor's min/max ones.
+``(code - zero) * scale``. Only the values change.
 
-Per group it runs HQQ's proximal iterations (formats/hqq_solver.py for the algorithm hqq
-publishes) from several starting ranges, the grid kept as the scheme fixes it::
+Why not the plain error. Version 1 of this solver minimised each group's plain squared error
+(HQQ's iterations on the scale) and lowered every SmolLM2 layer's relative error (0.944 of rtn's
+at W4A16 g64), yet raised the wikitext-2 perplexity (26.83 -> 27.05, bench/run_ct.py). A
+group's plain error is mostly its many small weights' error; the output depends more on its few
+large weights, those behind the outlier features (SmolLM2's ``layers.2.mlp.down_proj`` row 507
+holds two "super weights", Yu et al. 2024, "The Super Weight in Large Language Models", +5.09
+and -5.31 in groups whose other weights stay below 1.35). bench/diagnose_ct_solver.py (70 of
+the 210 layers, W4A16): the error at each group's largest weight, relative to it, is 6.6% with
+rtn, 4.9% with version 1, 2.1% with this one, while the error of each layer's output under
+SmolLM2's activations ranks version 1 (0.90 of rtn's) above this one (0.92) although its
+perplexity is the higher. Version 1's search (two starts, the scale only moving up from the
+smallest unclipped one) also shrank the largest weights on average (mean signed error there
+-3.5% of the weight, rtn's -0.9%: its half-step errors shrink positive extremes and grow
+negative ones).
 
-    W_q = clamp(round(W / s + z))                codes for the stored s (and integer z)
-    W_r = (W_q - z) * s
-    W_e = shrink_lp(W - W_r, beta, p)            hqq's sparse error term (p = 0.7, beta = 10)
-    symmetric:  s = <W - W_e, W_q> / <W_q, W_q>  (z stays 0: the half-quadratic step on the scale)
-    asymmetric: the line through (W_q, W - W_e) by least squares gives s and z; z is rounded to
-                an integer code and s refitted for it
+What it does now, per group (all groups at once, batched torch):
 
-hqq itself moves only a float zero point with the scale fixed; the schemes here leave no float
-zero (symmetric: none; asymmetric: an integer), so the scale is what the iterations move. With
-hqq's beta = 10, ``shrink_lp`` is nonzero only for residuals above 0.17, which LLM weights
-rarely reach (a clipped outlier does): for most groups the step is the plain least-squares one,
-and outliers are left out of the fit as hqq leaves them.
+- importance: each squared error weighs ``w^2``, llama.cpp's data-free choice for its k-quants
+  (ggml-quants.c ``make_qx_quants`` with ``rmse_type`` 1, Q6_K; ``make_q3_quants``, Q3_K);
+- starting scales: llama.cpp's grid (``make_qx_quants``: the largest magnitude mapped to its code
+  +- tenths, ``SYMMETRIC_OFFSETS``; W4A16_ASYM: ``make_qkx2_quants``' range spread over 14..16
+  steps, ``ASYMMETRIC_OFFSETS``, with llm-compressor's rule for the integer zero point);
+- from each, ``ITERS`` refits: the weighted least-squares scale for the codes (``make_qx_quants``'
+  ``sumlx / suml2``; asymmetric: the weighted line, its zero rounded to an integer code and the
+  scale refitted), fitted to HQQ's target ``W - W_e`` (``W_e = shrink_lp(W - W_r)``, p = 0.7,
+  beta = 10: nonzero only for residuals above 0.17, which LLM weights rarely reach);
+- every candidate is measured in the numbers that would be stored (the scale rounded to the
+  checkpoint's dtype, integer codes and zero points, the nearest codes for them, float32), and
+  none may leave a weight farther than half a step from its code (rtn's bound: no clipping;
+  clipping outliers raised SmolLM2's W4A16 perplexity to 28.69 in an earlier version);
+- the group keeps the candidate with the lowest weighted error (rtn's own numbers, byte for byte,
+  unless one is lower by more than float32's rounding of the sum: ``MARGIN``).
 
-The starting scales run from llm-compressor's (absmax / 7.5, or (max - min) / 15) down to the
-smallest one that clips no weight (``START_FACTORS``), and no candidate may leave any weight
-farther than half a step from its code, the bound rtn keeps: the search spends the grid better
-(symmetric: a group whose largest magnitude is negative can use code -8 fully) but never clips
-outliers. Clipping lowers the mean squared error further (9.8% below rtn's on SmolLM2's layers
-at W4A16 g64, against about 5% here) but raised SmolLM2's wikitext-2 perplexity from 26.83
-(rtn) to 28.69 (bench/run_ct.py, 8 windows): the outliers it sacrifices matter more than the
-error it saves.
-
-The guarantee: every candidate is measured in the numbers that would be stored (the scale
-rounded to the checkpoint's dtype, integer codes and zero points, float32 arithmetic), and a
-group keeps llm-compressor's own numbers (``ct_layout.quantize_rtn``, byte for byte) unless a
-candidate's squared error is lower (by more than float32's rounding of the sum: ``MARGIN``).
-A layer whose total error would still not be lower (float32 sums over different groupings
-could in principle disagree) is stored as rtn's whole.
-So each layer's relative error is at most rtn's, as ``layer_error`` measures both
-(tests/test_ct_hqq.py checks it on random, heavy-tailed and tiny-Llama weights).
-
-Everything is batched torch over all groups (chunks of rows bound the temporaries): no Python
-loop per group, and the same code runs on CUDA.
+The guarantees. Per group the weighted error is at most rtn's (rtn is a candidate). The plain
+error may rise in a group (a positive outlier reproduced exactly costs its neighbours a coarser
+step), so the layer is measured as the manifest measures it (``relative_error``, as
+``qconv.verify.layer_error``): if the layer's relative error is above rtn's, each group takes
+instead its lowest weighted error among the candidates whose plain error is also below rtn's
+("bounded"), and if even that layer is not lower (float32 sums over other groupings could in
+principle disagree), rtn's numbers whole. So each layer's relative error is at most rtn's
+(tests/test_ct_hqq.py checks it on random, heavy-tailed and tiny-Llama weights, and the
+per-group bounds of both choices).
 """
 
 from __future__ import annotations
@@ -54,18 +60,25 @@ import torch
 from qconv.formats import ct_layout
 from qconv.formats.hqq_solver import BETA, LP_NORM
 
-#: HQQ iterations from each start (each evaluates the stored numbers once, then steps)
-ITERS = 3
-#: starting scales, from the smallest that clips no weight (0) to llm-compressor's (1)
-START_FACTORS = (1.0, 0.0)
+#: the starting scales, llama.cpp's ``make_qx_quants`` grid (ggml-quants.c: the group's
+#: largest magnitude mapped to its code plus ``is / 10``, ``is`` in -9..9), cut at +5 tenths: no
+#: start may leave the extreme weight more than half a step from its code (no clipping)
+SYMMETRIC_OFFSETS = tuple(k / 10 for k in range(-9, 6))
+#: W4A16_ASYM: the group's range spread over ``steps + is / 10`` steps, ``is`` in -10..10
+#: (``make_qkx2_quants``' ``rmin = -1, rdelta = 0.1, nstep = 20`` as Q4_K calls it)
+ASYMMETRIC_OFFSETS = tuple(k / 10 for k in range(-10, 11))
+#: refits after each start (each evaluates the stored numbers once more)
+ITERS = 1
 #: the largest error a weight may keep, in steps: half of one (no clipping), with float32's
 #: rounding of ``w / s`` allowed for
 HALF_STEP = 0.5 * (1 + 1e-5)
-#: how much lower (relatively) a candidate's squared error must be to replace the best so far:
+#: how much lower (relatively) a candidate's error must be to replace the best so far:
 #: above float32's rounding of a group's sum, so that "lower" holds however it is summed
 MARGIN = 1e-5
 #: weights a chunk of groups holds at most (bounds the float32 temporaries to ~4 MB each)
 CHUNK_ELEMENTS = 1 << 20
+#: recorded in the recipe (bench JSON says which solver made its numbers)
+SOLVER_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -80,18 +93,30 @@ class Solved:
     rtn_rel_error: float
     groups_improved: int
     groups: int
+    #: which choice was kept: "free" (every group its lowest weighted error), "bounded" (each
+    #: group's plain error also below rtn's, where "free" raised the layer's) or "rtn"
+    choice: str = "free"
 
 
 def solver_settings() -> dict:
     """The solver's constants, recorded in the recipe (so the manifest says what ran)."""
-    return {"iters": ITERS, "start_factors": list(START_FACTORS), "lp_norm": LP_NORM, "beta": BETA}
+    return {
+        "version": SOLVER_VERSION,
+        "importance": "x^2",
+        "symmetric_offsets": list(SYMMETRIC_OFFSETS),
+        "asymmetric_offsets": list(ASYMMETRIC_OFFSETS),
+        "iters": ITERS,
+        "lp_norm": LP_NORM,
+        "beta": BETA,
+    }
 
 
 @torch.inference_mode()
 def quantize_hqq(weight: torch.Tensor, scheme: ct_layout.Scheme, group_size: int | None) -> Solved:
     """``weight`` ``[out, in]`` in the checkpoint's dtype (finite; ``group_size`` divides ``in``),
-    an integer scheme. Returns numbers in :class:`ct_layout.Quantized`'s layout, never worse per
-    group than :func:`ct_layout.quantize_rtn` (module doc)."""
+    an integer scheme. Returns numbers in :class:`ct_layout.Quantized`'s layout: per group the
+    lowest importance-weighted error, the layer's relative error never above
+    :func:`ct_layout.quantize_rtn`'s (module doc)."""
     if scheme.weight_type != "int":
         raise ValueError(f"{scheme.name}: the hqq solver searches integer grids only")
     rtn = ct_layout.quantize_rtn(weight, scheme, group_size)
@@ -101,31 +126,36 @@ def quantize_hqq(weight: torch.Tensor, scheme: ct_layout.Scheme, group_size: int
     rtn_codes = rtn.codes.reshape(-1, size)
     rtn_scale = rtn.scale.reshape(-1, 1)
     rtn_zero = None if rtn.zero_point is None else rtn.zero_point.reshape(-1, 1)
-    codes = torch.empty_like(rtn_codes)
-    scale = torch.empty_like(rtn_scale)
-    zero = None if rtn_zero is None else torch.empty_like(rtn_zero)
-    improved = 0
+    # two choices per group: the lowest weighted error ("free") and the lowest among those whose
+    # plain squared error is also below rtn's ("bounded"); numbers of each, [groups, 1] / [groups, size]
+    picks = {kind: (torch.empty_like(rtn_codes), torch.empty_like(rtn_scale)) for kind in ("free", "bounded")}
+    zeros = {kind: None if rtn_zero is None else torch.empty_like(rtn_zero) for kind in picks}
+    improved = dict.fromkeys(picks, 0)
     step = max(1, CHUNK_ELEMENTS // size)
     for start in range(0, rows.shape[0], step):
         part = slice(start, start + step)
         chunk = _solve_rows(
             rows[part], rtn_codes[part], rtn_scale[part], None if rtn_zero is None else rtn_zero[part], scheme
         )
-        codes[part], scale[part] = chunk[0], chunk[1]
-        if zero is not None:
-            zero[part] = chunk[2]
-        improved += chunk[3]
-    groups = scale.numel()
-    solved = ct_layout.Quantized(
-        codes.reshape(out_features, in_features),
-        scale.reshape(out_features, -1),
-        None if zero is None else zero.reshape(out_features, -1),
-    )
-    rel_error = relative_error(weight, solved, in_features)
+        for kind, (codes, scale, zero, count) in chunk.items():
+            picks[kind][0][part], picks[kind][1][part] = codes, scale
+            if zero is not None:
+                zeros[kind][part] = zero
+            improved[kind] += count
+    groups = rtn_scale.numel()
     rtn_rel_error = relative_error(weight, rtn, in_features)
-    if not rel_error <= rtn_rel_error:
-        return Solved(rtn, rtn_rel_error, rtn_rel_error, 0, groups)
-    return Solved(solved, rel_error, rtn_rel_error, improved, groups)
+    for kind in ("free", "bounded"):
+        codes, scale = picks[kind]
+        zero = zeros[kind]
+        solved = ct_layout.Quantized(
+            codes.reshape(out_features, in_features),
+            scale.reshape(out_features, -1),
+            None if zero is None else zero.reshape(out_features, -1),
+        )
+        rel_error = relative_error(weight, solved, in_features)
+        if rel_error <= rtn_rel_error:
+            return Solved(solved, rel_error, rtn_rel_error, improved[kind], groups, kind)
+    return Solved(rtn, rtn_rel_error, rtn_rel_error, 0, groups, "rtn")
 
 
 def relative_error(weight: torch.Tensor, quantized: ct_layout.Quantized, in_features: int) -> float:
@@ -140,92 +170,106 @@ def relative_error(weight: torch.Tensor, quantized: ct_layout.Quantized, in_feat
     return 0.0 if diff_norm == 0 else float("inf")
 
 
+class _Best:
+    """The best (lowest weighted error) numbers met so far per group, under a constraint."""
+
+    def __init__(self, weighted: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
+        self.weighted, self.scale, self.zero = weighted, scale, zero
+        self.from_rtn = torch.ones_like(weighted, dtype=torch.bool)
+
+    def offer(
+        self, weighted: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, allowed: torch.Tensor
+    ) -> None:
+        better = allowed & (weighted < self.weighted * (1 - MARGIN))
+        self.weighted = torch.where(better, weighted, self.weighted)
+        self.scale = torch.where(better, scale, self.scale)
+        self.zero = torch.where(better, zero, self.zero)
+        self.from_rtn &= ~better
+
+
 def _solve_rows(
     w: torch.Tensor,
     rtn_codes: torch.Tensor,
     rtn_scale: torch.Tensor,
     rtn_zero: torch.Tensor | None,
     scheme: ct_layout.Scheme,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
-    """Groups are the rows of ``w`` (float32). Returns codes, scale, zero (None when symmetric)
-    and the number of groups that left rtn's numbers."""
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]]:
+    """Groups are the rows of ``w`` (float32). Returns, for the "free" and the "bounded" choice,
+    codes, scale, zero (None when symmetric) and the number of groups that left rtn's numbers."""
     q_min, q_max = ct_layout.code_range(scheme)
     steps = q_max - q_min  # 15 for 4 bits
     dtype = rtn_scale.dtype
-    size = w.shape[1]
-    # rtn's error, from its own codes (computed in the checkpoint's dtype, so not always the
+    importance = w.square()  # make_qx_quants' rmse_type 1: an error counts by the weight's square
+    # rtn's errors, from its own codes (computed in the checkpoint's dtype, so not always the
     # nearest codes for its scale: kept as they are, since those are the bytes it writes)
     rtn_values = rtn_codes.to(torch.float32)
     if rtn_zero is not None:
         rtn_values -= rtn_zero.to(torch.float32)
-    best_error = _row_dot_self(torch.addcmul(w, rtn_values, rtn_scale.to(torch.float32), value=-1))
-    best_scale = rtn_scale.to(torch.float32)
-    best_zero = torch.zeros_like(best_scale) if rtn_zero is None else rtn_zero.to(torch.float32)
-    from_rtn = torch.ones_like(best_error, dtype=torch.bool)
+    rtn_residual = torch.addcmul(w, rtn_values, rtn_scale.to(torch.float32), value=-1)
+    rtn_error = _row_dot_self(rtn_residual)
+    rtn_weighted = _row_dot(importance * rtn_residual, rtn_residual)
+    start_zero = torch.zeros_like(rtn_error) if rtn_zero is None else rtn_zero.to(torch.float32)
+    best = {
+        kind: _Best(rtn_weighted, rtn_scale.to(torch.float32), start_zero) for kind in ("free", "bounded")
+    }
 
     low = w.amin(dim=1, keepdim=True)
     high = w.amax(dim=1, keepdim=True)
-    w_sum = w.sum(dim=1, keepdim=True)
-    # hqq's shrink is nonzero only for residuals above this; a row whose squared error is
-    # below its square has none
-    shrink_floor = BETA ** (-1 / (2 - LP_NORM))
-    # no weight may end farther than half a step from its code (rtn's bound, which keeps the
-    # outliers): the smallest scale that allows it, and a candidate breaking it is refused.
-    # Symmetric: high <= (q_max + 1/2) s and -low <= (1/2 - q_min) s; asymmetric: the range
-    # must fit steps + 1 half-open steps
+    shrink_floor = BETA ** (-1 / (2 - LP_NORM))  # hqq's shrink is nonzero only above this
     if rtn_zero is None:
-        scale_floor = torch.maximum(high / (q_max + 0.5), -low / (0.5 - q_min))
+        # make_qx_quants maps the largest magnitude to the end of the range on its side: q_max
+        # for a positive extreme, -q_min (one code more) for a negative one
+        negative = -low > high
+        extreme = torch.where(negative, -low, high)
+        extreme_code = torch.where(negative, -q_min, q_max)
+        starts = [(extreme / (extreme_code + offset), None) for offset in SYMMETRIC_OFFSETS]
     else:
-        scale_floor = (high - low) / (steps + 1)
-    for factor in START_FACTORS:
-        if rtn_zero is None:
-            # factor 1: llm-compressor's absmax / 7.5; 0: the floor (finer where absmax is -low)
-            rtn_like = torch.maximum(low.abs(), high.abs()) / (steps / 2)
-            scale = scale_floor + factor * (rtn_like - scale_floor)
+        starts = []
+        for offset in ASYMMETRIC_OFFSETS:
+            scale = (high - low) / (steps + offset)
+            starts.append((scale, torch.round(q_min - low / scale).nan_to_num_(0.0).clamp_(q_min, q_max)))
+    for scale, zero in starts:
+        if zero is None:
             zero = torch.zeros_like(scale)
-        else:
-            scale = scale_floor + factor * ((high - low) / steps - scale_floor)
-            middle = (low + high) / 2
-            zero = torch.round((q_min + q_max) / 2 - middle / scale).nan_to_num_(0.0).clamp_(q_min, q_max)
         for iteration in range(ITERS + 1):
             stored_scale = _stored(scale, dtype, rtn_scale)
-            # values = codes - zero, codes = clamp(round(w / s + z)); w * (1 / s) rather than
-            # w / s: any rule will do as long as the final codes are computed by the same one
+            # values = codes - zero, codes = clamp(round(w / s + z)): the nearest codes for the
+            # stored s and z, so the lowest error for them under any weighting. w * (1 / s) rather
+            # than w / s: any rule will do as long as the final codes are computed by the same one
             values = torch.addcmul(zero, w, 1.0 / stored_scale).round_().clamp_(q_min, q_max).sub_(zero)
             residual = torch.addcmul(w, values, stored_scale, value=-1)
             error = _row_dot_self(residual)
+            weighted = _row_dot(importance * residual, residual)
             unclipped = residual.abs().amax(dim=1, keepdim=True) <= stored_scale * HALF_STEP
-            better = (error < best_error * (1 - MARGIN)) & unclipped
-            best_error = torch.where(better, error, best_error)
-            best_scale = torch.where(better, stored_scale, best_scale)
-            best_zero = torch.where(better, zero, best_zero)
-            from_rtn &= ~better
+            best["free"].offer(weighted, stored_scale, zero, unclipped)
+            best["bounded"].offer(
+                weighted, stored_scale, zero, unclipped & (error < rtn_error * (1 - MARGIN))
+            )
             if iteration == ITERS:
                 break
-            # the half-quadratic step: fit the scale (and zero) to w - W_e, where W_e is hqq's
-            # sparse part of the residual; sums over w - W_e are sums over w minus W_e's
-            target_dot = _row_dot(w, values)
-            target_sum = w_sum
-            sparse_rows = (error > shrink_floor**2).flatten().nonzero().flatten()
-            if sparse_rows.numel():
-                sparse = _shrink_lp(residual[sparse_rows], BETA, LP_NORM)
-                target_dot = target_dot.index_add(0, sparse_rows, -_row_dot(sparse, values[sparse_rows]))
-                target_sum = target_sum.index_add(0, sparse_rows, -sparse.sum(dim=1, keepdim=True))
-            energy = _row_dot_self(values)
+            # the refit: make_qx_quants' weighted least squares for these codes, on hqq's target
+            # w - W_e (W_e: hqq's sparse part of the residual, nonzero only for residuals above
+            # shrink_floor, which LLM weights rarely reach)
+            target = w
+            if bool((residual.abs() > shrink_floor).any()):
+                target = w - _shrink_lp(residual, BETA, LP_NORM)
             if rtn_zero is None:
-                scale = torch.maximum(_fit_scale(target_dot, energy, scale), scale_floor)
-            else:
-                value_sum = values.sum(dim=1, keepdim=True)
-                scale, zero = _fit_line(
-                    target_dot, target_sum, energy, value_sum, size, scale, zero, q_min, q_max
+                scale = _fit_scale(
+                    _row_dot(importance * target, values), _row_dot(importance * values, values), scale
                 )
-                scale = torch.maximum(scale, scale_floor)
+            else:
+                scale, zero = _fit_line(target, values, importance, scale, zero, q_min, q_max)
 
-    values = torch.addcmul(best_zero, w, 1.0 / best_scale).round_().clamp_(q_min, q_max)
-    codes = torch.where(from_rtn, rtn_codes, values.to(torch.int8))
-    scale = torch.where(from_rtn, rtn_scale, best_scale.to(dtype))
-    zero = None if rtn_zero is None else torch.where(from_rtn, rtn_zero, best_zero.to(torch.int8))
-    return codes, scale, zero, int((~from_rtn).sum())
+    out = {}
+    for kind, chosen in best.items():
+        values = torch.addcmul(chosen.zero, w, 1.0 / chosen.scale).round_().clamp_(q_min, q_max)
+        codes = torch.where(chosen.from_rtn, rtn_codes, values.to(torch.int8))
+        scale = torch.where(chosen.from_rtn, rtn_scale, chosen.scale.to(dtype))
+        zero = (
+            None if rtn_zero is None else torch.where(chosen.from_rtn, rtn_zero, chosen.zero.to(torch.int8))
+        )
+        out[kind] = (codes, scale, zero, int((~chosen.from_rtn).sum()))
+    return out
 
 
 def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -253,36 +297,41 @@ def _shrink_lp(x: torch.Tensor, beta: float, lp_norm: float) -> torch.Tensor:
 
 
 def _fit_scale(target_dot: torch.Tensor, energy: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """The least-squares scale of ``target ~ values * s`` per row from its sums (the previous
-    scale where all values are 0)."""
-    fitted = target_dot / energy.clamp_min(1.0)
+    """The least-squares scale of ``target ~ values * s`` per row from its (weighted) sums
+    (make_qx_quants' ``sumlx / suml2``; the previous scale where the sums leave none)."""
+    fitted = target_dot / energy.clamp_min(1e-30)
     return torch.where((energy > 0) & (fitted > 0), fitted, scale)
 
 
 def _fit_line(
-    target_dot: torch.Tensor,
-    target_sum: torch.Tensor,
-    energy: torch.Tensor,
-    value_sum: torch.Tensor,
-    size: int,
+    target: torch.Tensor,
+    values: torch.Tensor,
+    importance: torch.Tensor,
     scale: torch.Tensor,
     zero: torch.Tensor,
     q_min: float,
     q_max: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``target ~ (codes - z) * s`` by least squares per row, from the sums over ``values`` =
-    codes - z_old: the line ``target ~ slope * values + intercept`` gives z = z_old -
-    intercept / slope, rounded to a code in range, and s is refitted for that integer z (the
-    values shift by z_old - z). Rows whose values are all equal keep the previous s and z."""
-    variance = energy - value_sum.square() / size
-    slope = (target_dot - target_sum * value_sum / size) / variance.clamp_min(1e-30)
-    usable = (variance > 1e-6) & (slope > 0)
+    """``target ~ (codes - z) * s`` by weighted least squares per row, ``values`` = codes - z_old:
+    the line ``target ~ slope * values + intercept`` gives z = z_old - intercept / slope, rounded
+    to a code in range, and s is refitted for that integer z (make_qkx2_quants fits a float
+    minimum; the scheme stores an integer zero). Rows without a usable fit keep s and z."""
+    total = importance.sum(dim=1, keepdim=True)
+    weighted_values = importance * values
+    value_sum = weighted_values.sum(dim=1, keepdim=True)
+    energy = _row_dot(weighted_values, values)
+    target_sum = _row_dot(importance, target)
+    target_dot = _row_dot(weighted_values, target)
+    safe_total = total.clamp_min(1e-30)
+    variance = energy - value_sum.square() / safe_total
+    slope = (target_dot - target_sum * value_sum / safe_total) / variance.clamp_min(1e-30)
+    usable = (total > 0) & (variance > 1e-6 * energy.clamp_min(1e-30)) & (slope > 0)
     slope = torch.where(usable, slope, scale)
-    intercept = (target_sum - slope * value_sum) / size
-    new_zero = torch.round(zero - intercept / slope).clamp_(q_min, q_max)
+    intercept = (target_sum - slope * value_sum) / safe_total
+    new_zero = torch.round(zero - intercept / slope).nan_to_num_(0.0).clamp_(q_min, q_max)
     shift = zero - new_zero  # values' = values + shift
     shifted_dot = target_dot + shift * target_sum
-    shifted_energy = energy + 2 * shift * value_sum + size * shift.square()
-    new_scale = shifted_dot / shifted_energy.clamp_min(1.0)
+    shifted_energy = energy + 2 * shift * value_sum + total * shift.square()
+    new_scale = shifted_dot / shifted_energy.clamp_min(1e-30)
     usable &= (shifted_energy > 0) & (new_scale > 0)
     return torch.where(usable, new_scale, scale), torch.where(usable, new_zero, zero)

@@ -19,9 +19,11 @@ Stock transformers with compressed-tensors installed loads the folder (decompres
 vLLM and SGLang serve it.
 
 Solvers: ``rtn`` is llm-compressor's round to nearest, byte for byte; ``hqq`` (integer schemes
-only, ``ct_solver.py``) searches the same grid for lower weight error in the same bytes, keeping
-rtn's numbers wherever it finds nothing better, and records rtn's error beside its own for every
-layer in the manifest (``rtn_rel_error``).
+only, ``ct_solver.py``) searches the same grid, per group, for the lowest x^2-weighted error
+(llama.cpp's data-free k-quant weighting, refitted with HQQ's half-quadratic step) in the same
+bytes, keeping rtn's numbers wherever it finds nothing better and each layer's relative error at
+most rtn's, and records rtn's error beside its own for every layer in the manifest
+(``rtn_rel_error``).
 """
 
 from __future__ import annotations
@@ -92,8 +94,9 @@ class CompressedTensorsFormat(QuantFormat):
                 Option(
                     "solver",
                     str,
-                    "compressed-tensors: 'rtn' (llm-compressor's round to nearest) or 'hqq' (HQQ's "
-                    "solver on the same grid: lower weight error, never above rtn's per layer)",
+                    "compressed-tensors: 'rtn' (llm-compressor's round to nearest) or 'hqq' (a search "
+                    "of the same grid for the lowest x^2-weighted error per group, refitted with HQQ's "
+                    "step; each layer's error never above rtn's)",
                     default="rtn",
                 ),
                 *uniform_calibrated.calibration_options("compressed-tensors"),
@@ -230,6 +233,7 @@ class CompressedTensorsFormat(QuantFormat):
             self.last_solver_stats = {
                 "rtn_rel_error": solved.rtn_rel_error,
                 "hqq_groups": f"{solved.groups_improved}/{solved.groups}",
+                "hqq_choice": solved.choice,
             }
             quantized = solved.quantized
         else:
@@ -328,8 +332,9 @@ class CompressedTensorsFormat(QuantFormat):
 
 class SolverComparison(Prepared):
     """What ``--solver hqq`` adds to each layer's manifest entry: ``rtn_rel_error``, rtn's
-    relative error on the same weight (measured as the entry's own ``rel_error``), and
-    ``hqq_groups``, how many groups left rtn's numbers. The pipeline calls ``packed`` (None:
+    relative error on the same weight (measured as the entry's own ``rel_error``),
+    ``hqq_groups``, how many groups left rtn's numbers, and ``hqq_choice``, which of the solver's
+    choices the layer kept (``ct_solver.Solved.choice``). The pipeline calls ``packed`` (None:
     quantize as usual), then the format's ``quantize``, then ``layer_stats``, one layer at a
     time, so the stats of the layer just quantized are the format's ``last_solver_stats``."""
 

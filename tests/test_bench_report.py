@@ -708,3 +708,44 @@ def test_gguf_calibrated_table_without_an_imatrix_run(report, tmp_path):
         "| Q4_K_M | 25.18 | 25.40 | 25.74 | - | 0.28, 0.94 (210 of 210 layers below) | 1010 |",
         "| Q2_K | 33.48 | 33.16 | 34.34 | - | 0.28, 0.94 (210 of 210 layers below) | 1010 |",
     ]
+
+
+def ct_case(scheme: str, solver: str, ppl: float, errors: list[float], version: int | None = None) -> dict:
+    """One run_ct.py case: two layers' relative errors, 8 windows."""
+    return {
+        "scheme": scheme,
+        "solver": solver,
+        "solver_version": version,
+        "perplexity": ppl,
+        "mean_rel_error": sum(errors) / len(errors),
+        "bits_per_weight": 4.25,
+        "quantize_s": 70.4,
+        "layers": {f"l{i}": {"rel_error": e} for i, e in enumerate(errors)},
+        "eval": {"protocol": {"windows": 8}},
+    }
+
+
+def test_ct_smollm2_table_names_the_solver_version(report, tmp_path):
+    """run_ct.py's JSON: hqq rows say which ct_solver version made them; rows of an earlier
+    version, kept under "superseded", are named below the table, not in it."""
+    doc = {
+        "cases": [
+            ct_case("W4A16", "rtn", 26.8304, [0.1, 0.12]),
+            ct_case("W4A16", "hqq", 25.791, [0.097, 0.117], version=2),
+        ],
+        "comparison": {
+            "W4A16": {"all_layers_hqq_le_rtn": True, "mean_ratio": 0.9721, "worst_ratio": 0.975, "layers": 2}
+        },
+        "superseded": [ct_case("W4A16", "hqq", 27.0544, [0.094, 0.113], version=1)],
+    }
+    name = "ct_smollm2_cpu.json"
+    lines = report.ct_smollm2_table(write(tmp_path, name, doc), f"bench/results/{name}")
+    assert lines[2:] == [
+        "| scheme | solver | perplexity | mean layer error | hqq/rtn error (mean, worst layer) | bits/weight "
+        "| quantize |",
+        "|---|---|---:|---:|---:|---:|---:|",
+        "| W4A16 | rtn (= llm-compressor) | 26.83 | 0.1100 | - | 4.25 | 70 s |",
+        "| W4A16 | hqq v2 | 25.79 | 0.1070 | 0.972, 0.975 (all layers <=) | 4.25 | 70 s |",
+        "",
+        "Superseded (an earlier solver version, kept in the JSON): W4A16 hqq v1 27.05.",
+    ]

@@ -571,8 +571,9 @@ def test_shared_options_show_every_methods_help(cli):
     text = " ".join(cli("convert", "--help").stdout.split())
     assert "aqlm: codebooks x bits each (default 1x16); compressed-tensors: llm-compressor's scheme" in text
     assert (
-        "compressed-tensors: 'rtn' (llm-compressor's round to nearest) or 'hqq' (HQQ's solver on the same "
-        "grid: lower weight error, never above rtn's per layer); gguf: 'qconv'"
+        "compressed-tensors: 'rtn' (llm-compressor's round to nearest) or 'hqq' (a search of the same grid "
+        "for the lowest x^2-weighted error per group, refitted with HQQ's step; each layer's error never "
+        "above rtn's); gguf: 'qconv'"
     ) in text
     assert "; hqq: 'qconv' (default" in text
     assert "--bits INTEGER bits a weight: 4 or 8 (bnb), or the method's own widths --quant-type" in text
