@@ -934,7 +934,9 @@ def calibrated_table(path: Path, rel: str) -> list[str]:
             same = tokens == settings.get("calib_tokens")
             gptq = case.get("gptq") or {}
             lines.append(
-                f"| {reference['tool']} GPTQ (actorder {gptq.get('actorder')}), same format | - | - | "
+                f"| {reference['tool']} GPTQ (actorder {gptq.get('actorder')}), same format"
+                + (f", run on {case['device']}" if case.get("device") else "")
+                + " | - | - | "
                 f"{perplexity_text(_calibrated_ppl(case, reference['calibrated_ppl']))} | "
                 f"{seconds(reference['calibration_s'], 0)} | {seconds(reference['calibrate_s_per_layer_mean'], 2)} |"
             )

@@ -249,7 +249,11 @@ def main() -> None:
         doc = json.loads(args.out.read_text()) if args.out.is_file() else {}
         for part in args.merge:
             other = json.loads(part.read_text())
-            doc = {**other, **doc, "cases": {**doc.get("cases", {}), **other.get("cases", {})}}
+            cases = other.get("cases", {})
+            if doc.get("device") and other.get("device") and other["device"] != doc["device"]:
+                # a case converted elsewhere (llm-compressor's on the CPU beside a GPU run) says where
+                cases = {name: {"device": other["device"], **case} for name, case in cases.items()}
+            doc = {**other, **doc, "cases": {**doc.get("cases", {}), **cases}}
         summarize(doc)
         args.out.write_text(json.dumps(doc, indent=1) + "\n")
         return
