@@ -135,7 +135,8 @@ def llama192(smollm2_tokenizer, tmp_path_factory):
 
 def _check_layers(source, out, count: int, types: set[str]) -> dict:
     """Every block Linear was calibrated, in the planned types; on the first block (whose inputs
-    quantization does not change) each layer's output error under the calibration inputs' H,
+    quantization does not change) each layer's output error under the calibration inputs'
+    token-weighted H (each token weighs 1 + the attention it receives, gguf_calibrated.py),
     recomputed here from the GGUF file as the gguf package reads it, is the manifest's and below
     the data-free qconv solver's bytes of the same type."""
     from torch import nn
@@ -159,11 +160,16 @@ def _check_layers(source, out, count: int, types: set[str]) -> dict:
         hidden, kwargs = runner.first_inputs(calib.ids)
         block = runner.load_block(0)
         names = [prefix + n for n, m in block.named_modules() if isinstance(m, nn.Linear)]
-        from qconv.formats.blockwise import InputStatistics
+        from qconv.formats.gguf_calibrated import collect_statistics
 
-        statistics = InputStatistics(block, prefix, names)
-        BlockRunner.run(block, hidden, kwargs[0])
-        statistics.stop()
+        outputs = torch.empty_like(hidden)
+        statistics = collect_statistics(block, prefix, names, hidden, kwargs[0], outputs)
+        # the eager pass that gave the attention weights computed the block's own outputs
+        assert statistics.attention_seen
+        torch.testing.assert_close(outputs, BlockRunner.run(block, hidden, kwargs[0]), rtol=1e-4, atol=1e-4)
+        # w_t = 1 + attention received: every query hands out 1 in all, so the weights sum to 2 per token
+        tokens = hidden.shape[0] * hidden.shape[1]
+        assert all(total == pytest.approx(2 * tokens) for total in statistics.weight_sums.values())
         for name in names:
             weight = block.get_submodule(name[len(prefix) :]).weight.detach().float()
             xtx = statistics.pop(name)
