@@ -1137,6 +1137,8 @@ def quantizer_throughput_table(path: Path, rel: str) -> list[str]:
             lines.append(
                 f"| {scheme} | {solver} | {speed(entry['gb_per_s'])} | {entry['rel_error_first_matrix']:.4f} |"
             )
+    if r.get("note"):
+        lines += ["", f"_{r['note']}_"]
     return lines
 
 
