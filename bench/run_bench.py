@@ -421,9 +421,13 @@ def gpu_slug(device: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(0).lower()).strip("-")
 
 
-def write_json(path: Path, report: dict) -> None:
+def write_json(path: Path, report: dict, indent: int = 2) -> None:
+    """Write ``report`` to ``path`` whole or not at all (a run cut off while saving leaves the last
+    complete JSON): a temporary file beside it, then renamed over it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=indent, default=str) + "\n")
+    os.replace(tmp, path)
 
 
 def part_convert(report: dict, src: Path, work: Path, device: str, gguf: str | None, path: Path) -> None:

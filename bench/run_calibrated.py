@@ -52,7 +52,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_bench import environment, gpu_slug  # noqa: E402
+from run_bench import environment, gpu_slug, write_json  # noqa: E402
 from run_ct import smollm2_gguf  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -282,9 +282,7 @@ def main() -> None:
 
     def save() -> None:
         summarize(doc)
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(doc, indent=1) + "\n")
-        os.replace(tmp, args.out)
+        write_json(args.out, doc, indent=1)
 
     with tempfile.TemporaryDirectory(prefix="qconv-calib-bench-") as scratch:
         work, home = Path(scratch) / "out", Path(scratch) / "home"

@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_bench import environment  # noqa: E402
+from run_bench import environment, write_json  # noqa: E402
 from run_calibrated import qconv  # noqa: E402
 from run_ct import smollm2_gguf  # noqa: E402
 
@@ -144,9 +144,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(doc, indent=1) + "\n")
-        os.replace(tmp, args.out)
+        write_json(args.out, doc, indent=1)
 
     with tempfile.TemporaryDirectory(prefix="qconv-gguf-calib-bench-") as scratch:
         work, home = Path(scratch) / "out", Path(scratch) / "home"

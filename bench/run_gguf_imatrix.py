@@ -63,7 +63,7 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_bench import environment  # noqa: E402
+from run_bench import environment, write_json  # noqa: E402
 from run_calibrated import qconv  # noqa: E402
 from run_ct import smollm2_gguf  # noqa: E402
 from run_gguf import run_case, run_process  # noqa: E402
@@ -271,9 +271,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(doc, indent=1) + "\n")
-        os.replace(tmp, args.out)
+        write_json(args.out, doc, indent=1)
 
     with tempfile.TemporaryDirectory(prefix="qconv-gguf-imatrix-bench-") as scratch:
         work = (args.work or Path(scratch)).resolve()

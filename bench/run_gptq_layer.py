@@ -80,7 +80,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import json
 import os
 import statistics
 import sys
@@ -352,7 +351,7 @@ def main() -> None:
     if ns.lc_path is not None:
         sys.path.insert(0, str(ns.lc_path.resolve()))
     import torch
-    from run_bench import environment, gpu_slug
+    from run_bench import environment, gpu_slug, write_json
 
     from qconv.formats.gptq import output_error
 
@@ -398,10 +397,7 @@ def main() -> None:
     }
 
     def save() -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(doc, indent=1) + "\n")
-        os.replace(tmp, path)
+        write_json(path, doc, indent=1)
 
     solvers = {}
     for case in cases:

@@ -183,7 +183,7 @@ def main() -> None:
     if args.inner:
         run_gptq(*map(Path, args.inner[:3]), args.inner[3])
         return
-    from run_bench import environment
+    from run_bench import environment, write_json
     from run_ct import smollm2_gguf
 
     max_windows = None if args.full else MAX_WINDOWS
@@ -223,10 +223,7 @@ def main() -> None:
     }
 
     def save() -> None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(doc, indent=1) + "\n")
-        os.replace(tmp, out)
+        write_json(out, doc, indent=1)
 
     recorded = work / "gptq_case.json"  # a kept --work's GPTQ run: evaluated again, not redone
     if recorded.is_file():
