@@ -89,7 +89,14 @@ class TokenWeightedStatistics:
             )
             for name in names
         ]
-        self._hooks += [module.register_forward_hook(self._attention) for module in _attention_modules(block)]
+        attention = _attention_modules(block)
+        #: whether the block has attention modules whose softmax weights can be kept
+        self.watches_attention = bool(attention)
+        self._hooks += [module.register_forward_hook(self._attention) for module in attention]
+
+    def forget_sequence(self) -> None:
+        """Drop what the hooks kept of a pass that is not a calibration sequence (a check)."""
+        self._inputs, self._received = {}, []
 
     def _attention(self, module, args, output) -> None:
         probs = output[1] if isinstance(output, tuple) and len(output) > 1 else None
@@ -117,7 +124,7 @@ class TokenWeightedStatistics:
                 self.weight_sums[name] = 0.0
             self.sums[name].addmm_(xw.t(), xw)
             self.weight_sums[name] += float(w.sum())
-        self._inputs, self._received = {}, []
+        self.forget_sequence()
 
     def stop(self) -> None:
         for hook in self._hooks:
@@ -164,12 +171,11 @@ def collect_statistics(
     sequence; without attention weights, or where they do not reproduce it, every token weighs 1."""
     statistics = TokenWeightedStatistics(block, prefix, names)
     seqlen = hidden.shape[1]
-    weighted = bool(statistics._hooks[len(names) :]) and kwargs.get("attention_mask") is None
+    weighted = statistics.watches_attention and kwargs.get("attention_mask") is None
     with torch.no_grad():
         if weighted:
-            statistics._inputs, statistics._received = {}, []
             reference = call_block(block, hidden[:1], kwargs)
-            statistics._inputs, statistics._received = {}, []
+            statistics.forget_sequence()
             causal = torch.full(
                 (1, 1, seqlen, seqlen), float("-inf"), device=hidden.device, dtype=hidden.dtype
             ).triu(1)
@@ -179,7 +185,7 @@ def collect_statistics(
             weighted = (
                 bool(torch.isfinite(eager).all()) and float((eager - reference).abs().max()) <= 1e-3 * scale
             )
-            statistics._inputs, statistics._received = {}, []
+            statistics.forget_sequence()
         for row in range(hidden.shape[0]):
             if weighted:
                 with _EagerAttention(block):
