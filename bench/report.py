@@ -1042,7 +1042,7 @@ def gguf_calibrated_table(path: Path, rel: str) -> list[str]:
         "",
         "| type | calibrated qconv (GPTQ) | data-free qconv | llama.cpp (no imatrix) | llama.cpp + imatrix "
         "(same calibration tokens) | layers' output error, calibrated / data-free (median, worst) | "
-        "calibration wall s (shared 2-core CPU, 3 runs at once) |",
+        "calibration wall s (2-core CPU) |",
         "|---|---|---|---|---|---|---|",
     ]
     for file_type, case in doc["cases"].items():
@@ -1060,6 +1060,30 @@ def gguf_calibrated_table(path: Path, rel: str) -> list[str]:
         )
     if notes:
         lines += [""] + [f"_{note}._" for note in notes]
+    return lines
+
+
+def gguf_full_table(path: Path, rel: str) -> list[str]:
+    """run_gguf_full.py: calibrated GGUF against llama.cpp + imatrix over every window."""
+    doc = json.loads(path.read_text())
+    lines = [
+        "Calibrated GGUF against llama.cpp + imatrix under the full protocol, `bench/run_gguf_full.py`: "
+        f"{doc['protocol']}, the same files' makers as the table above (calibrated qconv converted again, "
+        f"llama.cpp's file from [its run]({rel.rsplit('/', 1)[0]}/{Path(doc['imatrix_run']).name})) "
+        f"([raw JSON]({rel})):",
+        "",
+        "| type | calibrated qconv (GPTQ) | llama.cpp + imatrix | windows |",
+        "|---|---|---|---|",
+    ]
+    for file_type, case in doc["cases"].items():
+        ours, theirs = case.get("calibrated", {}), case.get("llama_imatrix", {})
+        if "perplexity" not in ours or "perplexity" not in theirs:
+            continue
+        windows = {ours["eval"]["protocol"]["windows"], theirs["eval"]["windows"]}
+        lines.append(
+            f"| {file_type} | {ours['perplexity']:.2f} | {theirs['perplexity']:.2f} | "
+            f"{' / '.join(str(w) for w in sorted(windows))} |"
+        )
     return lines
 
 
@@ -1225,6 +1249,7 @@ PER_FILE = (
     ("calibrated_smollm2_*.json", calibrated_table),
     ("gptq_layer_*.json", gptq_layer_table),
     ("gguf_calibrated_smollm2_*.json", gguf_calibrated_table),
+    ("gguf_calibrated_full_smollm2_*.json", gguf_full_table),
     ("gguf_quantizer_*.json", quantizer_throughput_table),
     ("ct_quantizer_*.json", quantizer_throughput_table),
 )

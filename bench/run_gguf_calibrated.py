@@ -41,7 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run_bench import environment, write_json  # noqa: E402
-from run_calibrated import qconv  # noqa: E402
+from run_calibrated import eval_args, qconv  # noqa: E402
 from run_ct import smollm2_gguf  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,7 +77,7 @@ def run_case(ggml_file_type: str, bf16: Path, work: Path, home: Path, args, writ
     }
     write(case)
     started = time.perf_counter()
-    evaluation = qconv("eval", str(out), "--max-windows", str(args.max_windows), "--device", "cpu", home=home)
+    evaluation = qconv("eval", str(out), *eval_args(args.max_windows), "--device", "cpu", home=home)
     case["eval_s"] = round(time.perf_counter() - started, 1)
     case["eval"] = evaluation
     case["perplexity"] = evaluation["metrics"]["ppl"]

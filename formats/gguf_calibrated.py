@@ -13,11 +13,11 @@ tensor (Llama's q/k rotary layout) applied to the rows. Rows are quantized indep
 permuting them after quantizing gives the bytes quantizing the permuted weight would, and ``H``
 (over the input columns) is the same either way.
 
-Tokens are weighted by how much the rest of the sequence reads them: ``H = sum_t w_t x_t x_t^T /
-sum_t w_t`` with ``w_t = 1 + r_t``, ``r_t`` the attention token ``t`` receives in the block (the
-softmax weights of every later query summed over queries, averaged over heads). An error in a
-token's representation reaches the loss through its own position (the 1) and through every query
-that attends to it (``r_t``). With plain ``X^T X`` (``w_t = 1``) the attention sink (the first
+In the attention, tokens are weighted by how much the rest of the sequence reads them: ``H =
+sum_t w_t x_t x_t^T / sum_t w_t`` with ``w_t = 1 + r_t``, ``r_t`` the attention token ``t``
+receives in the block (the softmax weights of every later query summed over queries, averaged over
+heads). An error in a token's keys and values reaches the loss through its own position (the 1)
+and through every query that attends to it (``r_t``). With plain ``X^T X`` (``w_t = 1``) the attention sink (the first
 token of every sequence, Xiao et al. 2023, arXiv:2309.17453; its input in the directions of the
 model's massive activations, Sun et al. 2024, arXiv:2402.17762) is 1 token in 2048, so GPTQ
 pushes rounding error into the directions only it uses: on SmolLM2-135M at Q2_K's mix the sink's
@@ -26,6 +26,14 @@ massive activation appears, while every other token's error fell, and the model 
 the data-free one although each layer's plain output error was lower. The weights come from a
 pass with eager attention and an explicit causal mask; where the block's attention gives no
 weights, or that pass does not reproduce the block's own outputs, every token weighs 1.
+
+Only the Linears inside the modules that returned softmax weights take ``w_t``; the others (the
+MLP's) weigh every token 1. The MLP works on each token alone, and the sink's MLP input is huge in
+a few channels: weighted by its ``1 + r_t`` (about a third of a 2048-token sequence's weight) it
+dominated ``H`` of down_proj, although what the MLP writes into the sink's residual is divided by
+that residual's massive norm at the next norm layer. On SmolLM2-135M Q2_K weighting every Linear
+gave perplexity 25.59, all but down_proj 24.81, the attention's alone 24.51
+(bench/results/gguf_weight_scope_Q2_K_*.json, a torch proxy for llama.cpp's perplexity).
 
 Each calibrated layer keeps the data-free solver's bytes where those have the lower weighted
 output error (never worse than ``--calibration none`` by the objective).
@@ -65,7 +73,8 @@ def solver_settings() -> dict[str, Any]:
         "block_numbers": "the qconv, llama and an imatrix-style weighted fit's, each also refitted by weighted "
         "least squares; the lowest diag(H)-weighted error kept",
         "act_order": False,
-        "token_weights": "1 + attention received (mean over heads), eager attention with a causal mask",
+        "token_weights": "1 + attention received (mean over heads), eager attention with a causal mask; "
+        "for the Linears inside the attention modules (the others: 1 a token)",
         "data_free_fallback": True,
     }
 
@@ -93,6 +102,13 @@ class TokenWeightedStatistics:
         #: whether the block has attention modules whose softmax weights can be kept
         self.watches_attention = bool(attention)
         self._hooks += [module.register_forward_hook(self._attention) for module in attention]
+        #: the Linears ``names`` inside each watched module, by the module's id
+        self._names_inside = {
+            id(module): {name for name in names if _is_inside(block, prefix, name, module)}
+            for module in attention
+        }
+        #: the Linears inside a module that returned softmax weights: those take the token weights
+        self.weighted_names: set[str] = set()
 
     def forget_sequence(self) -> None:
         """Drop what the hooks kept of a pass that is not a calibration sequence (a check)."""
@@ -103,6 +119,7 @@ class TokenWeightedStatistics:
         if isinstance(probs, torch.Tensor) and probs.dim() == 4 and probs.shape[-1] == probs.shape[-2]:
             # [batch, heads, queries, keys] -> what each key receives, summed over queries
             self._received.append(probs.detach().to(torch.float64).sum(2).mean(1).reshape(-1))
+            self.weighted_names |= self._names_inside[id(module)]
 
     def end_sequence(self, weighted: bool) -> None:
         first = next(iter(self._inputs.values()), None)
@@ -115,7 +132,7 @@ class TokenWeightedStatistics:
             x = inputs.reshape(-1, inputs.shape[-1]).to(torch.float64)
             w = (
                 torch.ones(x.shape[0], dtype=torch.float64, device=x.device)
-                if weights is None
+                if weights is None or name not in self.weighted_names
                 else weights.to(x.device)
             )
             xw = x * w.sqrt()[:, None]
@@ -132,6 +149,11 @@ class TokenWeightedStatistics:
 
     def pop(self, name: str) -> torch.Tensor:
         return (self.sums.pop(name) / self.weight_sums.pop(name)).to(torch.float32)
+
+
+def _is_inside(block, prefix: str, name: str, module) -> bool:
+    linear = block.get_submodule(name[len(prefix) :])
+    return any(linear is inner for inner in module.modules())
 
 
 def _attention_modules(block) -> list:
@@ -168,10 +190,12 @@ def collect_statistics(
     block's outputs into ``out``. The weights need the attention's softmax: the block runs with
     eager attention and an explicit causal mask (the walk's kwargs carry none where the default
     attention masks causally itself), checked against the block's own output on the first
-    sequence; without attention weights, or where they do not reproduce it, every token weighs 1."""
+    sequence (that eager pass then serves as the first sequence's); without attention weights, or
+    where they do not reproduce it, every token weighs 1."""
     statistics = TokenWeightedStatistics(block, prefix, names)
     seqlen = hidden.shape[1]
     weighted = statistics.watches_attention and kwargs.get("attention_mask") is None
+    first = 0  # the first sequence the loop below runs
     with torch.no_grad():
         if weighted:
             reference = call_block(block, hidden[:1], kwargs)
@@ -185,8 +209,13 @@ def collect_statistics(
             weighted = (
                 bool(torch.isfinite(eager).all()) and float((eager - reference).abs().max()) <= 1e-3 * scale
             )
-            statistics.forget_sequence()
-        for row in range(hidden.shape[0]):
+            if weighted:  # the checked pass is the first sequence's
+                out[:1] = eager
+                statistics.end_sequence(True)
+                first = 1
+            else:
+                statistics.forget_sequence()
+        for row in range(first, hidden.shape[0]):
             if weighted:
                 with _EagerAttention(block):
                     out[row : row + 1] = call_block(

@@ -657,7 +657,7 @@ GGUF_CALIBRATED_HEAD = [
     "",
     "| type | calibrated qconv (GPTQ) | data-free qconv | llama.cpp (no imatrix) | llama.cpp + imatrix (same "
     "calibration tokens) | layers' output error, calibrated / data-free (median, worst) | calibration wall s "
-    "(shared 2-core CPU, 3 runs at once) |",
+    "(2-core CPU) |",
     "|---|---|---|---|---|---|---|",
 ]
 
@@ -707,6 +707,34 @@ def test_gguf_calibrated_table_without_an_imatrix_run(report, tmp_path):
         *GGUF_CALIBRATED_HEAD,
         "| Q4_K_M | 25.18 | 25.40 | 25.74 | - | 0.28, 0.94 (210 of 210 layers below) | 1010 |",
         "| Q2_K | 33.48 | 33.16 | 34.34 | - | 0.28, 0.94 (210 of 210 layers below) | 1010 |",
+    ]
+
+
+def test_gguf_full_table_shows_only_types_with_both_columns(report, tmp_path):
+    """run_gguf_full.py's JSON: a type gets a row once both files have their full-protocol
+    perplexity; the window counts of both evaluations are shown."""
+    doc = {
+        "protocol": "wikitext-2 test perplexity by llama.cpp over every non-overlapping window of 2048 tokens",
+        "imatrix_run": "bench/results/gguf_imatrix_smollm2_cpu.json",
+        "cases": {
+            "Q2_K": {
+                "calibrated": {"perplexity": 21.234, "eval": {"protocol": {"windows": 148}}},
+                "llama_imatrix": {"perplexity": 22.5, "eval": {"windows": 148}},
+            },
+            "Q3_K_M": {"calibrated": {"perplexity": 20.0, "eval": {"protocol": {"windows": 148}}}},
+        },
+    }
+    path = write(tmp_path, "gguf_calibrated_full_smollm2_cpu.json", doc)
+    assert report.gguf_full_table(path, "../bench/results/gguf_calibrated_full_smollm2_cpu.json") == [
+        "Calibrated GGUF against llama.cpp + imatrix under the full protocol, `bench/run_gguf_full.py`: "
+        "wikitext-2 test perplexity by llama.cpp over every non-overlapping window of 2048 tokens, the same "
+        "files' makers as the table above (calibrated qconv converted again, llama.cpp's file from [its run]"
+        "(../bench/results/gguf_imatrix_smollm2_cpu.json)) ([raw JSON](../bench/results/"
+        "gguf_calibrated_full_smollm2_cpu.json)):",
+        "",
+        "| type | calibrated qconv (GPTQ) | llama.cpp + imatrix | windows |",
+        "|---|---|---|---|",
+        "| Q2_K | 21.23 | 22.50 | 148 |",
     ]
 
 

@@ -167,9 +167,13 @@ def _check_layers(source, out, count: int, types: set[str]) -> dict:
         # the eager pass that gave the attention weights computed the block's own outputs
         assert statistics.attention_seen
         torch.testing.assert_close(outputs, BlockRunner.run(block, hidden, kwargs[0]), rtol=1e-4, atol=1e-4)
-        # w_t = 1 + attention received: every query hands out 1 in all, so the weights sum to 2 per token
+        # inside the attention, w_t = 1 + attention received: every query hands out 1 in all, so
+        # the weights sum to 2 per token; the MLP's Linears weigh each token 1
         tokens = hidden.shape[0] * hidden.shape[1]
-        assert all(total == pytest.approx(2 * tokens) for total in statistics.weight_sums.values())
+        assert statistics.weighted_names == {prefix + f"self_attn.{p}_proj" for p in "qkvo"}
+        assert {name: total / tokens for name, total in statistics.weight_sums.items()} == {
+            name: pytest.approx(2.0 if ".self_attn." in name else 1.0) for name in names
+        }
         for name in names:
             weight = block.get_submodule(name[len(prefix) :]).weight.detach().float()
             xtx = statistics.pop(name)
