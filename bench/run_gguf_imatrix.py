@@ -64,9 +64,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run_bench import environment, write_json  # noqa: E402
-from run_calibrated import qconv  # noqa: E402
-from run_ct import smollm2_gguf  # noqa: E402
 from run_gguf import run_case, run_process  # noqa: E402
+from run_gguf_calibrated import bf16_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CALIBRATED = ROOT / "bench" / "results" / "gguf_calibrated_smollm2_cpu.json"
@@ -277,11 +276,7 @@ def main() -> None:
         work = (args.work or Path(scratch)).resolve()
         work.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "QCONV_HOME": str(work / "home")}
-        bf16_dir = work / "bf16"
-        if not bf16_dir.is_dir():
-            qconv("convert", str(smollm2_gguf()), "-o", str(bf16_dir), "--method", "gguf", "--type", "BF16",
-                  "--no-verify", "--no-record", home=work / "home")  # fmt: skip
-        bf16 = next(bf16_dir.glob("*.gguf"))
+        bf16 = bf16_file(work, work / "home")
         doc["bf16"] = {"file": bf16.name, "sha256": sha256(bf16)}
         text_path = work / "calibration.txt"
         doc["calibration_text"] = calibration_text(bf16, fingerprint, text_path)
