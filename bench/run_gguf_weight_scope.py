@@ -45,13 +45,13 @@ SCOPES = ("attention", "every", "all-but-down")
 
 def patch_scope(scope: str) -> None:
     """Make TokenWeightedStatistics weigh the Linears of ``scope`` (see the module doc)."""
-    from qconv.formats import gguf_calibrated
+    from qconv.formats import token_weights
 
     if scope == "attention":
         return
     if scope not in SCOPES:
         raise SystemExit(f"unknown scope {scope!r}; one of {', '.join(SCOPES)}")
-    statistics = gguf_calibrated.TokenWeightedStatistics
+    statistics = token_weights.TokenWeightedStatistics
     original_init, original_end = statistics.__init__, statistics.end_sequence
 
     def init(self, block, prefix, names):

@@ -2,7 +2,8 @@
 
 ``--calibration FILE|wikitext2`` with ``--method hqq`` or ``--method compressed-tensors`` runs
 the shared walk (formats/blockwise.py): for each decoder block, the source block runs over the
-calibration sequences while hooks collect ``H = X^T X`` of each quantized Linear's inputs; each
+calibration sequences while hooks collect ``H = X^T X`` of each quantized Linear's inputs (inside
+the attention each token weighted by 1 + the attention it receives, formats/token_weights.py); each
 Linear is quantized by GPTQ (formats/gptq.py) into exactly the numbers its format stores, and
 replaced in the block by those numbers dequantized; the quantized block's outputs are the next
 block's inputs. The format's ``gptq_layer(weight, xtx, recipe)`` gives a layer's stored tensors
@@ -20,11 +21,11 @@ from typing import Any
 
 import torch
 
-from qconv.calibration import DEFAULT_SEQLEN, DEFAULT_TOKENS, BlockRunner, calibration_text
+from qconv.calibration import DEFAULT_SEQLEN, DEFAULT_TOKENS, calibration_text
 from qconv.errors import UsageError
-from qconv.formats import gptq
+from qconv.formats import gptq, token_weights
 from qconv.formats.base import Option
-from qconv.formats.blockwise import CheckpointedBlocks, InputStatistics, calibration_set, walk_blocks
+from qconv.formats.blockwise import CheckpointedBlocks, calibration_set, walk_blocks
 from qconv.formats.gptq import output_error
 from qconv.modeling import assign_parameter
 
@@ -71,6 +72,7 @@ def solver_settings() -> dict[str, Any]:
         "clip_ratios": [min(gptq.RATIOS), max(gptq.RATIOS), len(gptq.RATIOS)],
         "refine_rounds": gptq.REFINE_ROUNDS,
         "act_order": False,
+        "token_weights": token_weights.SETTING,
     }
 
 
@@ -81,10 +83,7 @@ def prepare(context, fmt) -> CheckpointedBlocks:
 
     def quantize_block(block, prefix, names, hidden, kwargs, index, target, layers, blocks):
         clock = time.perf_counter()
-        statistics = InputStatistics(block, prefix, names)
-        with torch.no_grad():
-            BlockRunner.run(block, hidden, kwargs, out=target)
-        statistics.stop()
+        statistics = token_weights.collect_statistics(block, prefix, names, hidden, kwargs, target)
         stored: dict[str, torch.Tensor] = {}
         for name in names:
             linear = block.get_submodule(name[len(prefix) :])
@@ -103,7 +102,10 @@ def prepare(context, fmt) -> CheckpointedBlocks:
             for suffix in suffixes:
                 stored[f"{name}.{suffix}"] = tensors[suffix].detach().to("cpu", copy=True)
             del xtx
-        blocks[prefix[:-1]] = {"quantize_s": round(time.perf_counter() - clock, 3)}
+        blocks[prefix[:-1]] = {
+            "quantize_s": round(time.perf_counter() - clock, 3),
+            "token_weights": "attention" if statistics.attention_seen else "uniform",
+        }
         return stored
 
     def install_stored(block, prefix, names, stored):

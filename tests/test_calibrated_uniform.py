@@ -103,12 +103,12 @@ HQQ_ARGS = ["--method", "hqq", "--bits", "3", "--group-size", "64"]
 
 def _check_layers(source, out, fmt, count: int) -> None:
     """Every block Linear was calibrated; and on the first block (whose inputs quantization does
-    not change) each stored layer's output error under the calibration inputs' H, recomputed
-    here, is the manifest's and below the format's data-free quantizer's on the same weight."""
+    not change) each stored layer's output error under the calibration inputs' token-weighted H
+    (formats/token_weights.py), recomputed here, is the manifest's and below the format's data-free quantizer's on the same weight."""
     from torch import nn
 
     from qconv.calibration import BlockRunner, load_calibration
-    from qconv.formats.blockwise import InputStatistics
+    from qconv.formats.token_weights import collect_statistics
     from qconv.sources import open_source
 
     manifest = json.loads((out / "qconv.json").read_text())
@@ -123,9 +123,8 @@ def _check_layers(source, out, fmt, count: int) -> None:
         hidden, kwargs = runner.first_inputs(calib.ids)
         block = runner.load_block(0)
         names = [prefix + n for n, m in block.named_modules() if isinstance(m, nn.Linear)]
-        statistics = InputStatistics(block, prefix, names)
-        BlockRunner.run(block, hidden, kwargs[0])
-        statistics.stop()
+        statistics = collect_statistics(block, prefix, names, hidden, kwargs[0], torch.empty_like(hidden))
+        assert statistics.attention_seen  # the attention's Linears took the token weights
         for name in names:
             weight, xtx = block.get_submodule(name[len(prefix) :]).weight.detach(), statistics.pop(name)
             tensors = {k[len(name) + 1 :]: v for k, v in stored.items() if k.startswith(name + ".")}

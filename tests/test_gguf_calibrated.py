@@ -160,7 +160,7 @@ def _check_layers(source, out, count: int, types: set[str]) -> dict:
         hidden, kwargs = runner.first_inputs(calib.ids)
         block = runner.load_block(0)
         names = [prefix + n for n, m in block.named_modules() if isinstance(m, nn.Linear)]
-        from qconv.formats.gguf_calibrated import collect_statistics
+        from qconv.formats.token_weights import collect_statistics
 
         outputs = torch.empty_like(hidden)
         statistics = collect_statistics(block, prefix, names, hidden, kwargs[0], outputs)
