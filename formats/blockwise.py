@@ -5,7 +5,8 @@ For every decoder block, in order (as the GPTQ and AQLM papers process models):
 1. materialise the block from the source (``qconv.calibration.BlockRunner``);
 2. unless the checkpoint holds it already: let the method quantize it (``quantize_block``:
    it runs the source block over the calibration inputs, collecting each Linear's ``X^T X``
-   with :class:`InputStatistics`, and replaces the block's Linears by their quantized versions),
+   with :class:`InputStatistics` (AQLM) or its token-weighted form (formats/token_weights.py:
+   GPTQ's methods), and replaces the block's Linears by their quantized versions),
    then write the block's stored tensors to the checkpoint folder (one safetensors file, renamed
    into place) and record it in ``state.json``; a block the checkpoint holds is put back from
    its stored tensors instead (``install_stored``, the same operations as after quantizing);
