@@ -966,6 +966,17 @@ def calibrated_table(path: Path, rel: str) -> list[str]:
         {c["cut_off"]["why"] for c in cases.values() if "cut_off" in c and "perplexity" not in c}
     )
     notes += [f"cut off: {why}" for why in stopped]
+    plain = [
+        name
+        for name, case in cases.items()
+        if isinstance((case.get("recipe") or {}).get("gptq"), dict)
+        and "token_weights" not in case["recipe"]["gptq"]
+    ]
+    if plain:
+        notes.append(
+            f"{', '.join(plain)}: calibrated with plain XᵀX, before the attention's token weights "
+            "(formats/token_weights.py, 2026-12-06); not run again here since"
+        )
     if notes:
         lines += [""] + [f"_{note}._" for note in notes]
     return lines

@@ -438,6 +438,32 @@ def test_calibrated_table_exact(report, tmp_path):
     ]
 
 
+def test_calibrated_table_names_rows_made_before_the_token_weights(report, tmp_path):
+    """A calibrated case whose recipe's GPTQ settings lack ``token_weights`` was made with plain
+    XᵀX: a note under the table names it; a case with them, or without GPTQ settings, is not named."""
+    before = {"damp": 0.01, "block": 128}
+    doc = {
+        "device": "cpu (x86_64, 2 cores)",
+        "protocol": "qconv eval --max-windows 8: the first 8 windows",
+        "calibration_settings": {"text": "wikitext2", "calib_tokens": 8192, "seqlen": 2048},
+        "cases": {
+            "hqq4-gptq": calibrated_case("hqq 4-bit g64 gptq", 20.8, 4.501, calibrate_s_per_layer_mean=2.5),
+            "hqq2-gptq": calibrated_case("hqq 2-bit g64 gptq", 106.1, 2.5, calibrate_s_per_layer_mean=2.5),
+            "ct-W4A16-rtn": calibrated_case("compressed-tensors W4A16 g64", 26.81),
+        },
+    }
+    doc["cases"]["hqq4-gptq"]["recipe"]["gptq"] = before
+    doc["cases"]["hqq2-gptq"]["recipe"]["gptq"] = {**before, "token_weights": "1 + attention received"}
+    bench_module("run_calibrated").summarize(doc)
+    name = "calibrated_smollm2_cpu.json"
+    lines = report.calibrated_table(write(tmp_path, name, doc), f"bench/results/{name}")
+    assert lines[-2:] == [
+        "",
+        "_hqq4-gptq: calibrated with plain XᵀX, before the attention's token weights "
+        "(formats/token_weights.py, 2026-12-06); not run again here since._",
+    ]
+
+
 def test_calibrated_table_full_protocol_with_the_llmcompressor_reference(report, tmp_path):
     """The full-protocol run: calibrated cases without their data-free run, one failed, and
     llm-compressor's GPTQ (run_llmcompressor_gptq.py, merged in) under its format."""
