@@ -144,8 +144,10 @@ def test_calibrated_hqq_loads_in_hqq_and_qconv_and_records_its_calibration(cli, 
     assert calibration["text"] == "wikitext2-validation" and calibration["sha256"] == WIKITEXT_SHA256
     assert (calibration["solver"], calibration["sequences"], calibration["tokens"]) == ("gptq", 4, 1024)
     assert set(calibration["blocks"]) == {f"model.layers.{i}" for i in range(3)}
+    assert {block["token_weights"] for block in calibration["blocks"].values()} == {"attention"}
     recipe = manifest["recipe"]
     assert recipe["label"] == "hqq 3-bit g64 gptq" and recipe["solver"] == "gptq"
+    assert recipe["gptq"]["token_weights"].startswith("1 + attention received")
     assert recipe["calibration"] == {"text": "wikitext2-validation", "tokens": 1024, "seqlen": 256}
     _check_layers(tiny_llama_text, out, HQQ, 21)
     assert not (tmp_path / ".out.qconv-checkpoint").exists()
