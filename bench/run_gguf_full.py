@@ -27,7 +27,6 @@ import platform
 import sys
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -36,7 +35,7 @@ from run_bench import environment, write_json  # noqa: E402
 from run_gguf import WINDOW, run_case  # noqa: E402
 from run_gguf_calibrated import bf16_file  # noqa: E402
 from run_gguf_calibrated import run_case as run_calibrated_case  # noqa: E402
-from run_gguf_imatrix import sha256  # noqa: E402
+from run_gguf_imatrix import sha256, tensor_types  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -47,14 +46,11 @@ TYPES = ("Q2_K", "Q3_K_M", "Q4_K_M")
 
 def imatrix_file(work: Path, file_type: str, recorded: dict) -> Path:
     """run_gguf_imatrix.py's file for ``file_type``, if it is the one its JSON describes."""
-    from gguf import GGUFReader
-
     path = work / f"imatrix-{file_type}.gguf"
     if not path.is_file():
         raise SystemExit(f"{path}: missing (run bench/run_gguf_imatrix.py --work {work})")
     case = recorded["cases"].get(file_type, {})
-    types = dict(Counter(t.tensor_type.name for t in GGUFReader(str(path)).tensors))
-    if path.stat().st_size != case.get("file_bytes") or types != case.get("tensor_types"):
+    if path.stat().st_size != case.get("file_bytes") or tensor_types(path) != case.get("tensor_types"):
         raise SystemExit(f"{path}: not the file {IMATRIX.name} measured (size or tensor types differ)")
     return path
 

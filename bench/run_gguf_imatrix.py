@@ -192,6 +192,11 @@ def tensor_bytes(path: Path) -> dict:
     }
 
 
+def tensor_types(path: Path) -> dict:
+    """How many tensors of each GGML type a .gguf holds (recorded per case, checked by run_gguf_full.py)."""
+    return dict(Counter(kind for kind, _ in tensor_bytes(path).values()))
+
+
 def tool(command: list, timeout: float, env: dict, work: Path) -> dict:
     """One llama.cpp tool run; the command as recorded (paths under the work folder relative)."""
     info = run_process([str(c) for c in command], timeout, env)
@@ -316,9 +321,8 @@ def main() -> None:
                 command = [args.llama_bin / "llama-quantize", "--imatrix", imatrix, bf16, out, file_type,
                            args.threads]  # fmt: skip
                 case["quantize"] = tool(command, args.timeout, env, work)
-                tensors = tensor_bytes(out)
                 case["file_bytes"] = out.stat().st_size
-                case["tensor_types"] = dict(Counter(kind for kind, _ in tensors.values()))
+                case["tensor_types"] = tensor_types(out)
                 save()
                 spec = {
                     "file": str(out),
